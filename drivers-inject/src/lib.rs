@@ -1,0 +1,1 @@
+//! Adapt a restored OS to the target hardware.

@@ -1,0 +1,140 @@
+//! The snapshot manifest (`manifest.json`): what was captured, from which hardware, and how each
+//! disk is laid out. Versioned; a reader refuses a version it does not know.
+
+use crate::ptable::{Partition, PartitionTable};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub host: String,
+    pub snapshot: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub firmware: Firmware,
+    #[serde(default)]
+    pub hardware: Hardware,
+    pub chunk_size: u64,
+    pub disks: Vec<Disk>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Uefi,
+    Bios,
+    Unknown,
+}
+
+/// The source machine's devices, for driver injection on dissimilar hardware.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hardware {
+    #[serde(default)]
+    pub storage: Vec<PciDevice>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PciDevice {
+    /// `vvvv:dddd`
+    pub pci_id: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nic {
+    pub name: String,
+    pub mac: String,
+    #[serde(default)]
+    pub pci_id: Option<String>,
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    /// 0-based disk number; the index file is `disk<N>.idx`.
+    pub number: u32,
+    pub size: u64,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+    pub table: PartitionTable,
+    /// Data partitions in byte units with the filesystem found in each.
+    pub partitions: Vec<Partition>,
+    /// SHA-256 (hex) of `disk<N>.idx`.
+    pub index_sha256: String,
+    pub totals: DiskTotals,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskTotals {
+    /// Bytes the used-block maps keep (whole copies included).
+    pub used_bytes: u64,
+    pub data_chunks: u64,
+    pub zero_chunks: u64,
+    pub unused_chunks: u64,
+    /// Sum of the compressed blob sizes this disk references (shared chunks counted once per disk).
+    pub stored_bytes: u64,
+}
+
+impl Disk {
+    pub fn index_name(&self) -> String {
+        format!("disk{}.idx", self.number)
+    }
+}
+
+impl Manifest {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parse and check a manifest; `origin` names the file or URL for the error.
+    pub fn parse(bytes: &[u8], origin: &str) -> Result<Manifest> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = serde_json::from_slice(bytes)
+            .map_err(|e| anyhow::anyhow!("{origin}: malformed manifest: {e}"))?;
+        if v.version != MANIFEST_VERSION {
+            bail!(
+                "{origin}: manifest version {} is not supported (this build reads {MANIFEST_VERSION})",
+                v.version
+            );
+        }
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| anyhow::anyhow!("{origin}: malformed manifest: {e}"))?;
+        if m.chunk_size != crate::CHUNK_SIZE {
+            bail!("{origin}: chunk size {} is not supported", m.chunk_size);
+        }
+        for (i, d) in m.disks.iter().enumerate() {
+            if d.number as usize != i {
+                bail!("{origin}: disk {} listed in position {i}", d.number);
+            }
+            if !matches!(d.logical_sector, 512 | 4096) {
+                bail!(
+                    "{origin}: disk {i}: unsupported sector size {}",
+                    d.logical_sector
+                );
+            }
+            if let Some(p) = d
+                .partitions
+                .iter()
+                .find(|p| p.offset.saturating_add(p.size) > d.size)
+            {
+                bail!(
+                    "{origin}: disk {i}: partition {} ends past the disk",
+                    p.number
+                );
+            }
+        }
+        Ok(m)
+    }
+}

@@ -1,0 +1,130 @@
+//! Partition tables: GPT (512- and 4096-byte sectors) and MBR with extended/logical partitions.
+//! Parsed with every field needed to write the table again exactly, and written again for a
+//! target of another size or sector size.
+
+pub mod gpt;
+pub mod mbr;
+
+use crate::fs::Filesystem;
+use crate::source::ReadAt;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A GUID in its on-disk mixed-endian byte order, shown in the usual text form.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Guid(pub [u8; 16]);
+
+impl Guid {
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 16]
+    }
+
+    /// Parse the text form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+    pub fn parse(s: &str) -> Option<Guid> {
+        let hexs: String = s.chars().filter(|c| *c != '-').collect();
+        if hexs.len() != 32 || s.len() != 36 {
+            return None;
+        }
+        let mut t = [0u8; 16];
+        hex::decode_to_slice(&hexs, &mut t).ok()?;
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&[t[3], t[2], t[1], t[0]]);
+        b[4..6].copy_from_slice(&[t[5], t[4]]);
+        b[6..8].copy_from_slice(&[t[7], t[6]]);
+        b[8..16].copy_from_slice(&t[8..16]);
+        Some(Guid(b))
+    }
+}
+
+impl fmt::Display for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = &self.0;
+        write!(
+            f,
+            "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{}",
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            u16::from_le_bytes([b[4], b[5]]),
+            u16::from_le_bytes([b[6], b[7]]),
+            b[8],
+            b[9],
+            hex::encode_upper(&b[10..16])
+        )
+    }
+}
+
+impl fmt::Debug for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl Serialize for Guid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Guid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Guid, D::Error> {
+        let s = String::deserialize(d)?;
+        Guid::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("bad GUID {s:?}")))
+    }
+}
+
+/// The partition table of a disk, as found at ingest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum PartitionTable {
+    /// No table: the disk is copied (or read as one filesystem) whole.
+    None,
+    Gpt(gpt::Gpt),
+    Mbr(mbr::Mbr),
+}
+
+/// One partition's place on the disk, in bytes, whatever the table type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Partition {
+    /// 1-based partition number as Linux names it (sda1; MBR logicals start at 5).
+    pub number: u32,
+    pub offset: u64,
+    pub size: u64,
+    /// The filesystem found in it at ingest, if any was recognised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Filesystem>,
+}
+
+impl PartitionTable {
+    /// Read the partition table of `dev`. `sector` is the logical sector size when known (block
+    /// devices); for image files pass `None` and the GPT header's position decides (512 or 4096).
+    /// Returns the table and the logical sector size it was found with.
+    pub fn read(dev: &dyn ReadAt, sector: Option<u32>) -> Result<(PartitionTable, u32)> {
+        let sizes: &[u32] = match sector {
+            Some(512) => &[512],
+            Some(4096) => &[4096],
+            Some(other) => anyhow::bail!("unsupported logical sector size {other}"),
+            None => &[512, 4096],
+        };
+        for &s in sizes {
+            if let Some(g) = gpt::Gpt::read(dev, s)? {
+                return Ok((PartitionTable::Gpt(g), s));
+            }
+        }
+        let s = sector.unwrap_or(512);
+        match mbr::Mbr::read(dev, s)? {
+            Some(m) => Ok((PartitionTable::Mbr(m), s)),
+            None => Ok((PartitionTable::None, s)),
+        }
+    }
+
+    /// The data partitions in byte units (MBR extended containers excluded), sorted by offset.
+    pub fn partitions(&self, sector: u32) -> Vec<Partition> {
+        let mut v = match self {
+            PartitionTable::None => Vec::new(),
+            PartitionTable::Gpt(g) => g.partitions(sector),
+            PartitionTable::Mbr(m) => m.partitions(sector),
+        };
+        v.sort_by_key(|p| p.offset);
+        v
+    }
+}

@@ -1,0 +1,213 @@
+//! A store behind any HTTP server: `appliance serve`, nginx, `python3 -m http.server`, S3.
+//! Faults (connection refused, reset, timeout, 5xx) are retried with exponential backoff for up to
+//! `Options::retry_for`, so a restore survives an appliance restart or a network blip.
+
+use super::{FetchError, Store};
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bearer token sent with every request.
+    pub token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (HTTPS); the built-in roots otherwise.
+    pub ca: Option<PathBuf>,
+    /// How long to keep retrying a request that fails with a fault.
+    pub retry_for: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token: None,
+            ca: None,
+            retry_for: Duration::from_secs(600),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct HttpStore {
+    base: String,
+    agent: ureq::Agent,
+    opts: Options,
+    fetched: AtomicU64,
+    /// Set while the server is unreachable, so a run of failures prints one line, not hundreds.
+    warned: std::sync::Mutex<Option<Instant>>,
+}
+
+impl HttpStore {
+    pub fn new(base: &str, opts: Options) -> Result<HttpStore> {
+        let mut b = ureq::AgentBuilder::new()
+            .timeout(opts.timeout)
+            .max_idle_connections_per_host(64);
+        if let Some(ca) = &opts.ca {
+            b = b.tls_config(Arc::new(tls_config(ca)?));
+        }
+        Ok(HttpStore {
+            base: base.trim_end_matches('/').to_string(),
+            agent: b.build(),
+            opts,
+            fetched: AtomicU64::new(0),
+            warned: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Bytes received in response bodies so far.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+
+    /// One request with the token set, retried with backoff on faults. `send` builds and sends.
+    pub fn with_retry<T>(
+        &self,
+        what: &str,
+        mut send: impl FnMut(&ureq::Agent, Option<&str>) -> std::result::Result<T, Attempt>,
+    ) -> std::result::Result<T, FetchError> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let err = match send(&self.agent, self.opts.token.as_deref()) {
+                Ok(v) => {
+                    if let Some(since) = self.warned.lock().map(|mut w| w.take()).unwrap_or(None) {
+                        eprintln!(
+                            "{}: reachable again after {:.0?}",
+                            self.base,
+                            since.elapsed()
+                        );
+                    }
+                    return Ok(v);
+                }
+                Err(Attempt::Status(404, _)) => return Err(FetchError::NotFound(what.to_string())),
+                Err(Attempt::Status(code, msg)) if code < 500 && code != 429 && code != 408 => {
+                    return Err(FetchError::Other(anyhow::anyhow!(
+                        "{what}: HTTP {code} {msg}"
+                    )));
+                }
+                Err(e) => e,
+            };
+            if start.elapsed() >= self.opts.retry_for {
+                return Err(FetchError::Other(anyhow::anyhow!(
+                    "{what}: {} (gave up after retrying for {:.0?})",
+                    describe(&err),
+                    self.opts.retry_for
+                )));
+            }
+            if let Ok(mut w) = self.warned.lock() {
+                if w.is_none() {
+                    eprintln!(
+                        "{what}: {}; retrying for up to {:.0?}",
+                        describe(&err),
+                        self.opts.retry_for
+                    );
+                    *w = Some(Instant::now());
+                }
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path)
+    }
+}
+
+/// How one attempt failed: an HTTP status (with the first line of the body) or a fault.
+#[derive(Debug)]
+pub enum Attempt {
+    Status(u16, String),
+    Fault(String),
+}
+
+impl From<ureq::Error> for Attempt {
+    fn from(e: ureq::Error) -> Attempt {
+        match e {
+            ureq::Error::Status(code, r) => {
+                let body = r.into_string().unwrap_or_default();
+                Attempt::Status(
+                    code,
+                    body.lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect(),
+                )
+            }
+            ureq::Error::Transport(t) => Attempt::Fault(t.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for Attempt {
+    fn from(e: std::io::Error) -> Attempt {
+        Attempt::Fault(format!("reading the response: {e}"))
+    }
+}
+
+fn describe(e: &Attempt) -> String {
+    match e {
+        Attempt::Status(code, msg) => format!("HTTP {code} {msg}"),
+        Attempt::Fault(m) => m.clone(),
+    }
+}
+
+impl Store for HttpStore {
+    fn get(&self, path: &str) -> std::result::Result<Vec<u8>, FetchError> {
+        let url = self.url(path);
+        self.with_retry(&url, |agent, token| {
+            let mut req = agent.get(&url);
+            if let Some(t) = token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let resp = req.call()?;
+            let mut body = Vec::new();
+            resp.into_reader()
+                .take(crate::CHUNK_SIZE * 2)
+                .read_to_end(&mut body)?;
+            Ok(body)
+        })
+        .inspect(|b| {
+            self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+        })
+    }
+
+    fn location(&self) -> String {
+        self.base.clone()
+    }
+}
+
+fn tls_config(ca: &std::path::Path) -> Result<rustls::ClientConfig> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading CA file {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.with_context(|| format!("{}: malformed PEM", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("{}: unusable certificate", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{}: no certificate found", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

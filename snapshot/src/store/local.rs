@@ -1,0 +1,290 @@
+//! A store in a local directory: the reader side, and the writer side used by ingest, uploads
+//! and gc. The crash-safety and locking rules are in the crate's design note.
+
+use super::{check_name, FetchError, Store};
+use crate::format::index::ChunkIndex;
+use crate::format::{Digest, StoreInfo};
+use crate::manifest::Manifest;
+use crate::sign::{Key, PublicKey};
+use anyhow::{bail, Context, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+/// Held by every writer for its whole life; `gc` waits for none of them to be left.
+pub struct WriterGuard(#[allow(dead_code)] File);
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl LocalStore {
+    /// Create a new store with its signing key. Refuses a directory that already holds a store.
+    pub fn init(dir: &Path) -> Result<(LocalStore, PublicKey)> {
+        if dir.join("store.json").exists() {
+            bail!("{}: a store already exists here", dir.display());
+        }
+        for sub in ["", "chunks", "hosts", "tmp", "private"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        let key = Key::generate()?;
+        let key_path = dir.join("private/signing.key");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .with_context(|| format!("creating {}", key_path.display()))?;
+        writeln!(f, "{}", key.to_hex())
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", key_path.display()))?;
+        let store = LocalStore {
+            root: dir.to_owned(),
+        };
+        store.write_atomic(
+            Path::new("pubkey"),
+            format!("{}\n", key.public().to_hex()).as_bytes(),
+        )?;
+        let info = serde_json::to_vec_pretty(&StoreInfo::new()).expect("serialises");
+        store.write_atomic(Path::new("store.json"), &info)?;
+        Ok((store, key.public()))
+    }
+
+    pub fn open(dir: &Path) -> Result<LocalStore> {
+        let p = dir.join("store.json");
+        let bytes = fs::read(&p).with_context(|| {
+            format!(
+                "{}: not a snapshot store (reading store.json)",
+                dir.display()
+            )
+        })?;
+        StoreInfo::parse(&bytes, &dir.display().to_string())?;
+        for sub in ["chunks", "hosts", "tmp", "private"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        Ok(LocalStore {
+            root: dir.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn signing_key(&self) -> Result<Key> {
+        Key::load(&self.root.join("private/signing.key"))
+    }
+
+    pub fn public_key(&self) -> Result<PublicKey> {
+        PublicKey::load(&self.root.join("pubkey"))
+    }
+
+    pub fn chunk_file(&self, d: &Digest) -> PathBuf {
+        self.root.join(d.chunk_path())
+    }
+
+    pub fn has_chunk(&self, d: &Digest) -> bool {
+        self.chunk_file(d).exists()
+    }
+
+    /// Take the writer lock (shared); `gc` cannot run while it is held.
+    pub fn writer(&self) -> Result<WriterGuard> {
+        let f = self.lock_file("gc.lock")?;
+        crate::sys::flock(&f, false, true).context("locking the store for writing")?;
+        Ok(WriterGuard(f))
+    }
+
+    /// Take the gc lock (exclusive) without waiting; `None` while a writer is active.
+    pub fn try_gc_lock(&self) -> Result<Option<WriterGuard>> {
+        let f = self.lock_file("gc.lock")?;
+        Ok(crate::sys::flock(&f, true, false)
+            .context("locking the store for gc")?
+            .then_some(WriterGuard(f)))
+    }
+
+    fn lock_file(&self, name: &str) -> Result<File> {
+        let p = self.root.join("private").join(name);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))
+    }
+
+    /// Store a chunk blob unless the store has it. Returns whether it was new. The caller has
+    /// checked that `blob` decodes to `d`.
+    pub fn insert_chunk(&self, d: &Digest, blob: &[u8]) -> Result<bool> {
+        let dest = self.chunk_file(d);
+        if dest.exists() {
+            return Ok(false);
+        }
+        let dir = dest.parent().expect("chunk path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = self.tmp_path(&format!("chunk-{}", d.hex()));
+        write_synced(&tmp, blob)?;
+        fs::rename(&tmp, &dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        Ok(true)
+    }
+
+    fn tmp_path(&self, stem: &str) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{stem}.{}.{n}", std::process::id()))
+    }
+
+    /// Write a file at `rel` atomically (temp name, fsync, rename).
+    fn write_atomic(&self, rel: &Path, data: &[u8]) -> Result<()> {
+        let dest = self.root.join(rel);
+        let tmp = self.tmp_path("file");
+        write_synced(&tmp, data)?;
+        fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+        sync_dir(dest.parent().unwrap_or(&self.root))
+    }
+
+    /// Publish a snapshot: everything it references must already be stored. The snapshot
+    /// directory appears whole or not at all; `latest` moves after it, and only forward.
+    pub fn commit_snapshot(&self, manifest: &Manifest, indexes: &[ChunkIndex]) -> Result<()> {
+        check_name(&manifest.host, "host")?;
+        check_name(&manifest.snapshot, "snapshot")?;
+        let key = self.signing_key()?;
+        let host_dir = self.root.join("hosts").join(&manifest.host);
+        let snaps = host_dir.join("snapshots");
+        fs::create_dir_all(&snaps).with_context(|| format!("creating {}", snaps.display()))?;
+        let dest = snaps.join(&manifest.snapshot);
+        if dest.exists() {
+            bail!(
+                "snapshot {}/{} already exists",
+                manifest.host,
+                manifest.snapshot
+            );
+        }
+        let tmp = self.tmp_path(&format!("snap-{}", manifest.host));
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let bytes = manifest.to_bytes();
+        write_synced(&tmp.join("manifest.json"), &bytes)?;
+        write_synced(&tmp.join("manifest.sig"), key.sign(&bytes).as_bytes())?;
+        for (disk, idx) in manifest.disks.iter().zip(indexes) {
+            write_synced(&tmp.join(disk.index_name()), &idx.to_bytes())?;
+        }
+        sync_dir(&tmp)?;
+        // Chunks were fsynced one by one; their directory entries are made durable here, before
+        // anything refers to them.
+        syncfs(&self.root)?;
+        fs::rename(&tmp, &dest).with_context(|| format!("publishing {}", dest.display()))?;
+        sync_dir(&snaps)?;
+        self.advance_latest(&manifest.host, &manifest.snapshot)
+    }
+
+    fn advance_latest(&self, host: &str, id: &str) -> Result<()> {
+        let lock = self.lock_file(&format!("host-{host}.lock"))?;
+        crate::sys::flock(&lock, true, true).context("locking latest")?;
+        let rel = PathBuf::from(format!("hosts/{host}/latest"));
+        let current = fs::read_to_string(self.root.join(&rel)).unwrap_or_default();
+        if current.trim() < id {
+            self.write_atomic(&rel, format!("{id}\n").as_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn hosts(&self) -> Result<Vec<String>> {
+        list_dir(&self.root.join("hosts"))
+    }
+
+    /// Complete snapshots of `host`, oldest first.
+    pub fn snapshots(&self, host: &str) -> Result<Vec<String>> {
+        check_name(host, "host")?;
+        let dir = self.root.join("hosts").join(host).join("snapshots");
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut v: Vec<String> = list_dir(&dir)?
+            .into_iter()
+            .filter(|id| dir.join(id).join("manifest.json").exists())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Every chunk file of the store, as (digest, path). Stray names are skipped.
+    pub fn chunk_files(&self) -> Result<Vec<(Digest, PathBuf)>> {
+        let mut out = Vec::new();
+        for sub in list_dir(&self.root.join("chunks"))? {
+            let dir = self.root.join("chunks").join(&sub);
+            for name in list_dir(&dir)? {
+                if let Some(d) = Digest::parse(&name) {
+                    out.push((d, dir.join(name)));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Store for LocalStore {
+    fn get(&self, path: &str) -> Result<Vec<u8>, FetchError> {
+        let public = !path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+            && !path.starts_with("private/")
+            && !path.starts_with("tmp/");
+        if !public {
+            return Err(FetchError::NotFound(path.to_string()));
+        }
+        let p = self.root.join(path);
+        match fs::read(&p) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(FetchError::NotFound(p.display().to_string()))
+            }
+            Err(e) => Err(FetchError::Other(
+                anyhow::Error::new(e).context(format!("reading {}", p.display())),
+            )),
+        }
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        if let Some(name) = e.file_name().to_str() {
+            if !name.starts_with('.') {
+                v.push(name.to_string());
+            }
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+fn syncfs(dir: &Path) -> Result<()> {
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    crate::sys::syncfs(&f).with_context(|| format!("syncing the filesystem of {}", dir.display()))
+}

@@ -1,0 +1,172 @@
+//! Stores: a local directory and any HTTP server of such a directory. Readers need nothing but
+//! "get the file at this path"; the snapshot-level logic (signature, index hashes, chunk digests)
+//! sits on top in [`open_snapshot`], the same for both.
+
+pub mod http;
+pub mod local;
+
+use crate::format::index::ChunkIndex;
+use crate::format::{Digest, StoreInfo};
+use crate::manifest::Manifest;
+use crate::sign::PublicKey;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest as _, Sha256};
+
+pub use http::HttpStore;
+pub use local::LocalStore;
+
+/// Why a fetch failed. `NotFound` is an answer (the file is not there); `Other` is a fault.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Read access to a store's files by relative path (`hosts/web1/latest`, `chunks/ab12/...`).
+pub trait Store: Send + Sync {
+    fn get(&self, path: &str) -> Result<Vec<u8>, FetchError>;
+    /// Where this store is, for messages.
+    fn location(&self) -> String;
+}
+
+/// Open a store by location: `http://` / `https://` URLs or a local directory path.
+pub fn open(location: &str, opts: &http::Options) -> Result<Box<dyn Store>> {
+    let store: Box<dyn Store> =
+        if location.starts_with("http://") || location.starts_with("https://") {
+            Box::new(HttpStore::new(location, opts.clone())?)
+        } else {
+            Box::new(LocalStore::open(std::path::Path::new(location))?)
+        };
+    let info = store.get("store.json").map_err(|e| match e {
+        FetchError::NotFound(_) => {
+            anyhow::anyhow!("{}: no store.json, not a snapshot store", store.location())
+        }
+        FetchError::Other(e) => e,
+    })?;
+    StoreInfo::parse(&info, &store.location())?;
+    Ok(store)
+}
+
+/// A snapshot whose manifest and indexes have been read and checked along the trust chain.
+pub struct Snapshot {
+    pub manifest: Manifest,
+    pub indexes: Vec<ChunkIndex>,
+}
+
+/// Resolve `snapshot` (an id, or `latest`/`None`) of `host` to an id.
+pub fn resolve_id(store: &dyn Store, host: &str, snapshot: Option<&str>) -> Result<String> {
+    check_name(host, "host")?;
+    match snapshot {
+        Some(id) if id != "latest" => {
+            check_name(id, "snapshot")?;
+            Ok(id.to_string())
+        }
+        _ => {
+            let path = format!("hosts/{host}/latest");
+            let text = store.get(&path).map_err(|e| match e {
+                FetchError::NotFound(_) => {
+                    anyhow::anyhow!("host {host:?} has no snapshot in {}", store.location())
+                }
+                FetchError::Other(e) => e,
+            })?;
+            let id = String::from_utf8_lossy(&text).trim().to_string();
+            check_name(&id, "snapshot").with_context(|| format!("{}/{path}", store.location()))?;
+            Ok(id)
+        }
+    }
+}
+
+/// Read a snapshot: manifest (signature checked when `key` is given), then every index, each
+/// checked against the SHA-256 the manifest records.
+pub fn open_snapshot(
+    store: &dyn Store,
+    host: &str,
+    snapshot: Option<&str>,
+    key: Option<&PublicKey>,
+) -> Result<Snapshot> {
+    let id = resolve_id(store, host, snapshot)?;
+    let dir = format!("hosts/{host}/snapshots/{id}");
+    let origin = format!("{}/{dir}/manifest.json", store.location());
+    let bytes = store
+        .get(&format!("{dir}/manifest.json"))
+        .map_err(|e| match e {
+            FetchError::NotFound(_) => anyhow::anyhow!(
+                "snapshot {id} of host {host:?} not found in {}",
+                store.location()
+            ),
+            FetchError::Other(e) => e,
+        })?;
+    if let Some(key) = key {
+        let sig = store
+            .get(&format!("{dir}/manifest.sig"))
+            .map_err(|e| match e {
+                FetchError::NotFound(_) => {
+                    anyhow::anyhow!("{origin}: no signature (manifest.sig missing)")
+                }
+                FetchError::Other(e) => e,
+            })?;
+        key.verify(&bytes, &sig, &origin)?;
+    }
+    let manifest = Manifest::parse(&bytes, &origin)?;
+    if manifest.host != host || manifest.snapshot != id {
+        bail!(
+            "{origin}: manifest names {}/{}, not {host}/{id}",
+            manifest.host,
+            manifest.snapshot
+        );
+    }
+    let mut indexes = Vec::new();
+    for disk in &manifest.disks {
+        let name = disk.index_name();
+        let origin = format!("{}/{dir}/{name}", store.location());
+        let bytes = store.get(&format!("{dir}/{name}")).map_err(|e| match e {
+            FetchError::NotFound(_) => anyhow::anyhow!("{origin}: index missing"),
+            FetchError::Other(e) => e,
+        })?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != disk.index_sha256 {
+            bail!(
+                "{origin}: index hashes to {actual}, the manifest says {} (corrupt or tampered)",
+                disk.index_sha256
+            );
+        }
+        let idx = ChunkIndex::parse(&bytes, &origin)?;
+        if idx.disk_size != disk.size {
+            bail!(
+                "{origin}: index covers {} bytes, the manifest says {}",
+                idx.disk_size,
+                disk.size
+            );
+        }
+        indexes.push(idx);
+    }
+    Ok(Snapshot { manifest, indexes })
+}
+
+/// Fetch a chunk and return its verified bytes.
+pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<Vec<u8>> {
+    let path = digest.chunk_path();
+    let blob = store.get(&path).map_err(|e| match e {
+        FetchError::NotFound(_) => {
+            anyhow::anyhow!("chunk {digest} missing from {}", store.location())
+        }
+        FetchError::Other(e) => e,
+    })?;
+    Ok(crate::decode_chunk(&blob, digest)?)
+}
+
+/// Host names and snapshot ids become path components: keep them to a safe alphabet.
+pub fn check_name(name: &str, what: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        bail!("invalid {what} name {name:?} (letters, digits and -_. only)");
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Fixture builder and end-to-end helpers.
