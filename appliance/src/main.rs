@@ -1,1 +1,28 @@
-fn main() {}
+//! `appliance`: the backup appliance's store, ingest, HTTP server and failover VMs.
+
+mod cli;
+mod gc;
+mod ingest;
+mod list;
+mod serve;
+mod verify;
+
+use clap::Parser;
+use cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(a) => list::init(&a),
+        Command::Pubkey(a) => list::pubkey(&a),
+        Command::Ingest(a) => ingest::run(&a),
+        Command::List(a) => list::run(&a),
+        Command::Verify(a) => verify::run(&a),
+        Command::Gc(a) => gc::run(&a),
+        Command::Serve(a) => serve::run(&a),
+    };
+    if let Err(e) = result {
+        eprintln!("appliance: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,24 @@
-fn main() {}
+//! `restorer`: the program in the boot image (PID 1 mode) and a normal CLI on any Linux.
+
+mod capture;
+mod cli;
+mod init;
+mod restore;
+mod verify;
+
+use clap::Parser;
+use cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Restore(a) => restore::run(&a),
+        Command::Verify(a) => verify::run(&a),
+        Command::Capture(a) => capture::run(&a),
+        Command::Init => init::run(),
+    };
+    if let Err(e) = result {
+        eprintln!("restorer: error: {e:#}");
+        std::process::exit(1);
+    }
+}

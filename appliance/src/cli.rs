@@ -1,0 +1,108 @@
+//! Command line of `appliance` (names and main flags are a contract: DESIGN.md §4).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "appliance",
+    version,
+    about = "Backup appliance: snapshot store, ingest, HTTP server, failover VMs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a store and its signing key.
+    Init(InitArgs),
+    /// Print the store's public key (the boot image carries it).
+    Pubkey(StoreArgs),
+    /// Snapshot disks (raw images, qcow2/VMDK or block devices, one per disk, in disk order).
+    Ingest(IngestArgs),
+    /// List hosts and snapshots.
+    List(ListArgs),
+    /// Re-hash every chunk reachable from the chosen snapshots.
+    Verify(VerifyArgs),
+    /// Remove chunks no snapshot references.
+    Gc(GcArgs),
+    /// Serve the store, the HTTP API and boot files.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct InitArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct IngestArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub host: String,
+    /// Snapshot id (default: the UTC time, e.g. 20261123T051900Z).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Firmware the source boots with.
+    #[arg(long, value_parser = ["uefi", "bios", "unknown"], default_value = "unknown")]
+    pub firmware: String,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct GcArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    pub listen: String,
+    /// Directory of boot files (bootimg's output) served under /boot/.
+    #[arg(long)]
+    pub boot: Option<PathBuf>,
+    /// Requests handled at once; more wait in the kernel's accept queue.
+    #[arg(long, default_value_t = 32)]
+    pub max_connections: usize,
+}
