@@ -22,6 +22,7 @@ pub mod chunker;
 pub mod extents;
 pub mod format;
 pub mod fs;
+pub mod layout;
 pub mod manifest;
 pub mod ptable;
 pub mod reader;

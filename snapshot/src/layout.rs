@@ -1,0 +1,99 @@
+//! What to keep of a disk: its partition table, the filesystem in each partition, and the byte
+//! ranges that must be stored. Shared by `appliance ingest` and `restorer capture`.
+//!
+//! The rule: the whole disk is kept, except inside partitions whose filesystem we understand,
+//! where only the filesystem's used blocks are kept. A filesystem whose metadata is damaged is
+//! kept whole, and the reason is reported: a guessed map would lose data silently.
+
+use crate::extents::Extents;
+use crate::fs::{self, Found};
+use crate::ptable::{Partition, PartitionTable};
+use crate::source::ReadAt;
+use anyhow::{bail, Context, Result};
+
+/// The layout of one source disk, before chunking.
+#[derive(Debug, Clone)]
+pub struct DiskLayout {
+    pub size: u64,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+    pub table: PartitionTable,
+    pub partitions: Vec<Partition>,
+    /// Byte ranges of the disk to keep.
+    pub used: Extents,
+    /// Whole-copy fallbacks and other things the operator should hear about, one line each.
+    pub notes: Vec<String>,
+}
+
+/// Analyse `dev`. `sectors` is the (logical, physical) sector size of a block device, `None` for an
+/// image file (the GPT header's position decides). With `raw`, the table is recorded when readable
+/// but the whole disk is kept.
+pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Result<DiskLayout> {
+    let size = dev.size();
+    if size == 0 {
+        bail!("the disk is empty (0 bytes)");
+    }
+    let (table, logical) = PartitionTable::read(dev, sectors.map(|s| s.0))
+        .context("reading the partition table (use --raw to copy the disk whole)")?;
+    let physical = sectors.map(|s| s.1).unwrap_or(logical);
+    let mut partitions = table.partitions(logical);
+    if let Some(p) = partitions
+        .iter()
+        .find(|p| p.offset.saturating_add(p.size) > size)
+    {
+        bail!(
+            "partition {} ends at byte {}, past the end of the disk ({size} bytes): truncated image? (use --raw to copy it whole)",
+            p.number,
+            p.offset.saturating_add(p.size)
+        );
+    }
+    let mut used = Extents::whole(0, size);
+    let mut notes = Vec::new();
+    if table == PartitionTable::None {
+        // A filesystem written straight onto the disk is handled like a partition spanning it.
+        partitions.push(Partition {
+            number: 0,
+            offset: 0,
+            size,
+            fs: None,
+        });
+    }
+    for p in &mut partitions {
+        let name = if p.number == 0 {
+            "disk".to_string()
+        } else {
+            format!("partition {}", p.number)
+        };
+        match fs::probe(dev, p.offset, p.size) {
+            Found::Known(probe) => {
+                if !raw {
+                    used.remove(p.offset, p.offset + p.size);
+                    used.add_shifted(&probe.used, p.offset);
+                }
+                p.fs = Some(probe.fs);
+            }
+            Found::Unknown => {}
+            Found::Damaged { kind, reason } => {
+                notes.push(format!(
+                    "{name}: {kind:?} metadata damaged ({reason}); copied whole"
+                ));
+            }
+        }
+    }
+    if table == PartitionTable::None {
+        if partitions[0].fs.is_none() {
+            partitions.clear();
+        } else {
+            notes.push("no partition table: the disk holds one filesystem".into());
+        }
+    }
+    Ok(DiskLayout {
+        size,
+        logical_sector: logical,
+        physical_sector: physical,
+        table,
+        partitions,
+        used,
+        notes,
+    })
+}
