@@ -53,9 +53,12 @@ pub struct IngestArgs {
     /// Snapshot id (default: the UTC time, e.g. 20261123T051900Z).
     #[arg(long)]
     pub snapshot: Option<String>,
-    /// Firmware the source boots with.
-    #[arg(long, value_parser = ["uefi", "bios", "unknown"], default_value = "unknown")]
+    /// Firmware the source boots with (auto: UEFI when the disk has an EFI system partition).
+    #[arg(long, value_parser = ["auto", "uefi", "bios"], default_value = "auto")]
     pub firmware: String,
+    /// Keep every disk whole (no partition table or filesystem analysis used for skipping).
+    #[arg(long)]
+    pub raw: bool,
     #[arg(long)]
     pub json: bool,
     #[arg(required = true)]

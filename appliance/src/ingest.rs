@@ -1,4 +1,186 @@
-//! (in progress)
-pub fn run(_a: &crate::cli::IngestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! `appliance ingest`: snapshot disks into the store. Per disk: read the partition table and the
+//! filesystems' allocation maps ([`snapshot::layout`]), chunk the used ranges
+//! ([`snapshot::chunker`]), then publish the signed manifest atomically.
+
+use crate::cli::IngestArgs;
+use crate::progress;
+use anyhow::{Context, Result};
+use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkStats};
+use snapshot::layout::{analyze, DiskLayout};
+use snapshot::manifest::{Disk, DiskTotals, Firmware, Hardware, Manifest, MANIFEST_VERSION};
+use snapshot::ptable::{Guid, PartitionTable};
+use snapshot::store::{check_name, LocalStore};
+use snapshot::CHUNK_SIZE;
+use std::time::Instant;
+
+/// GPT type GUID of an EFI system partition.
+const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+
+pub fn run(a: &IngestArgs) -> Result<()> {
+    check_name(&a.host, "host")?;
+    let store = LocalStore::open(&a.store)?;
+    let existing = store.snapshots(&a.host)?;
+    let id = match &a.snapshot {
+        Some(id) => id.clone(),
+        // Two ingests of a host within one second get -1, -2... (ids stay sortable).
+        None => {
+            let base = now_id();
+            let mut id = base.clone();
+            let mut n = 0;
+            while existing.contains(&id) {
+                n += 1;
+                id = format!("{base}-{n}");
+            }
+            id
+        }
+    };
+    check_name(&id, "snapshot")?;
+    if existing.contains(&id) {
+        anyhow::bail!("snapshot {}/{id} already exists", a.host);
+    }
+    let _writer = store.writer()?;
+    let started = Instant::now();
+    let opts = ChunkOptions::default();
+    let mut disks = Vec::new();
+    let mut indexes = Vec::new();
+    let mut all_stats = Vec::new();
+    let mut firmware = Firmware::Unknown;
+    for (n, path) in a.sources.iter().enumerate() {
+        let opened = crate::images::open(path, &store.root().join("tmp"))?;
+        let dev = &opened.disk;
+        let layout = analyze(dev, dev.device_sectors, a.raw)
+            .with_context(|| format!("disk {n} ({})", path.display()))?;
+        for note in &layout.notes {
+            eprintln!("disk {n} ({}): {note}", path.display());
+        }
+        if firmware == Firmware::Unknown {
+            firmware = detect_firmware(&layout);
+        }
+        let pb = progress::bar(layout.size, &format!("disk {n}"));
+        let (index, stats) = chunk_disk(dev, &layout.used, &store, &opts, &|done| {
+            pb.set_position(done)
+        })
+        .with_context(|| format!("disk {n} ({})", path.display()))?;
+        pb.finish_and_clear();
+        let index_sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(index.to_bytes()));
+        disks.push(disk_entry(n as u32, layout, index_sha256, &stats));
+        indexes.push(index);
+        all_stats.push((path.display().to_string(), stats));
+    }
+    firmware = match a.firmware.as_str() {
+        "uefi" => Firmware::Uefi,
+        "bios" => Firmware::Bios,
+        _ => firmware,
+    };
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        host: a.host.clone(),
+        snapshot: id.clone(),
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        firmware,
+        hardware: Hardware::default(),
+        chunk_size: CHUNK_SIZE,
+        disks,
+    };
+    store.commit_snapshot(&manifest, &indexes)?;
+    summary(a, &id, &all_stats, started.elapsed().as_secs_f64())
+}
+
+/// Snapshot ids are the UTC time, sortable: 20261123T051900Z.
+fn now_id() -> String {
+    let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    t.chars().filter(|c| *c != '-' && *c != ':').collect()
+}
+
+fn detect_firmware(layout: &DiskLayout) -> Firmware {
+    match &layout.table {
+        PartitionTable::Gpt(g) => {
+            let esp = Guid::parse(ESP_TYPE).expect("valid GUID");
+            if g.partitions.iter().any(|p| p.type_guid == esp) {
+                Firmware::Uefi
+            } else {
+                Firmware::Bios
+            }
+        }
+        PartitionTable::Mbr(m) => {
+            if m.partitions.iter().any(|p| p.kind == 0xef) {
+                Firmware::Uefi
+            } else {
+                Firmware::Bios
+            }
+        }
+        PartitionTable::None => Firmware::Unknown,
+    }
+}
+
+fn disk_entry(number: u32, l: DiskLayout, index_sha256: String, s: &ChunkStats) -> Disk {
+    Disk {
+        number,
+        size: l.size,
+        logical_sector: l.logical_sector,
+        physical_sector: l.physical_sector,
+        table: l.table,
+        partitions: l.partitions,
+        index_sha256,
+        totals: DiskTotals {
+            used_bytes: s.used_bytes,
+            data_chunks: s.data_chunks,
+            zero_chunks: s.zero_chunks,
+            unused_chunks: s.unused_chunks,
+            stored_bytes: s.referenced_bytes,
+        },
+    }
+}
+
+fn summary(a: &IngestArgs, id: &str, stats: &[(String, ChunkStats)], secs: f64) -> Result<()> {
+    let total = |f: fn(&ChunkStats) -> u64| stats.iter().map(|(_, s)| f(s)).sum::<u64>();
+    let (size, used, new, referenced, read) = (
+        total(|s| s.disk_size),
+        total(|s| s.used_bytes),
+        total(|s| s.new_bytes),
+        total(|s| s.referenced_bytes),
+        total(|s| s.bytes_read),
+    );
+    if a.json {
+        let disks: Vec<_> = stats
+            .iter()
+            .map(|(path, s)| serde_json::json!({"source": path, "stats": s}))
+            .collect();
+        let v = serde_json::json!({
+            "host": a.host, "snapshot": id, "seconds": secs, "logical_bytes": size, "used_bytes": used,
+            "read_bytes": read, "new_bytes": new, "referenced_bytes": referenced, "disks": disks,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    use crate::list::human;
+    println!("snapshot {}/{id} committed", a.host);
+    for (n, (path, s)) in stats.iter().enumerate() {
+        println!(
+            "  disk {n} {path}: {} logical, {} used, {} new chunks ({}), {} data / {} zero / {} unused slots",
+            human(s.disk_size),
+            human(s.used_bytes),
+            s.new_chunks,
+            human(s.new_bytes),
+            s.data_chunks,
+            s.zero_chunks,
+            s.unused_chunks
+        );
+    }
+    let dedupe = if new > 0 {
+        referenced as f64 / new as f64
+    } else {
+        f64::INFINITY
+    };
+    println!(
+        "  total: {} logical, {} used, {} stored new, {} referenced (dedupe {:.1}x), {:.1}s, {:.0} MB/s of used data",
+        human(size),
+        human(used),
+        human(new),
+        human(referenced),
+        dedupe,
+        secs,
+        progress::mbps(used, secs)
+    );
+    Ok(())
 }

@@ -2,8 +2,10 @@
 
 mod cli;
 mod gc;
+mod images;
 mod ingest;
 mod list;
+mod progress;
 mod serve;
 mod verify;
 
