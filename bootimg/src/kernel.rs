@@ -176,7 +176,7 @@ fn open(package: &str, dir: &Path) -> Result<Kernel> {
 mod tests {
     #[test]
     fn versions_sort_numerically() {
-        let mut v = vec![
+        let mut v = [
             "linux-image-6.12.99+deb12-amd64",
             "linux-image-6.12.117+deb12-amd64",
         ];
