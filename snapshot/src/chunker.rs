@@ -221,6 +221,6 @@ fn store_chunk(
 /// Whether every byte is zero (folded 64 bytes at a time so the compiler vectorises it).
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut blocks = buf.chunks_exact(64);
-    (&mut blocks).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+    blocks.all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
         && blocks.remainder().iter().all(|&b| b == 0)
 }
