@@ -108,4 +108,7 @@ pub struct ServeArgs {
     /// Requests handled at once; more wait in the kernel's accept queue.
     #[arg(long, default_value_t = 32)]
     pub max_connections: usize,
+    /// An upload session without a request for this long is aborted (e.g. 1h, 30m).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub upload_idle_timeout: std::time::Duration,
 }
