@@ -36,13 +36,16 @@ pub fn plan_fetches(
     order
 }
 
+/// Receives each verified chunk with the slots that hold it.
+pub type OnChunk<'a> = dyn Fn(&[usize], &[u8]) -> Result<()> + Sync + 'a;
+
 /// Fetch and verify every chunk of `jobs` on `threads` threads; `on_chunk(slots, bytes)` runs on the
 /// fetching thread (so writes happen in parallel too). The first error stops the others.
 pub fn fetch_chunks(
     store: &dyn Store,
     jobs: &[(Digest, Vec<usize>)],
     threads: usize,
-    on_chunk: &(dyn Fn(&[usize], &[u8]) -> Result<()> + Sync),
+    on_chunk: &OnChunk,
 ) -> Result<()> {
     let next = Mutex::new(0usize);
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);

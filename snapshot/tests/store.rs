@@ -84,7 +84,7 @@ fn ingest_commit_read_back_and_tamper() {
     store
         .commit_snapshot(
             &manifest("h1", "s1", disk.len() as u64, sha),
-            &[index.clone()],
+            std::slice::from_ref(&index),
         )
         .unwrap();
     assert_eq!(store.snapshots("h1").unwrap(), vec!["s1"]);
