@@ -139,7 +139,7 @@ fn latest_only_moves_forward() {
         store
             .commit_snapshot(
                 &manifest("h", id, CHUNK_SIZE, sha.clone()),
-                &[empty.clone()],
+                std::slice::from_ref(&empty),
             )
             .unwrap();
     }
