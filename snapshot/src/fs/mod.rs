@@ -59,6 +59,156 @@ pub enum Found {
     Damaged { kind: FsKind, reason: String },
 }
 
+/// Little-endian field readers for on-disk structures. Out-of-range offsets read as zero: callers
+/// size their buffers for fixed structures and check input-driven offsets with `slice::get` first.
+#[allow(dead_code)] // TEMP: used by the probes being written
+pub(crate) mod le {
+    fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+        let mut a = [0u8; N];
+        if let Some(s) = off.checked_add(N).and_then(|end| b.get(off..end)) {
+            a.copy_from_slice(s);
+        }
+        a
+    }
+    pub fn u16(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(get(b, off))
+    }
+    pub fn u32(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(get(b, off))
+    }
+    pub fn u64(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(get(b, off))
+    }
+    pub fn bytes<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+        get(b, off)
+    }
+    pub fn put16(b: &mut [u8], off: usize, v: u16) {
+        put(b, off, &v.to_le_bytes())
+    }
+    pub fn put32(b: &mut [u8], off: usize, v: u32) {
+        put(b, off, &v.to_le_bytes())
+    }
+    pub fn put64(b: &mut [u8], off: usize, v: u64) {
+        put(b, off, &v.to_le_bytes())
+    }
+    /// Writes only when the whole value fits (buffers are sized by the caller).
+    pub fn put(b: &mut [u8], off: usize, v: &[u8]) {
+        if let Some(s) = off.checked_add(v.len()).and_then(|end| b.get_mut(off..end)) {
+            s.copy_from_slice(v);
+        }
+    }
+}
+
+/// Bounded reads inside one partition; errors name the structure and where it was.
+#[allow(dead_code)] // TEMP: used by the probes being written
+pub(crate) struct Part<'a> {
+    pub dev: &'a dyn ReadAt,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[allow(dead_code)] // TEMP: used by the probes being written
+impl Part<'_> {
+    /// Fill `buf` from partition byte `rel`; `what` names the structure for the error.
+    pub fn read(&self, rel: u64, buf: &mut [u8], what: &str) -> anyhow::Result<()> {
+        let n = buf.len() as u64;
+        if rel.checked_add(n).is_none_or(|end| end > self.len) {
+            anyhow::bail!(
+                "{what} (bytes {rel}..{}) lies past the end of the partition ({} bytes): truncated image?",
+                rel.saturating_add(n),
+                self.len
+            );
+        }
+        let abs = self
+            .offset
+            .checked_add(rel)
+            .ok_or_else(|| anyhow::anyhow!("{what}: offset overflow"))?;
+        self.dev.read_at(buf, abs).map_err(|e| {
+            anyhow::anyhow!("reading {what} at partition byte {rel} (disk byte {abs}): {e}")
+        })
+    }
+
+    /// Read `n` bytes at `rel` into a new buffer.
+    pub fn read_vec(&self, rel: u64, n: u64, what: &str) -> anyhow::Result<Vec<u8>> {
+        if rel.checked_add(n).is_none_or(|end| end > self.len) {
+            anyhow::bail!(
+                "{what} (bytes {rel}..{}) lies past the end of the partition ({} bytes): truncated image?",
+                rel.saturating_add(n),
+                self.len
+            );
+        }
+        let len =
+            usize::try_from(n).map_err(|_| anyhow::anyhow!("{what}: {n} bytes is too large"))?;
+        let mut v = vec![0u8; len];
+        self.read(rel, &mut v, what)?;
+        Ok(v)
+    }
+}
+
+/// Call `emit(start, end)` for every run of set bits (least significant bit first, as ext and
+/// NTFS bitmaps are laid out) among the first `nbits` bits of `bitmap`. Works a 64-bit word at a
+/// time, so empty and full stretches cost almost nothing.
+#[allow(dead_code)] // TEMP: used by the probes being written
+pub(crate) fn bit_runs(bitmap: &[u8], nbits: u64, mut emit: impl FnMut(u64, u64)) {
+    let nbits = nbits.min((bitmap.len() as u64).saturating_mul(8));
+    let mut open: Option<u64> = None;
+    for (ci, ch) in bitmap.chunks(8).enumerate() {
+        let base = ci as u64 * 64;
+        if base >= nbits {
+            break;
+        }
+        let mut w = [0u8; 8];
+        if let Some(d) = w.get_mut(..ch.len()) {
+            d.copy_from_slice(ch);
+        }
+        let mut word = u64::from_le_bytes(w);
+        let valid = (nbits - base).min(64);
+        if valid < 64 {
+            word &= (1u64 << valid) - 1;
+        }
+        if word == 0 {
+            if let Some(s) = open.take() {
+                emit(s, base);
+            }
+            continue;
+        }
+        if word == u64::MAX {
+            open.get_or_insert(base);
+            continue;
+        }
+        let mut pos = 0u32;
+        while pos < 64 {
+            let rest = word >> pos;
+            if let Some(s) = open {
+                pos += (!rest).trailing_zeros().min(64 - pos);
+                if pos < 64 {
+                    emit(s, base + pos as u64);
+                    open = None;
+                }
+            } else {
+                pos += rest.trailing_zeros().min(64 - pos);
+                if pos < 64 {
+                    open = Some(base + pos as u64);
+                }
+            }
+        }
+    }
+    if let Some(s) = open {
+        emit(s, nbits);
+    }
+}
+
+/// Sort and merge byte ranges into [`Extents`] (adding in ascending order keeps that linear).
+#[allow(dead_code)] // TEMP: used by the probes being written
+pub(crate) fn extents_from(mut v: Vec<(u64, u64)>) -> Extents {
+    v.sort_unstable();
+    let mut e = Extents::new();
+    for (s, end) in v {
+        e.add(s, end);
+    }
+    e
+}
+
 type ProbeFn = fn(&dyn ReadAt, u64, u64) -> Option<anyhow::Result<Probe>>;
 
 /// Probe the partition at `offset`/`len` of `dev`. Each probe answers `None` when its signature
@@ -83,4 +233,68 @@ pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Found {
         }
     }
     Found::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(bm: &[u8], nbits: u64) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        for i in 0..nbits.min(bm.len() as u64 * 8) {
+            if bm[(i / 8) as usize] >> (i % 8) & 1 == 1 {
+                match v.last_mut() {
+                    Some(l) if l.1 == i => l.1 = i + 1,
+                    _ => v.push((i, i + 1)),
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn bit_runs_matches_naive() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 64, 100] {
+            for density in 0..4 {
+                let bm: Vec<u8> = (0..len)
+                    .map(|i| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        match density {
+                            0 => seed as u8,
+                            1 => 0xff,
+                            2 => (seed as u8) & (seed >> 8) as u8,
+                            _ => {
+                                if i % 10 < 5 {
+                                    0xff
+                                } else {
+                                    0
+                                }
+                            }
+                        }
+                    })
+                    .collect();
+                for nbits in [
+                    0u64,
+                    1,
+                    5,
+                    63,
+                    64,
+                    65,
+                    len as u64 * 8,
+                    len as u64 * 8 - len.min(1) as u64 * 3,
+                ] {
+                    let mut got = Vec::new();
+                    bit_runs(&bm, nbits, |s, e| got.push((s, e)));
+                    assert_eq!(
+                        got,
+                        naive(&bm, nbits),
+                        "len {len} density {density} nbits {nbits}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -113,7 +113,64 @@ impl PartitionTable {
         let s = sector.unwrap_or(512);
         match mbr::Mbr::read(dev, s)? {
             Some(m) => Ok((PartitionTable::Mbr(m), s)),
+            None if mbr::is_protective(dev)? => anyhow::bail!(
+                "protective MBR but no valid GPT (looked for a GPT header with {} sectors)",
+                sizes
+                    .iter()
+                    .map(|s| format!("{s}-byte"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
             None => Ok((PartitionTable::None, s)),
+        }
+    }
+
+    /// This table laid out for a target disk of `target_size` bytes with `target_sector`-byte
+    /// logical sectors; the source had `src_sector`. See [`gpt::Gpt::for_target`] and
+    /// [`mbr::Mbr::for_target`].
+    pub fn for_target(
+        &self,
+        src_sector: u32,
+        target_size: u64,
+        target_sector: u32,
+        grow_last: bool,
+    ) -> Result<PartitionTable> {
+        Ok(match self {
+            PartitionTable::None => PartitionTable::None,
+            PartitionTable::Gpt(g) => PartitionTable::Gpt(g.for_target(
+                src_sector,
+                target_size,
+                target_sector,
+                grow_last,
+            )?),
+            PartitionTable::Mbr(m) => PartitionTable::Mbr(m.for_target(
+                src_sector,
+                target_size,
+                target_sector,
+                grow_last,
+            )?),
+        })
+    }
+
+    /// Byte patches `(offset, bytes)` writing this table on a disk of `disk_size` bytes with
+    /// `sector`-byte sectors (empty for [`PartitionTable::None`]). The table must have been laid
+    /// out for that disk with [`PartitionTable::for_target`].
+    pub fn to_disk(&self, disk_size: u64, sector: u32) -> Result<Vec<(u64, Vec<u8>)>> {
+        match self {
+            PartitionTable::None => Ok(Vec::new()),
+            PartitionTable::Gpt(g) => g.to_disk(disk_size, sector),
+            PartitionTable::Mbr(m) => m.to_disk(sector),
+        }
+    }
+
+    /// Byte ranges `[start, end)` of a disk of `disk_size` bytes that hold this partition table
+    /// (sector 0; the GPT headers and entry arrays; every EBR sector), sorted and merged, so a
+    /// restorer can hold them back, write them last, or wipe them on failure.
+    pub fn table_regions(&self, disk_size: u64, sector: u32) -> Vec<(u64, u64)> {
+        match self {
+            PartitionTable::None => Vec::new(),
+            PartitionTable::Gpt(g) => g.table_regions(disk_size, sector),
+            PartitionTable::Mbr(m) => m.table_regions(sector),
         }
     }
 
@@ -127,4 +184,18 @@ impl PartitionTable {
         v.sort_by_key(|p| p.offset);
         v
     }
+}
+
+/// Sort `[start, end)` ranges and merge the ones that touch or overlap; empty ones are dropped.
+pub(crate) fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|(s, e)| s < e);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
