@@ -1,0 +1,36 @@
+//! The device the image booted from (USB stick, CD/virtual media): the volume labelled
+//! `BMR_RESTORE` (bootimg's MEDIA_LABEL). It is never a restore target.
+
+use std::path::Path;
+use std::process::Command;
+
+pub const MEDIA_LABEL: &str = "BMR_RESTORE";
+
+/// Whole-disk device paths (`/dev/sda`, `/dev/sr0`) holding the boot media; empty for PXE.
+pub fn find() -> Vec<String> {
+    let out = Command::new("blkid")
+        .args(["-c", "/dev/null", "-o", "device", "-t"])
+        .arg(format!("LABEL={MEDIA_LABEL}"))
+        .output();
+    let Ok(out) = out else { return vec![] };
+    let mut disks: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|dev| whole_disk(dev.trim()))
+        .collect();
+    disks.sort();
+    disks.dedup();
+    disks
+}
+
+/// `/dev/sda1` -> `/dev/sda`, `/dev/nvme0n1p1` -> `/dev/nvme0n1`, `/dev/sr0` -> `/dev/sr0`.
+pub fn whole_disk(dev: &str) -> Option<String> {
+    let name = dev.strip_prefix("/dev/")?;
+    let sys = Path::new("/sys/class/block").join(name);
+    if sys.join("partition").exists() {
+        let real = std::fs::canonicalize(&sys).ok()?;
+        let parent = real.parent()?.file_name()?.to_string_lossy().into_owned();
+        Some(format!("/dev/{parent}"))
+    } else {
+        Some(dev.to_string())
+    }
+}

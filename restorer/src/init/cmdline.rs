@@ -1,0 +1,144 @@
+//! The kernel command line contract (DESIGN.md §4): `restorer.*` parameters and dracut-style `ip=`.
+
+use anyhow::{bail, Result};
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Params {
+    pub url: Option<String>,
+    pub host: Option<String>,
+    pub snapshot: Option<String>,
+    /// `auto` or device paths.
+    pub target: Vec<String>,
+    pub mode: Mode,
+    pub vm: Option<String>,
+    pub after: After,
+    pub token: Option<String>,
+    /// `ip=` values, in order.
+    pub ip: Vec<String>,
+}
+
+#[derive(Debug, Default, PartialEq, Clone, Copy)]
+pub enum Mode {
+    #[default]
+    Restore,
+    Failback,
+    Capture,
+    Shell,
+}
+
+#[derive(Debug, Default, PartialEq, Clone, Copy)]
+pub enum After {
+    #[default]
+    Reboot,
+    Poweroff,
+    Shell,
+}
+
+/// Splits a command line into words, honouring double quotes as the kernel does.
+fn words(cmdline: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+pub fn parse(cmdline: &str) -> Result<Params> {
+    let mut p = Params::default();
+    for w in words(cmdline) {
+        let Some((k, v)) = w.split_once('=') else {
+            continue;
+        };
+        let v = v.to_string();
+        match k {
+            "restorer.url" => p.url = Some(v),
+            "restorer.host" => p.host = Some(v),
+            "restorer.snapshot" => p.snapshot = Some(v),
+            "restorer.target" => {
+                p.target = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "restorer.mode" => {
+                p.mode = match v.as_str() {
+                    "restore" => Mode::Restore,
+                    "failback" => Mode::Failback,
+                    "capture" => Mode::Capture,
+                    "shell" => Mode::Shell,
+                    _ => bail!("restorer.mode={v}: expected restore, failback, capture or shell"),
+                }
+            }
+            "restorer.vm" => p.vm = Some(v),
+            "restorer.after" => {
+                p.after = match v.as_str() {
+                    "reboot" => After::Reboot,
+                    "poweroff" => After::Poweroff,
+                    "shell" => After::Shell,
+                    _ => bail!("restorer.after={v}: expected reboot, poweroff or shell"),
+                }
+            }
+            "restorer.token" => p.token = Some(v),
+            "ip" => p.ip.push(v),
+            k if k.starts_with("restorer.") => bail!("unknown kernel parameter {k}="),
+            _ => {}
+        }
+    }
+    if p.target.is_empty() {
+        p.target.push("auto".into());
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_parameters_parse() {
+        let p = parse(
+            "BOOT_IMAGE=/vmlinuz console=ttyS0 restorer.url=http://10.0.2.2:8080/store \
+             restorer.host=web1 restorer.target=/dev/nvme0n1,/dev/sda restorer.after=poweroff \
+             ip=10.0.0.5::10.0.0.1:255.255.255.0:web1:eth0:none quiet",
+        )
+        .unwrap();
+        assert_eq!(p.url.as_deref(), Some("http://10.0.2.2:8080/store"));
+        assert_eq!(p.host.as_deref(), Some("web1"));
+        assert_eq!(p.target, ["/dev/nvme0n1", "/dev/sda"]);
+        assert_eq!(p.mode, Mode::Restore);
+        assert_eq!(p.after, After::Poweroff);
+        assert_eq!(p.ip.len(), 1);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let p = parse("console=tty0").unwrap();
+        assert_eq!(p.target, ["auto"]);
+        assert_eq!(p.after, After::Reboot);
+        assert!(parse("restorer.mode=wipe").is_err());
+        assert!(parse("restorer.hots=x").is_err());
+        assert_eq!(
+            parse("restorer.host=\"a b\"").unwrap().host.as_deref(),
+            Some("a b")
+        );
+    }
+}

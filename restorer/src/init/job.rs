@@ -1,0 +1,131 @@
+//! The job the kernel command line asks for, run as a child `restorer` process (the same binary,
+//! /proc/self/exe) so that its output can be relayed to every console and its failure reason
+//! read from its one-line error.
+
+use super::cmdline::{Mode, Params};
+use crate::say;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// Set in the job's environment: comma-separated whole-disk devices the restorer must never
+/// write (the boot medium). `restorer restore --target auto` skips them; an explicit target
+/// naming one is refused.
+pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
+
+const PUBKEY: &str = "/etc/bmr/appliance.pub";
+
+/// The `restorer` arguments for the job.
+pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
+    let need = |v: &Option<String>, what: &str| -> Result<String> {
+        v.clone()
+            .with_context(|| format!("{what}= missing on the kernel command line"))
+    };
+    let mut a: Vec<String> = Vec::new();
+    let trust = |a: &mut Vec<String>| {
+        if std::path::Path::new(PUBKEY).exists() {
+            a.extend(["--pubkey".into(), PUBKEY.into()]);
+        }
+        if let Some(t) = &p.token {
+            a.extend(["--token".into(), t.clone()]);
+        }
+    };
+    match p.mode {
+        Mode::Restore => {
+            a.extend([
+                "restore".into(),
+                "--from".into(),
+                need(&p.url, "restorer.url")?,
+            ]);
+            a.extend(["--host".into(), need(&p.host, "restorer.host")?]);
+            if let Some(s) = &p.snapshot {
+                a.extend(["--snapshot".into(), s.clone()]);
+            }
+            trust(&mut a);
+            a.extend(["--target".into(), p.target.join(",")]);
+        }
+        Mode::Failback => {
+            a.extend([
+                "failback".into(),
+                "--from".into(),
+                need(&p.url, "restorer.url")?,
+            ]);
+            a.extend(["--vm".into(), need(&p.vm, "restorer.vm")?]);
+            trust(&mut a);
+            a.extend(["--target".into(), p.target.join(",")]);
+        }
+        Mode::Capture => {
+            a.extend([
+                "capture".into(),
+                "--to".into(),
+                need(&p.url, "restorer.url")?,
+            ]);
+            a.extend(["--host".into(), need(&p.host, "restorer.host")?]);
+            if let Some(t) = &p.token {
+                a.extend(["--token".into(), t.clone()]);
+            }
+            if p.target.iter().any(|t| t == "auto") {
+                if disks.is_empty() {
+                    bail!("capture: no disks found");
+                }
+                a.extend(disks.iter().cloned());
+            } else {
+                a.extend(p.target.iter().cloned());
+            }
+        }
+        Mode::Shell => bail!("restorer.mode=shell has no job"),
+    }
+    Ok(a)
+}
+
+/// Refuses explicit targets that are the boot medium (or a partition of it).
+pub fn check_targets(p: &Params, boot: &[String]) -> Result<()> {
+    for t in &p.target {
+        let disk = super::bootdev::whole_disk(t).unwrap_or_else(|| t.clone());
+        if let Some(b) = boot.iter().find(|b| **b == disk) {
+            bail!("restorer.target={t} is the boot medium {b}: refusing to write it");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `restorer ARGS`, relaying its output line by line; on failure the error is its last
+/// `restorer: error:` line.
+pub fn run(args: &[String], boot: &[String]) -> Result<()> {
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| "/bin/restorer".into());
+    let mut child = Command::new(exe)
+        .args(args)
+        .env(EXCLUDE_ENV, boot.join(","))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the restorer")?;
+    let last_error = Arc::new(Mutex::new(None::<String>));
+    let relay = |r: Box<dyn std::io::Read + Send>| {
+        let last_error = last_error.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                // Progress redraws come as \r-separated updates: show the last one.
+                let line = line.rsplit('\r').next().unwrap_or("").to_string();
+                if let Some(e) = line.strip_prefix("restorer: error: ") {
+                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+                say!("{line}");
+            }
+        })
+    };
+    let t1 = relay(Box::new(child.stdout.take().expect("piped")));
+    let t2 = relay(Box::new(child.stderr.take().expect("piped")));
+    let status = child.wait().context("waiting for the restorer")?;
+    let _ = (t1.join(), t2.join());
+    if !status.success() {
+        let reason = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        bail!(
+            "{}",
+            reason.unwrap_or_else(|| format!("restorer exited with {status}"))
+        );
+    }
+    Ok(())
+}
