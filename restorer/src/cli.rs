@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -26,8 +27,36 @@ pub enum Command {
     Init,
 }
 
+/// How to reach a server: token, CA, retry policy.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NetArgs {
+    /// Bearer token for `appliance serve`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) for HTTPS.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// How long to keep retrying while the server is unreachable (e.g. 10m, 90s, 1h).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub retry_for: Duration,
+    /// Timeout of one HTTP request.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub timeout: Duration,
+}
+
+impl NetArgs {
+    pub fn http_options(&self) -> snapshot::store::http::Options {
+        snapshot::store::http::Options {
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+            retry_for: self.retry_for,
+            timeout: self.timeout,
+        }
+    }
+}
+
 /// Where the snapshot comes from and how to trust it.
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct SourceArgs {
     /// Store base URL (http://HOST:PORT/store) or a local store directory.
     #[arg(long)]
@@ -40,60 +69,83 @@ pub struct SourceArgs {
     /// Refuse manifests not signed by this key (hex file as `appliance pubkey` prints it).
     #[arg(long)]
     pub pubkey: Option<PathBuf>,
-    /// Bearer token for `appliance serve`.
-    #[arg(long)]
-    pub token: Option<String>,
-    /// CA certificate (PEM) for HTTPS.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
-#[derive(clap::Args)]
-pub struct RestoreArgs {
-    #[command(flatten)]
-    pub source: SourceArgs,
+/// How source disks are laid out on the targets.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LayoutArgs {
     /// Target block devices or files, comma-separated, in source disk order; or `auto`.
     #[arg(long, value_delimiter = ',', required = true)]
     pub target: Vec<String>,
+    /// On a bigger target, grow the last partition and its filesystem (`last`) or keep the
+    /// source sizes (`none`).
+    #[arg(long, value_parser = ["last", "none"], default_value = "last")]
+    pub grow: String,
+}
+
+impl LayoutArgs {
+    pub fn grow_last(&self) -> bool {
+        self.grow == "last"
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
     /// Show the plan and stop.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print the plan and the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Grow the last partition and its filesystem onto a bigger disk.
-    #[arg(long, value_parser = ["last", "none"], default_value = "last")]
-    pub grow: String,
     /// Chunk fetches in flight.
-    #[arg(long, default_value_t = 16)]
-    pub jobs: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
     /// On failure keep what was written instead of wiping the partition table.
     #[arg(long)]
     pub keep_on_error: bool,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub target: Vec<String>,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
     #[arg(long)]
     pub json: bool,
+    /// Chunks compared at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub struct CaptureArgs {
     /// Appliance base URL (http://HOST:PORT).
     #[arg(long)]
     pub to: String,
     #[arg(long)]
     pub host: String,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Firmware the source boots with; `auto` reads it from this machine when the sources are
+    /// block devices.
+    #[arg(long, value_parser = ["auto", "uefi", "bios", "unknown"], default_value = "auto")]
+    pub firmware: String,
+    /// Copy every disk whole, ignoring the filesystems' used-block maps.
     #[arg(long)]
-    pub token: Option<String>,
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    pub raw: bool,
+    /// Uploads in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
     #[arg(long)]
     pub json: bool,
+    /// Disks (block devices or image files), one per disk, in disk order.
     #[arg(required = true)]
     pub sources: Vec<PathBuf>,
 }

@@ -2,8 +2,16 @@
 
 mod capture;
 mod cli;
+mod dio;
 mod init;
+mod marker;
+mod pipeline;
+mod plan;
+mod report;
+mod resize;
 mod restore;
+mod table;
+mod target;
 mod verify;
 
 use clap::Parser;

@@ -1,4 +1,198 @@
-//! (in progress)
-pub fn run(_a: &crate::cli::RestoreArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! `restorer restore`: open the snapshot along the trust chain, plan every disk, show the plan,
+//! then write: wipe and mark every target, write the data, grow filesystems, write the tables
+//! last, re-read the partitions. On failure the tables are wiped (unless `--keep-on-error`).
+
+use crate::cli::RestoreArgs;
+use crate::dio::Disk;
+use crate::marker::Marker;
+use crate::pipeline::DiskWriter;
+use crate::plan::{self, Plan, Source};
+use crate::report::{self, DiskSummary};
+use crate::target::{Kind, Safety};
+use crate::{resize, table};
+use anyhow::{Context, Result};
+use snapshot::Slot;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+pub fn run(a: &RestoreArgs) -> Result<()> {
+    let started = Instant::now();
+    let src = Source::open(&a.source)?;
+    let safety = Safety::scan()?;
+    let targets = plan::targets(&a.layout, &src.snapshot.manifest.disks, &safety)?;
+    let plan = plan::build(&src, targets, Some(&safety), a.layout.grow_last())?;
+    if !a.json {
+        plan.print();
+    }
+    if a.dry_run {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "plan": plan }))?
+            );
+        } else {
+            println!("dry run: nothing written");
+        }
+        return Ok(());
+    }
+    // Everything that can fail without writing is done before the first write: open every target
+    // (exclusively for block devices) and lay out every table.
+    let mut writers = Vec::new();
+    let mut patches = Vec::new();
+    for (d, index) in plan.disks.iter().zip(&src.snapshot.indexes) {
+        let t = &d.target;
+        let disk = Disk::open(&t.path, t.kind == Kind::Block, d.target_sector, t.size)
+            .with_context(|| format!("disk {}", d.disk))?;
+        patches.push(
+            table::to_disk(&d.new_table, t.size, d.target_sector)
+                .with_context(|| format!("disk {}: writing the partition table", d.disk))?,
+        );
+        let m = Marker::new(&plan.host, &plan.snapshot, d.disk);
+        writers.push(DiskWriter::new(d, index, disk, &m));
+    }
+    let mut started_disks = 0;
+    let result = execute(a, &src, &plan, &writers, &patches, &mut started_disks);
+    match result {
+        Ok(summaries) => {
+            let secs = started.elapsed().as_secs_f64();
+            if a.json {
+                let v = serde_json::json!({ "plan": plan, "disks": summaries, "seconds": secs });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for s in &summaries {
+                    s.print();
+                }
+                println!(
+                    "restore of {}/{} complete in {:.1}s",
+                    plan.host, plan.snapshot, secs
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            for w in writers.iter().take(started_disks) {
+                let name = w.disk.name.clone();
+                if a.keep_on_error {
+                    eprintln!("restorer: {name}: kept as written (--keep-on-error); it has no valid partition table");
+                } else {
+                    match w.wipe_table() {
+                        Ok(()) => eprintln!("restorer: {name}: partition table wiped"),
+                        Err(we) => eprintln!(
+                            "restorer: {name}: wiping the partition table failed too: {we:#}"
+                        ),
+                    }
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn execute(
+    a: &RestoreArgs,
+    src: &Source,
+    plan: &Plan,
+    writers: &[DiskWriter],
+    patches: &[Vec<(u64, Vec<u8>)>],
+    started_disks: &mut usize,
+) -> Result<Vec<DiskSummary>> {
+    let threads = a.jobs as usize;
+    let mut summaries: Vec<DiskSummary> = Vec::new();
+    let mut resume = Vec::new();
+    // 1. Every target loses its table and gets the marker before any data is written.
+    for w in writers {
+        let d = w.plan;
+        let mine = Marker::new(&plan.host, &plan.snapshot, d.disk);
+        let found = w
+            .read_marker()
+            .with_context(|| format!("disk {}: reading the target", d.disk))?;
+        if let Some(m) = &found {
+            let what = if m.same_restore(&mine) {
+                "an interrupted restore of this snapshot"
+            } else {
+                "an interrupted restore of another snapshot"
+            };
+            eprintln!(
+                "disk {} ({}): found {what}; reading back what is already written",
+                d.disk,
+                d.target.path.display()
+            );
+        }
+        resume.push(found.is_some());
+        *started_disks += 1;
+        w.wipe_table()
+            .with_context(|| format!("disk {}: wiping the partition table", d.disk))?;
+    }
+    // 2. Data, disk by disk.
+    for (w, &resume) in writers.iter().zip(&resume) {
+        let d = w.plan;
+        let t0 = Instant::now();
+        let total = d.data_bytes + d.zero_bytes;
+        let pb = report::progress(total, &format!("disk {}", d.disk), a.json);
+        let mut skip = HashSet::new();
+        if resume {
+            let wanted: Vec<usize> = w
+                .index
+                .slots()
+                .filter(|(_, s)| *s != Slot::Unused)
+                .map(|(i, _)| i)
+                .collect();
+            pb.set_message("reading back");
+            skip = w.check_existing(&wanted, threads, &pb)?;
+            pb.set_message("");
+        }
+        w.write_data(src.store.as_ref(), &skip, threads, &pb)?;
+        w.disk.sync()?;
+        pb.finish_and_clear();
+        let c = &w.counters;
+        let get = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
+        summaries.push(DiskSummary {
+            disk: d.disk,
+            target: d.target.path.display().to_string(),
+            fetched_bytes: get(&c.fetched_bytes),
+            fetched_chunks: get(&c.fetched_chunks),
+            written_bytes: get(&c.written_bytes),
+            zero_bytes: get(&c.zero_bytes),
+            skipped_bytes: d.unused_bytes,
+            deduped_bytes: get(&c.deduped_bytes),
+            verified_in_place_bytes: get(&c.verified_bytes),
+            verified_in_place_slots: get(&c.verified_slots),
+            hashed_bytes: get(&c.hashed_bytes),
+            seconds: t0.elapsed().as_secs_f64(),
+            resized: Vec::new(),
+            warnings: Vec::new(),
+        });
+    }
+    // 3. Filesystems grow into their bigger partitions (data durable, table not yet written).
+    for (w, s) in writers.iter().zip(&mut summaries) {
+        let d = w.plan;
+        for r in &d.resize {
+            let t0 = Instant::now();
+            match resize::grow(&d.target.path, d.target_sector, r) {
+                Ok(line) => s.resized.push(line),
+                Err(e) => s.warnings.push(format!(
+                    "partition {}: growing the filesystem failed ({e:#}); it keeps its size of {}",
+                    r.partition,
+                    report::bytes(r.from_size)
+                )),
+            }
+            s.seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+    // 4. Tables last, then the kernel re-reads them.
+    for ((w, p), s) in writers.iter().zip(patches).zip(&mut summaries) {
+        let d = w.plan;
+        w.write_table(p)
+            .with_context(|| format!("disk {}: writing the partition table", d.disk))?;
+        s.written_bytes = w.counters.written_bytes.load(Ordering::Relaxed);
+        if d.target.kind == Kind::Block && d.new_table != snapshot::ptable::PartitionTable::None {
+            if let Err(e) = snapshot::sys::reread_partitions(&w.disk.file) {
+                s.warnings.push(format!(
+                    "the kernel did not re-read the partition table ({e}); reboot or run partprobe"
+                ));
+            }
+        }
+    }
+    Ok(summaries)
 }

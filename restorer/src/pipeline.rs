@@ -1,0 +1,455 @@
+//! The write pipeline of one disk, in the order it runs:
+//!
+//! 1. **start**: the target's table area is wiped and the in-progress marker written into it, so
+//!    from the first write on the disk has no valid partition table;
+//! 2. **resume check** (only when a marker was found): slots already on the target are read back
+//!    and hashed; those that match are not fetched again;
+//! 3. **data**: worker threads fetch each distinct chunk once, verify it, and write it to every
+//!    slot that holds it with positional writes (O_DIRECT from aligned buffers on block devices);
+//!    zero slots are discarded or zeroed by the device, unused slots skipped. Bytes that belong to
+//!    the table area (held back) or to where the source kept its table are masked out;
+//! 4. **table**: after an fsync, the held-back bytes (the data that was there, with the target's
+//!    table patched over it) are written, the sector holding the marker last; fsync again.
+//!
+//! A crash at any step leaves a disk without a valid table; a rerun finds the marker and resumes.
+
+use crate::dio::{AlignedBuf, Disk};
+use crate::marker::{self, Marker};
+use crate::plan::DiskPlan;
+use anyhow::{anyhow, Context, Result};
+use indicatif::ProgressBar;
+use snapshot::chunker::is_zero;
+use snapshot::store::{FetchError, Store};
+use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Zero slots are merged into runs of at most this many bytes per job.
+const ZERO_RUN: u64 = 256 << 20;
+
+#[derive(Default)]
+pub struct Counters {
+    pub fetched_bytes: AtomicU64,
+    pub fetched_chunks: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub zero_bytes: AtomicU64,
+    pub deduped_bytes: AtomicU64,
+    pub hashed_bytes: AtomicU64,
+    pub verified_bytes: AtomicU64,
+    pub verified_slots: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+enum Job {
+    /// A distinct chunk and every slot (still to write) that holds it.
+    Fetch(Digest, Vec<usize>),
+    /// Consecutive zero slots `[first, first + count)` clear of masked bytes.
+    ZeroRun(usize, usize),
+    /// One zero slot that touches masked bytes: written through the mask.
+    ZeroMasked(usize),
+}
+
+impl Job {
+    fn first_slot(&self) -> usize {
+        match self {
+            Job::Fetch(_, s) => s[0],
+            Job::ZeroRun(f, _) | Job::ZeroMasked(f) => *f,
+        }
+    }
+}
+
+/// Fetch one chunk blob and decode it; no unverified byte is returned. Also returns the blob's
+/// size (bytes over the network).
+pub fn fetch_chunk(store: &dyn Store, d: &Digest) -> Result<(Vec<u8>, u64)> {
+    let blob = store.get(&d.chunk_path()).map_err(|e| match e {
+        FetchError::NotFound(_) => anyhow!("missing from the store"),
+        FetchError::Other(e) => e,
+    })?;
+    let data = snapshot::decode_chunk(&blob, d)?;
+    Ok((data, blob.len() as u64))
+}
+
+/// Writes one planned disk.
+pub struct DiskWriter<'a> {
+    pub plan: &'a DiskPlan,
+    pub index: &'a ChunkIndex,
+    pub disk: Disk,
+    masked: Extents,
+    marker: Option<(u64, [u8; marker::LEN])>,
+    /// Data bytes of the held-back ranges, saved in the data phase, written with the table.
+    stash: Mutex<Vec<(u64, Vec<u8>)>>,
+    pub counters: Counters,
+    zeros: AlignedBuf,
+}
+
+impl<'a> DiskWriter<'a> {
+    pub fn new(
+        plan: &'a DiskPlan,
+        index: &'a ChunkIndex,
+        disk: Disk,
+        m: &Marker,
+    ) -> DiskWriter<'a> {
+        DiskWriter {
+            plan,
+            index,
+            disk,
+            masked: plan.masked(),
+            marker: plan.marker_at.map(|at| (at, m.to_bytes())),
+            stash: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            zeros: AlignedBuf::new(1 << 20),
+        }
+    }
+
+    fn what(&self) -> String {
+        format!("disk {} ({})", self.plan.disk, self.disk.name)
+    }
+
+    /// The marker on the target, if a restore left one.
+    pub fn read_marker(&self) -> Result<Option<Marker>> {
+        let Some((at, _)) = self.marker else {
+            return Ok(None);
+        };
+        let (s, l) = self.disk.widen(at, marker::LEN as u64);
+        let mut buf = AlignedBuf::new(l as usize);
+        self.disk.read_at(&mut buf, s)?;
+        let o = (at - s) as usize;
+        Ok(Marker::parse(&buf[o..o + marker::LEN]))
+    }
+
+    /// Lay the held-back image over `buf`, which holds disk bytes `[off, off + buf.len())`:
+    /// zeros everywhere in the held ranges, the marker where it goes.
+    fn overlay_held(&self, buf: &mut [u8], off: u64) {
+        let end = off + buf.len() as u64;
+        for (s, e) in self.plan.held.within(off, end) {
+            buf[(s - off) as usize..(e - off) as usize].fill(0);
+        }
+        if let Some((at, m)) = &self.marker {
+            let (ms, me) = (*at, at + m.len() as u64);
+            let (s, e) = (ms.max(off), me.min(end));
+            if s < e {
+                buf[(s - off) as usize..(e - off) as usize]
+                    .copy_from_slice(&m[(s - ms) as usize..(e - ms) as usize]);
+            }
+        }
+    }
+
+    /// Step 1 (and the wipe on failure): the held ranges become zeros plus the marker.
+    pub fn wipe_table(&self) -> Result<()> {
+        for &(s, e) in self.plan.held.ranges() {
+            let (ws, wl) = self.disk.widen(s, e - s);
+            let mut buf = AlignedBuf::new(wl as usize);
+            self.disk.read_at(&mut buf, ws)?;
+            self.overlay_held(&mut buf, ws);
+            self.disk.write_at(&buf, ws)?;
+        }
+        self.disk.sync()
+    }
+
+    /// Step 2: read back the slots `wanted` would write and return those already correct.
+    /// Slots touching masked bytes are always rewritten and not read.
+    pub fn check_existing(
+        &self,
+        wanted: &[usize],
+        threads: usize,
+        pb: &ProgressBar,
+    ) -> Result<HashSet<usize>> {
+        let todo: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let (off, len) = self.index.span(i);
+                self.masked.within(off, off + len).next().is_none()
+            })
+            .collect();
+        let next = AtomicUsize::new(0);
+        let ok = Mutex::new(HashSet::new());
+        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.clamp(1, 4) {
+                s.spawn(|| {
+                    let mut buf = AlignedBuf::new(CHUNK_SIZE as usize);
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= todo.len() || failed.lock().expect("lock").is_some() {
+                            return;
+                        }
+                        let i = todo[k];
+                        let (off, len) = self.index.span(i);
+                        let (ws, wl) = self.disk.widen(off, len);
+                        if let Err(e) = self.disk.read_at(&mut buf[..wl as usize], ws) {
+                            failed.lock().expect("lock").get_or_insert(e);
+                            return;
+                        }
+                        bump(&self.counters.hashed_bytes, len);
+                        let data = &buf[(off - ws) as usize..(off - ws + len) as usize];
+                        let good = match self.index.slot(i) {
+                            Slot::Zeros => is_zero(data),
+                            Slot::Data(d) => Digest::of(data) == d,
+                            Slot::Unused => true,
+                        };
+                        if good {
+                            ok.lock().expect("lock").insert(i);
+                            bump(&self.counters.verified_bytes, len);
+                            bump(&self.counters.verified_slots, 1);
+                            pb.inc(len);
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().expect("lock") {
+            return Err(e.context(format!("{}: reading back the target", self.what())));
+        }
+        Ok(ok.into_inner().expect("lock"))
+    }
+
+    fn jobs(&self, skip: &HashSet<usize>) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        let mut pos: HashMap<Digest, usize> = HashMap::new();
+        let mut run: Option<(usize, usize)> = None;
+        let flush = |run: &mut Option<(usize, usize)>, jobs: &mut Vec<Job>| {
+            if let Some((f, n)) = run.take() {
+                jobs.push(Job::ZeroRun(f, n));
+            }
+        };
+        let per_run = (ZERO_RUN / CHUNK_SIZE) as usize;
+        for (i, slot) in self.index.slots() {
+            if skip.contains(&i) {
+                continue;
+            }
+            match slot {
+                Slot::Unused => {}
+                Slot::Zeros => {
+                    let (off, len) = self.index.span(i);
+                    if self.masked.within(off, off + len).next().is_some() {
+                        flush(&mut run, &mut jobs);
+                        jobs.push(Job::ZeroMasked(i));
+                        continue;
+                    }
+                    match &mut run {
+                        Some((f, n)) if *f + *n == i && *n < per_run => *n += 1,
+                        _ => {
+                            flush(&mut run, &mut jobs);
+                            run = Some((i, 1));
+                        }
+                    }
+                }
+                Slot::Data(d) => match pos.get(&d) {
+                    Some(&p) => {
+                        if let Job::Fetch(_, slots) = &mut jobs[p] {
+                            slots.push(i);
+                        }
+                    }
+                    None => {
+                        pos.insert(d, jobs.len());
+                        jobs.push(Job::Fetch(d, vec![i]));
+                    }
+                },
+            }
+        }
+        flush(&mut run, &mut jobs);
+        jobs.sort_by_key(Job::first_slot);
+        jobs
+    }
+
+    /// Step 3: fetch, verify and write every slot not in `skip`.
+    pub fn write_data(
+        &self,
+        store: &dyn Store,
+        skip: &HashSet<usize>,
+        threads: usize,
+        pb: &ProgressBar,
+    ) -> Result<()> {
+        let jobs = self.jobs(skip);
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    let mut scratch: Option<AlignedBuf> = None;
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= jobs.len() {
+                            return;
+                        }
+                        if let Err(e) = self.run_job(store, &jobs[k], &mut scratch, pb) {
+                            stop.store(true, Ordering::Relaxed);
+                            failed.lock().expect("lock").get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().expect("lock") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn run_job(
+        &self,
+        store: &dyn Store,
+        job: &Job,
+        scratch: &mut Option<AlignedBuf>,
+        pb: &ProgressBar,
+    ) -> Result<()> {
+        match job {
+            Job::Fetch(d, slots) => {
+                let data = self.fetch(store, d, slots[0])?;
+                for (n, &i) in slots.iter().enumerate() {
+                    let len = self.index.span(i).1;
+                    if data.len() as u64 != len {
+                        return Err(anyhow!(
+                            "{}: chunk {d} is {} bytes but slot {i} holds {len} (inconsistent index)",
+                            self.what(),
+                            data.len()
+                        ));
+                    }
+                    self.write_slot(i, Some(&data), scratch)?;
+                    if n > 0 {
+                        bump(&self.counters.deduped_bytes, len);
+                    }
+                    pb.inc(len);
+                }
+                Ok(())
+            }
+            Job::ZeroMasked(i) => {
+                self.write_slot(*i, None, scratch)?;
+                let len = self.index.span(*i).1;
+                bump(&self.counters.zero_bytes, len);
+                pb.inc(len);
+                Ok(())
+            }
+            Job::ZeroRun(first, count) => {
+                let (off, _) = self.index.span(*first);
+                let (last_off, last_len) = self.index.span(first + count - 1);
+                let len = last_off + last_len - off;
+                let (ws, wl) = self.disk.widen(off, len);
+                self.disk
+                    .zero(ws, wl, &self.zeros)
+                    .with_context(|| format!("{}: zeroing slots {first}..", self.what()))?;
+                bump(&self.counters.zero_bytes, len);
+                bump(&self.counters.written_bytes, len);
+                pb.inc(len);
+                Ok(())
+            }
+        }
+    }
+
+    /// Fetch a chunk and verify it; errors name the disk, the chunk, the slot and the URL.
+    fn fetch(&self, store: &dyn Store, d: &Digest, slot: usize) -> Result<Vec<u8>> {
+        let path = d.chunk_path();
+        let ctx = || {
+            format!(
+                "{}: chunk {d} (slot {slot}, offset {}) from {}/{path}",
+                self.what(),
+                self.index.span(slot).0,
+                store.location()
+            )
+        };
+        let (data, blob_len) = fetch_chunk(store, d).map_err(|e| e.context(ctx()))?;
+        bump(&self.counters.fetched_bytes, blob_len);
+        bump(&self.counters.fetched_chunks, 1);
+        Ok(data)
+    }
+
+    /// Write slot `i` (`data`, or zeros for `None`) through the mask.
+    fn write_slot(
+        &self,
+        i: usize,
+        data: Option<&[u8]>,
+        scratch: &mut Option<AlignedBuf>,
+    ) -> Result<()> {
+        let (off, len) = self.index.span(i);
+        let (ws, wl) = self.disk.widen(off, len);
+        let touches_mask = self.masked.within(ws, ws + wl).next().is_some();
+        if let (Some(data), false, false) = (data, touches_mask, self.disk.direct) {
+            self.disk.write_at(data, off)?;
+        } else {
+            let buf = scratch.get_or_insert_with(|| AlignedBuf::new(CHUNK_SIZE as usize + 4096));
+            let b = &mut buf[..wl as usize];
+            let o = (off - ws) as usize;
+            match data {
+                Some(d) => {
+                    b[..o].fill(0);
+                    b[o..o + len as usize].copy_from_slice(d);
+                    b[o + len as usize..].fill(0);
+                }
+                None => b.fill(0),
+            }
+            if touches_mask {
+                // Where the source kept its table: zeros (the target's table lives in `held`).
+                for (s, e) in self.plan.source_table.within(ws, ws + wl) {
+                    b[(s - ws) as usize..(e - ws) as usize].fill(0);
+                }
+                let mut stash = Vec::new();
+                for (s, e) in self.plan.held.within(off, off + len) {
+                    stash.push((s, b[(s - ws) as usize..(e - ws) as usize].to_vec()));
+                }
+                if !stash.is_empty() {
+                    self.stash.lock().expect("lock").extend(stash);
+                }
+                self.overlay_held(b, ws);
+            }
+            self.disk.write_at(b, ws)?;
+        }
+        bump(&self.counters.written_bytes, len);
+        Ok(())
+    }
+
+    /// Step 4: write the held-back ranges: the data saved in step 3 with `patches` (the target's
+    /// table) over it. The range holding the marker goes last, so until the very end a crash
+    /// leaves the marker and no valid table.
+    pub fn write_table(&self, patches: &[(u64, Vec<u8>)]) -> Result<()> {
+        self.disk.sync()?;
+        let stash = self.stash.lock().expect("lock");
+        let mut ranges: Vec<(u64, u64)> = self.plan.held.ranges().to_vec();
+        if let Some((at, _)) = self.marker {
+            ranges.sort_by_key(|&(s, e)| (s <= at && at < e, s));
+        }
+        let mut covered = Extents::new();
+        for &(s, e) in &ranges {
+            let (ws, wl) = self.disk.widen(s, e - s);
+            let mut buf = AlignedBuf::new(wl as usize);
+            self.disk.read_at(&mut buf, ws)?;
+            let end = ws + wl;
+            for (s2, e2) in self.plan.held.within(ws, end) {
+                buf[(s2 - ws) as usize..(e2 - ws) as usize].fill(0);
+            }
+            for (at, bytes) in stash.iter().chain(patches.iter()) {
+                let (ps, pe) = (*at, at + bytes.len() as u64);
+                let (a, b) = (ps.max(ws), pe.min(end));
+                if a < b {
+                    buf[(a - ws) as usize..(b - ws) as usize]
+                        .copy_from_slice(&bytes[(a - ps) as usize..(b - ps) as usize]);
+                    covered.add(a, b);
+                }
+            }
+            self.disk.write_at(&buf, ws)?;
+            bump(&self.counters.written_bytes, e - s);
+        }
+        // A patch outside every held range would be a bug in the table code: write it anyway.
+        for (at, bytes) in patches {
+            let (ps, pe) = (*at, at + bytes.len() as u64);
+            if covered.within(ps, pe).map(|(a, b)| b - a).sum::<u64>() == pe - ps {
+                continue;
+            }
+            let (ws, wl) = self.disk.widen(ps, pe - ps);
+            let mut buf = AlignedBuf::new(wl as usize);
+            self.disk.read_at(&mut buf, ws)?;
+            buf[(ps - ws) as usize..(pe - ws) as usize].copy_from_slice(bytes);
+            self.disk.write_at(&buf, ws)?;
+        }
+        self.disk.sync()
+    }
+}

@@ -1,0 +1,486 @@
+//! The plan: which source disk goes to which target, the partition table each target gets, which
+//! filesystems grow, and what is written, zeroed or skipped. Computed in full and shown before
+//! the first write; `--dry-run` stops after it.
+
+use crate::cli::{LayoutArgs, SourceArgs};
+use crate::report::bytes;
+use crate::table;
+use crate::target::{self, Kind, Safety, Target};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use snapshot::fs::FsKind;
+use snapshot::manifest::{Disk, Firmware};
+use snapshot::ptable::PartitionTable;
+use snapshot::sign::PublicKey;
+use snapshot::store::{self, Snapshot, Store};
+use snapshot::{ChunkIndex, Extents, Slot};
+use std::collections::HashSet;
+
+/// Bytes of the in-progress marker (see `marker.rs`); the held-back range that holds it must be at
+/// least this long.
+pub const MARKER_LEN: u64 = 64;
+
+/// A snapshot opened along the trust chain, with the store it came from.
+pub struct Source {
+    pub store: Box<dyn Store>,
+    pub snapshot: Snapshot,
+    pub signature_checked: bool,
+}
+
+impl Source {
+    /// Open the store and the snapshot: manifest (signature checked when `--pubkey` is given),
+    /// then every index against the SHA-256 the manifest records.
+    pub fn open(a: &SourceArgs) -> Result<Source> {
+        let key = match &a.pubkey {
+            Some(p) => Some(PublicKey::load(p)?),
+            None => None,
+        };
+        let store = store::open(&a.from, &a.net.http_options())?;
+        let snapshot =
+            store::open_snapshot(store.as_ref(), &a.host, Some(&a.snapshot), key.as_ref())?;
+        Ok(Source {
+            store,
+            snapshot,
+            signature_checked: key.is_some(),
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub host: String,
+    pub snapshot: String,
+    pub created: String,
+    pub firmware: Firmware,
+    pub signature_checked: bool,
+    pub disks: Vec<DiskPlan>,
+}
+
+/// How a filesystem is adapted after its data is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeKind {
+    /// `resize2fs` (after `e2fsck -fp`).
+    Ext,
+    /// `ntfsresize`.
+    Ntfs,
+    /// `mkswap` with the source's UUID and label.
+    Swap,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Resize {
+    pub partition: u32,
+    pub kind: ResizeKind,
+    /// The partition on the target, in bytes.
+    pub offset: u64,
+    pub size: u64,
+    pub from_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartPlan {
+    pub number: u32,
+    pub offset: u64,
+    pub size: u64,
+    pub source_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub action: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiskPlan {
+    pub disk: u32,
+    pub target: Target,
+    pub source_size: u64,
+    pub source_sector: u32,
+    pub target_sector: u32,
+    /// `gpt`, `mbr` or `none`.
+    pub table: &'static str,
+    /// `same` or `bigger`.
+    pub fit: &'static str,
+    pub partitions: Vec<PartPlan>,
+    pub resize: Vec<Resize>,
+    pub data_slots: u64,
+    pub distinct_chunks: u64,
+    pub data_bytes: u64,
+    pub zero_slots: u64,
+    pub zero_bytes: u64,
+    pub unused_slots: u64,
+    pub unused_bytes: u64,
+    pub notes: Vec<String>,
+    /// The table written onto the target, last.
+    #[serde(skip)]
+    pub new_table: PartitionTable,
+    /// Byte ranges of the target that hold its table: held back (zero, plus the marker) during the
+    /// data phase, written last, wiped on failure.
+    #[serde(skip)]
+    pub held: Extents,
+    /// Byte ranges where the source disk kept its own table: zeroed in the data, because the
+    /// target's table lives where `held` says.
+    #[serde(skip)]
+    pub source_table: Extents,
+    /// Where the in-progress marker goes (inside `held`).
+    #[serde(skip)]
+    pub marker_at: Option<u64>,
+}
+
+impl DiskPlan {
+    /// Byte ranges whose content the data phase does not take from the chunks.
+    pub fn masked(&self) -> Extents {
+        let mut m = self.held.clone();
+        for &(s, e) in self.source_table.ranges() {
+            m.add(s, e);
+        }
+        m
+    }
+}
+
+fn table_name(t: &PartitionTable) -> &'static str {
+    match t {
+        PartitionTable::None => "none",
+        PartitionTable::Gpt(_) => "gpt",
+        PartitionTable::Mbr(_) => "mbr",
+    }
+}
+
+fn growable(kind: FsKind) -> Option<ResizeKind> {
+    match kind {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => Some(ResizeKind::Ext),
+        FsKind::Ntfs => Some(ResizeKind::Ntfs),
+        FsKind::Swap => Some(ResizeKind::Swap),
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => None,
+    }
+}
+
+/// Resolve `--target` into one target per source disk.
+pub fn targets(layout: &LayoutArgs, disks: &[Disk], safety: &Safety) -> Result<Vec<Target>> {
+    if layout.target.len() == 1 && layout.target[0] == "auto" {
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+        return target::auto_assign(&sizes, target::discover()?, safety);
+    }
+    if layout.target.len() != disks.len() {
+        bail!(
+            "the snapshot has {} disk(s) ({}) but {} target(s) were given",
+            disks.len(),
+            disks
+                .iter()
+                .map(|d| format!("disk {}: {}", d.number, bytes(d.size)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            layout.target.len()
+        );
+    }
+    let mut out: Vec<Target> = Vec::new();
+    for spec in &layout.target {
+        let t = Target::from_path(spec)?;
+        let same = |o: &Target| match (o.devno, t.devno) {
+            (Some(a), Some(b)) => a == b,
+            _ => std::fs::canonicalize(&o.path).ok() == std::fs::canonicalize(&t.path).ok(),
+        };
+        if out.iter().any(same) {
+            bail!("target {spec} is given twice");
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// Plan every disk. Refusals (too small, sector sizes that do not convert, targets in use) are
+/// errors here, before anything is written.
+/// `safety` is `None` for read-only uses (verify).
+pub fn build(
+    src: &Source,
+    targets: Vec<Target>,
+    safety: Option<&Safety>,
+    grow_last: bool,
+) -> Result<Plan> {
+    let m = &src.snapshot.manifest;
+    let mut disks = Vec::new();
+    for ((disk, index), target) in m.disks.iter().zip(&src.snapshot.indexes).zip(targets) {
+        if let Some(safety) = safety {
+            safety
+                .check(&target)
+                .with_context(|| format!("disk {}: refusing target", disk.number))?;
+        }
+        disks.push(
+            plan_disk(disk, index, target, grow_last)
+                .with_context(|| format!("disk {}", disk.number))?,
+        );
+    }
+    Ok(Plan {
+        host: m.host.clone(),
+        snapshot: m.snapshot.clone(),
+        created: m.created.clone(),
+        firmware: m.firmware,
+        signature_checked: src.signature_checked,
+        disks,
+    })
+}
+
+fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -> Result<DiskPlan> {
+    let src_sector = disk.logical_sector;
+    let tgt_sector = target.logical_sector.unwrap_or(src_sector);
+    if !matches!(tgt_sector, 512 | 4096) {
+        bail!(
+            "{} has {tgt_sector}-byte sectors; only 512 and 4096 are supported",
+            target.path.display()
+        );
+    }
+    if target.size < disk.size {
+        bail!(
+            "target {} is too small: it has {} bytes ({}), the snapshot's disk needs at least {} bytes ({}); shrinking is not supported",
+            target.path.display(),
+            target.size,
+            bytes(target.size),
+            disk.size,
+            bytes(disk.size)
+        );
+    }
+    if target.kind == Kind::Block && !target.size.is_multiple_of(tgt_sector as u64) {
+        bail!(
+            "{}: size is not a multiple of its sector size",
+            target.path.display()
+        );
+    }
+    let bigger = target.size > disk.size;
+    let mut notes = Vec::new();
+    let last = disk.partitions.iter().max_by_key(|p| p.offset + p.size);
+    let last_growable = last
+        .and_then(|p| p.fs.as_ref())
+        .and_then(|f| growable(f.kind))
+        .is_some();
+    let grow = grow_last && bigger && disk.table != PartitionTable::None && last_growable;
+    if bigger {
+        let extra = bytes(target.size - disk.size);
+        if disk.table == PartitionTable::None {
+            notes.push(format!(
+                "no partition table: the {extra} past the snapshot's disk are left as they are"
+            ));
+        } else if !grow_last {
+            notes.push(format!(
+                "--grow none: the {extra} past the last partition stay unallocated"
+            ));
+        } else if !last_growable {
+            let what = match last.and_then(|p| p.fs.as_ref()) {
+                Some(f) => format!("its {:?} filesystem cannot be grown", f.kind).to_lowercase(),
+                None => "its filesystem is unknown".to_string(),
+            };
+            let n = last.map(|p| p.number).unwrap_or(0);
+            notes.push(format!(
+                "partition {n} is not grown ({what}): the {extra} past it stay unallocated"
+            ));
+        }
+    }
+    let new_table = table::for_target(&disk.table, src_sector, target.size, tgt_sector, grow)
+        .with_context(|| {
+            format!(
+                "laying out the {} table for {} ({}-byte sectors)",
+                table_name(&disk.table),
+                target.path.display(),
+                tgt_sector
+            )
+        })?;
+    let new_parts = new_table.partitions(tgt_sector);
+    let mut partitions = Vec::new();
+    let mut resize = Vec::new();
+    for p in &disk.partitions {
+        let np = new_parts.iter().find(|n| n.number == p.number);
+        let (offset, size) = np.map(|n| (n.offset, n.size)).unwrap_or((p.offset, p.size));
+        if offset != p.offset {
+            bail!(
+                "partition {} would move from byte {} to {}: restoring needs the same offsets",
+                p.number,
+                p.offset,
+                offset
+            );
+        }
+        let kind = p.fs.as_ref().map(|f| f.kind);
+        let mut action = "copy".to_string();
+        if size > p.size {
+            match kind.and_then(growable) {
+                Some(k) => {
+                    let tool = match k {
+                        ResizeKind::Ext => "resize2fs",
+                        ResizeKind::Ntfs => "ntfsresize",
+                        ResizeKind::Swap => "mkswap",
+                    };
+                    action = format!("copy, grow to {} ({tool})", bytes(size));
+                    resize.push(Resize {
+                        partition: p.number,
+                        kind: k,
+                        offset,
+                        size,
+                        from_size: p.size,
+                        uuid: p.fs.as_ref().and_then(|f| f.uuid.clone()),
+                        label: p.fs.as_ref().and_then(|f| f.label.clone()),
+                    });
+                }
+                None => {
+                    action = format!("copy; partition grows to {}, filesystem kept", bytes(size))
+                }
+            }
+        } else if size < p.size {
+            bail!(
+                "partition {} would shrink from {} to {} bytes",
+                p.number,
+                p.size,
+                size
+            );
+        }
+        if tgt_sector == 4096
+            && src_sector == 512
+            && matches!(kind, Some(FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32))
+        {
+            notes.push(format!(
+                "partition {}: FAT with 512-byte sectors on a 4096-byte-sector disk; some firmware and Linux refuse to mount it",
+                p.number
+            ));
+        }
+        partitions.push(PartPlan {
+            number: p.number,
+            offset,
+            size,
+            source_size: p.size,
+            fs: kind,
+            label: p.fs.as_ref().and_then(|f| f.label.clone()),
+            action,
+        });
+    }
+    let mut held = Extents::new();
+    for (s, e) in table::regions(&new_table, target.size, tgt_sector) {
+        held.add(s, e.min(target.size));
+    }
+    if new_table == PartitionTable::None {
+        // No table to hold back: hold back the first 4 KiB (boot sector, superblocks of FAT and
+        // NTFS, the ext superblock's neighbourhood) so a half-written disk shows no filesystem.
+        held.add(0, 4096.min(disk.size));
+    }
+    let mut source_table = Extents::new();
+    for (s, e) in table::regions(&disk.table, disk.size, src_sector) {
+        source_table.add(s, e.min(disk.size));
+    }
+    let marker_at = held
+        .ranges()
+        .iter()
+        .find(|(s, e)| e - s >= MARKER_LEN)
+        .map(|r| r.0);
+    let mut plan = DiskPlan {
+        disk: disk.number,
+        source_size: disk.size,
+        source_sector: src_sector,
+        target_sector: tgt_sector,
+        table: table_name(&disk.table),
+        fit: if bigger { "bigger" } else { "same" },
+        partitions,
+        resize,
+        data_slots: 0,
+        distinct_chunks: 0,
+        data_bytes: 0,
+        zero_slots: 0,
+        zero_bytes: 0,
+        unused_slots: 0,
+        unused_bytes: 0,
+        notes,
+        new_table,
+        held,
+        source_table,
+        marker_at,
+        target,
+    };
+    let mut distinct = HashSet::new();
+    for (i, slot) in index.slots() {
+        let len = index.span(i).1;
+        match slot {
+            Slot::Unused => {
+                plan.unused_slots += 1;
+                plan.unused_bytes += len;
+            }
+            Slot::Zeros => {
+                plan.zero_slots += 1;
+                plan.zero_bytes += len;
+            }
+            Slot::Data(d) => {
+                plan.data_slots += 1;
+                plan.data_bytes += len;
+                distinct.insert(d);
+            }
+        }
+    }
+    plan.distinct_chunks = distinct.len() as u64;
+    Ok(plan)
+}
+
+impl Plan {
+    /// The plan in words, as shown before the first write.
+    pub fn print(&self) {
+        let sig = if self.signature_checked {
+            "signature verified"
+        } else {
+            "signature not checked (no --pubkey)"
+        };
+        println!(
+            "snapshot {}/{} (created {}, {:?} firmware, {sig})",
+            self.host, self.snapshot, self.created, self.firmware
+        );
+        for d in &self.disks {
+            println!("disk {} -> {}", d.disk, d.target.describe());
+            let fit = if d.fit == "bigger" {
+                format!("target {} bigger", bytes(d.target.size - d.source_size))
+            } else {
+                "same size".to_string()
+            };
+            let conv = if d.source_sector != d.target_sector {
+                format!(", table converted to {}-byte sectors", d.target_sector)
+            } else {
+                String::new()
+            };
+            println!(
+                "  source {} ({} bytes), {} table, {}-byte sectors; {fit}{conv}",
+                bytes(d.source_size),
+                d.source_size,
+                d.table,
+                d.source_sector
+            );
+            for p in &d.partitions {
+                let fs =
+                    p.fs.map(|k| format!("{k:?}").to_lowercase())
+                        .unwrap_or_else(|| "unknown".into());
+                let label = p
+                    .label
+                    .as_deref()
+                    .map(|l| format!(" {l:?}"))
+                    .unwrap_or_default();
+                let name = if p.number == 0 {
+                    "disk".to_string()
+                } else {
+                    format!("{:>4}", p.number)
+                };
+                println!(
+                    "  {name}  at {:>10}  {:>10}  {fs}{label}: {}",
+                    bytes(p.offset),
+                    bytes(p.source_size),
+                    p.action
+                );
+            }
+            println!(
+                "  writes {} of data ({} slots, {} distinct chunks) and {} of zeros; skips {} unused",
+                bytes(d.data_bytes),
+                d.data_slots,
+                d.distinct_chunks,
+                bytes(d.zero_bytes),
+                bytes(d.unused_bytes)
+            );
+            for n in &d.notes {
+                println!("  note: {n}");
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Grow a filesystem into its bigger partition after the data is written and before the table is:
+//! `resize2fs` for ext2/3/4 (after `e2fsck -fp`, which also replays a journal left by a live
+//! snapshot), `ntfsresize` for NTFS, `mkswap` with the source's UUID and label for swap.
+//!
+//! The tools run on a loop device over the partition's byte range of the target, so the same code
+//! serves files and block devices and needs no partition table yet (the table is written last).
+
+use crate::plan::{Resize, ResizeKind};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A loop device over part of a target, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(target: &Path, offset: u64, size: u64, sector: u32) -> Result<Loop> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--offset", &offset.to_string()])
+            .args(["--sizelimit", &size.to_string()])
+            .args(["--sector-size", &sector.to_string()])
+            .arg(target)
+            .stdin(Stdio::null())
+            .output()
+            .context("running losetup (util-linux)")?;
+        if !out.status.success() {
+            bail!(
+                "losetup over {} at offset {offset}: {}",
+                target.display(),
+                last_line(&out.stderr)
+            );
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(Loop(PathBuf::from(dev)))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn last_line(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Run a tool; `ok` decides which exit codes are success.
+fn run(cmd: &mut Command, ok: impl Fn(i32) -> bool) -> Result<()> {
+    let name = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {name}"))?;
+    let code = out.status.code().unwrap_or(-1);
+    if !ok(code) {
+        let mut msg = last_line(&out.stderr);
+        if msg.is_empty() {
+            msg = last_line(&out.stdout);
+        }
+        bail!("{name} exited with {code}: {msg}");
+    }
+    Ok(())
+}
+
+/// Grow (or recreate) the filesystem of `r` on `target`. Returns a line for the summary.
+pub fn grow(target: &Path, sector: u32, r: &Resize) -> Result<String> {
+    let lo = Loop::attach(target, r.offset, r.size, sector)?;
+    let dev = &lo.0;
+    match r.kind {
+        ResizeKind::Ext => {
+            // 0: clean, 1: errors fixed, 2: fixed, reboot advised (not ours to reboot).
+            run(Command::new("e2fsck").arg("-fp").arg(dev), |c| c <= 2)?;
+            run(Command::new("resize2fs").arg(dev), |c| c == 0)?;
+        }
+        ResizeKind::Ntfs => {
+            run(
+                Command::new("ntfsresize")
+                    .args(["--force", "--no-progress-bar"])
+                    .arg(dev),
+                |c| c == 0,
+            )?;
+        }
+        ResizeKind::Swap => {
+            let mut c = Command::new("mkswap");
+            if let Some(u) = &r.uuid {
+                c.args(["-U", u]);
+            }
+            if let Some(l) = &r.label {
+                c.args(["-L", l]);
+            }
+            run(c.arg(dev), |c| c == 0)?;
+        }
+    }
+    let tool = match r.kind {
+        ResizeKind::Ext => "resize2fs",
+        ResizeKind::Ntfs => "ntfsresize",
+        ResizeKind::Swap => "mkswap",
+    };
+    Ok(format!(
+        "partition {}: {} grown from {} to {} ({tool})",
+        r.partition,
+        match r.kind {
+            ResizeKind::Ext => "ext filesystem",
+            ResizeKind::Ntfs => "NTFS",
+            ResizeKind::Swap => "swap",
+        },
+        crate::report::bytes(r.from_size),
+        crate::report::bytes(r.size)
+    ))
+}

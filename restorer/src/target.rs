@@ -1,0 +1,529 @@
+//! Targets: the disks a snapshot is written to. Block devices are described from sysfs; plain
+//! files are disks too (their current size is the disk size). This module also owns the safety
+//! rules that decide whether a target may be written at all.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Block,
+}
+
+/// A disk this machine can write.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub path: PathBuf,
+    pub kind: Kind,
+    pub size: u64,
+    /// Logical sector size of a block device; `None` for files (they take the source's).
+    pub logical_sector: Option<u32>,
+    pub physical_sector: Option<u32>,
+    /// sysfs name (`sda`, `nvme0n1`, `loop3`) of a block device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `major:minor` of a block device.
+    #[serde(skip)]
+    pub devno: Option<(u32, u32)>,
+    pub transport: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub serial: String,
+    pub rotational: bool,
+    pub removable: bool,
+    pub read_only: bool,
+}
+
+impl Target {
+    /// Open the description of `spec`: a block device node or a regular file.
+    pub fn from_path(spec: &str) -> Result<Target> {
+        let path = PathBuf::from(spec);
+        let meta = fs::metadata(&path).with_context(|| {
+            format!("target {spec}: cannot stat it (create a file target with `truncate -s SIZE {spec}`)")
+        })?;
+        if meta.file_type().is_block_device() {
+            let rdev = meta.rdev();
+            let devno = (libc::major(rdev), libc::minor(rdev));
+            let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", devno.0, devno.1));
+            let sys = fs::canonicalize(&sys)
+                .with_context(|| format!("target {spec}: no sysfs entry {}", sys.display()))?;
+            if sys.join("partition").exists() {
+                let parent = sys
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                bail!("target {spec} is a partition of /dev/{parent}: give the whole disk");
+            }
+            let mut t = from_sysfs(&sys)?;
+            t.path = path;
+            Ok(t)
+        } else if meta.is_file() {
+            Ok(Target {
+                path,
+                kind: Kind::File,
+                size: meta.len(),
+                logical_sector: None,
+                physical_sector: None,
+                name: None,
+                devno: None,
+                transport: "file".into(),
+                model: String::new(),
+                serial: String::new(),
+                rotational: false,
+                removable: false,
+                read_only: meta.permissions().readonly(),
+            })
+        } else {
+            bail!("target {spec} is neither a block device nor a regular file");
+        }
+    }
+
+    /// One line for the plan: `/dev/sdb (sata, WDC WD40, 4.0 TB, 512-byte sectors)`.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![self.transport.clone()];
+        if !self.model.is_empty() {
+            parts.push(self.model.clone());
+        }
+        if !self.serial.is_empty() {
+            parts.push(format!("serial {}", self.serial));
+        }
+        parts.push(crate::report::bytes(self.size));
+        if let Some(s) = self.logical_sector {
+            parts.push(format!("{s}-byte sectors"));
+        }
+        if self.rotational {
+            parts.push("rotational".into());
+        }
+        if self.removable {
+            parts.push("removable".into());
+        }
+        format!("{} ({})", self.path.display(), parts.join(", "))
+    }
+}
+
+/// Describe the whole-disk block device at sysfs directory `sys` (`/sys/devices/.../block/sda`).
+fn from_sysfs(sys: &Path) -> Result<Target> {
+    let name = sys
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let read = |rel: &str| -> String {
+        fs::read_to_string(sys.join(rel))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let num = |rel: &str| -> Option<u64> { read(rel).parse().ok() };
+    let sectors = num("size").with_context(|| format!("{}: no size", sys.display()))?;
+    let dev = read("dev");
+    let devno = dev
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+    let mut serial = read("device/serial");
+    if serial.is_empty() {
+        serial = read("serial");
+    }
+    if serial.is_empty() {
+        serial = read("device/wwid");
+    }
+    Ok(Target {
+        path: PathBuf::from(format!("/dev/{name}")),
+        kind: Kind::Block,
+        size: sectors * 512,
+        logical_sector: num("queue/logical_block_size").map(|v| v as u32),
+        physical_sector: num("queue/physical_block_size").map(|v| v as u32),
+        transport: transport(sys, &name),
+        model: read("device/model"),
+        serial,
+        rotational: read("queue/rotational") == "1",
+        removable: read("removable") == "1",
+        read_only: read("ro") == "1",
+        name: Some(name),
+        devno,
+    })
+}
+
+/// The bus a disk hangs off, read from its place in the device tree.
+fn transport(sys: &Path, name: &str) -> String {
+    let p = sys.to_string_lossy();
+    let t = if name.starts_with("nvme") || p.contains("/nvme") {
+        "nvme"
+    } else if p.contains("/usb") {
+        "usb"
+    } else if name.starts_with("loop") {
+        "loop"
+    } else if name.starts_with("vd") || (p.contains("/virtio") && !p.contains("/host")) {
+        "virtio"
+    } else if p.contains("/ata") {
+        "sata"
+    } else if p.contains("/end_device") || p.contains("/sas") {
+        "sas"
+    } else if name.starts_with("mmcblk") {
+        "mmc"
+    } else if p.contains("/host") {
+        "scsi"
+    } else if p.contains("/virtual/") {
+        "virtual"
+    } else {
+        "unknown"
+    };
+    t.to_string()
+}
+
+/// Every whole disk the kernel knows, except the kinds that are never restore targets
+/// (RAM disks, zram, device-mapper, md, optical, floppy, network block devices, unbound loops).
+pub fn discover() -> Result<Vec<Target>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").context("listing /sys/block")? {
+        let e = e.context("listing /sys/block")?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let skip = ["ram", "zram", "dm-", "md", "sr", "fd", "nbd", "loop"];
+        if skip.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let sys = fs::canonicalize(e.path()).with_context(|| format!("/sys/block/{name}"))?;
+        let t = from_sysfs(&sys)?;
+        if t.size > 0 {
+            out.push(t);
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// `--target auto`: pick one disk per source disk (sizes in source disk order).
+///
+/// The rule, stable and documented in docs/restore.md: candidates are the discovered disks that
+/// are not removable, not USB, not read-only, not in use (see [`Safety`]) and at least as big as
+/// the smallest source disk. There must be exactly as many candidates as source disks; they are
+/// then matched largest to largest (ties by device path). Anything else is ambiguous and the error
+/// lists the candidates.
+pub fn auto_assign(sources: &[u64], disks: Vec<Target>, safety: &Safety) -> Result<Vec<Target>> {
+    let min = sources.iter().copied().min().unwrap_or(0);
+    let mut cands: Vec<Target> = disks
+        .into_iter()
+        .filter(|t| {
+            !t.removable
+                && t.transport != "usb"
+                && !t.read_only
+                && t.size >= min
+                && safety.check(t).is_ok()
+        })
+        .collect();
+    let list = |c: &[Target]| {
+        if c.is_empty() {
+            "none".to_string()
+        } else {
+            c.iter()
+                .map(|t| t.describe())
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    };
+    if cands.len() != sources.len() {
+        bail!(
+            "--target auto: {} source disk(s) but {} candidate disk(s) ({}); name the targets with --target DEV[,DEV...]",
+            sources.len(),
+            cands.len(),
+            list(&cands)
+        );
+    }
+    // Largest source to largest candidate.
+    cands.sort_by(|a, b| b.size.cmp(&a.size).then(a.path.cmp(&b.path)));
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by(|&a, &b| sources[b].cmp(&sources[a]).then(a.cmp(&b)));
+    let mut out: Vec<Option<Target>> = vec![None; sources.len()];
+    for (k, &i) in order.iter().enumerate() {
+        if cands[k].size < sources[i] {
+            bail!(
+                "--target auto: source disk {i} needs {} but the candidate for it is {}",
+                crate::report::bytes(sources[i]),
+                cands[k].describe()
+            );
+        }
+        out[i] = Some(cands[k].clone());
+    }
+    Ok(out.into_iter().map(|t| t.expect("all assigned")).collect())
+}
+
+/// What this machine is using right now: mounted filesystems, active swap, the root and the
+/// medium the program runs from, loop-device backing files. Read once, checked per target.
+pub struct Safety {
+    /// Whole disks (major:minor) in use, each with the reason.
+    disks: Vec<((u32, u32), String)>,
+    /// Files backing a loop device, with the device.
+    loop_files: Vec<(PathBuf, String)>,
+}
+
+impl Safety {
+    pub fn scan() -> Result<Safety> {
+        let mut disks = Vec::new();
+        let info =
+            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+        for line in info.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 5 {
+                continue;
+            }
+            let Some((maj, min)) = f[2].split_once(':') else {
+                continue;
+            };
+            let (Ok(maj), Ok(min)) = (maj.parse::<u32>(), min.parse::<u32>()) else {
+                continue;
+            };
+            if maj == 0 {
+                continue;
+            }
+            let mnt = unescape(f[4]);
+            let why = if mnt == "/" {
+                "holds the running system's root filesystem (mounted on /)".to_string()
+            } else {
+                format!("is mounted (on {mnt})")
+            };
+            for d in whole_disks((maj, min)) {
+                disks.push((d, why.clone()));
+            }
+        }
+        if let Ok(swaps) = fs::read_to_string("/proc/swaps") {
+            for line in swaps.lines().skip(1) {
+                let Some(dev) = line.split_whitespace().next() else {
+                    continue;
+                };
+                let dev = unescape(dev);
+                if let Ok(m) = fs::metadata(&dev) {
+                    if m.file_type().is_block_device() {
+                        let r = m.rdev();
+                        for d in whole_disks((libc::major(r), libc::minor(r))) {
+                            disks.push((d, format!("is in use as swap ({dev})")));
+                        }
+                    }
+                }
+            }
+        }
+        // The medium this program runs from.
+        if let Ok(m) = fs::metadata("/proc/self/exe") {
+            let d = m.dev();
+            let (maj, min) = (libc::major(d), libc::minor(d));
+            if maj != 0 {
+                for d in whole_disks((maj, min)) {
+                    disks.push((d, "is the medium this program runs from".into()));
+                }
+            }
+        }
+        let mut loop_files = Vec::new();
+        if let Ok(rd) = fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
+                    let b = b.trim().trim_end_matches(" (deleted)");
+                    loop_files.push((PathBuf::from(b), format!("/dev/{name}")));
+                }
+            }
+        }
+        Ok(Safety { disks, loop_files })
+    }
+
+    /// Why `t` must not be written, if it must not.
+    pub fn check(&self, t: &Target) -> Result<()> {
+        if t.read_only {
+            bail!("{} is read-only", t.path.display());
+        }
+        match t.kind {
+            Kind::Block => {
+                let Some(devno) = t.devno else {
+                    return Ok(());
+                };
+                if let Some((_, why)) = self.disks.iter().find(|(d, _)| *d == devno) {
+                    bail!("{} {why}", t.path.display());
+                }
+                if let Some(name) = &t.name {
+                    let holders = holders(name);
+                    if !holders.is_empty() {
+                        bail!(
+                            "{} is held by {} (device-mapper, md or LVM on top of it)",
+                            t.path.display(),
+                            holders.join(", ")
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Kind::File => {
+                let canon = fs::canonicalize(&t.path).unwrap_or_else(|_| t.path.clone());
+                if let Some((_, dev)) = self.loop_files.iter().find(|(f, _)| *f == canon) {
+                    bail!(
+                        "{} is in use as the backing file of {dev}",
+                        t.path.display()
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Holders of a disk and of its partitions (`dm-0`, `md127`), as sysfs lists them.
+fn holders(name: &str) -> Vec<String> {
+    let base = PathBuf::from(format!("/sys/block/{name}"));
+    let mut dirs = vec![base.join("holders")];
+    if let Ok(rd) = fs::read_dir(&base) {
+        for e in rd.flatten() {
+            if e.path().join("partition").exists() {
+                dirs.push(e.path().join("holders"));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for d in dirs {
+        if let Ok(rd) = fs::read_dir(d) {
+            for e in rd.flatten() {
+                out.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The whole disks under a block device: itself, its parent when it is a partition, and the
+/// disks beneath device-mapper or md devices (their `slaves`), recursively.
+fn whole_disks(devno: (u32, u32)) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut todo = vec![devno];
+    let mut seen = BTreeSet::new();
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d) {
+            continue;
+        }
+        let Ok(sys) = fs::canonicalize(format!("/sys/dev/block/{}:{}", d.0, d.1)) else {
+            out.push(d);
+            continue;
+        };
+        let disk = if sys.join("partition").exists() {
+            sys.parent().map(Path::to_path_buf).unwrap_or(sys.clone())
+        } else {
+            sys.clone()
+        };
+        if let Some(dd) = read_devno(&disk) {
+            out.push(dd);
+        }
+        if let Ok(rd) = fs::read_dir(sys.join("slaves")) {
+            for e in rd.flatten() {
+                if let Ok(s) = fs::canonicalize(e.path()) {
+                    if let Some(sd) = read_devno(&s) {
+                        todo.push(sd);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn read_devno(sys: &Path) -> Option<(u32, u32)> {
+    let s = fs::read_to_string(sys.join("dev")).ok()?;
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(path: &str, size: u64) -> Target {
+        Target {
+            path: PathBuf::from(path),
+            kind: Kind::Block,
+            size,
+            logical_sector: Some(512),
+            physical_sector: Some(512),
+            name: None,
+            devno: None,
+            transport: "sata".into(),
+            model: String::new(),
+            serial: String::new(),
+            rotational: false,
+            removable: false,
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn auto_matches_largest_to_largest() {
+        let safety = Safety {
+            disks: vec![],
+            loop_files: vec![],
+        };
+        let got = auto_assign(
+            &[100, 500],
+            vec![
+                disk("/dev/sda", 600),
+                disk("/dev/sdb", 200),
+                disk("/dev/sdc", 50),
+            ],
+            &safety,
+        )
+        .unwrap();
+        assert_eq!(got[0].path, PathBuf::from("/dev/sdb"));
+        assert_eq!(got[1].path, PathBuf::from("/dev/sda"));
+        let err = auto_assign(
+            &[100],
+            vec![disk("/dev/sda", 600), disk("/dev/sdb", 200)],
+            &safety,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/dev/sda") && err.contains("/dev/sdb"),
+            "{err}"
+        );
+        let mut usb = disk("/dev/sdd", 900);
+        usb.transport = "usb".into();
+        let got = auto_assign(&[100], vec![disk("/dev/sda", 600), usb], &safety).unwrap();
+        assert_eq!(got[0].path, PathBuf::from("/dev/sda"));
+        assert!(auto_assign(
+            &[700, 100],
+            vec![disk("/dev/sda", 600), disk("/dev/sdb", 800)],
+            &safety
+        )
+        .is_ok());
+        assert!(auto_assign(
+            &[700, 700],
+            vec![disk("/dev/sda", 600), disk("/dev/sdb", 800)],
+            &safety
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/end\\"), "/end\\");
+    }
+}
