@@ -187,7 +187,11 @@ fn execute(
             .with_context(|| format!("disk {}: writing the partition table", d.disk))?;
         s.written_bytes = w.counters.written_bytes.load(Ordering::Relaxed);
         if d.target.kind == Kind::Block && d.new_table != snapshot::ptable::PartitionTable::None {
-            if let Err(e) = snapshot::sys::reread_partitions(&w.disk.file) {
+            let r = snapshot::sys::reread_partitions(&w.disk.file);
+            // A loop device without partition scanning answers EINVAL: nothing to re-read.
+            let loop_no_scan = d.target.transport == "loop"
+                && matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EINVAL));
+            if let (Err(e), false) = (r, loop_no_scan) {
                 s.warnings.push(format!(
                     "the kernel did not re-read the partition table ({e}); reboot or run partprobe"
                 ));

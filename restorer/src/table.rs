@@ -4,7 +4,7 @@
 //!
 //! A thin seam over `snapshot::ptable`, so the rest of the restorer names one place.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use snapshot::ptable::PartitionTable;
 
 /// The table for a target of `target_size` bytes and `target_sector`-byte sectors.
@@ -15,28 +15,15 @@ pub fn for_target(
     target_sector: u32,
     grow_last: bool,
 ) -> Result<PartitionTable> {
-    match t {
-        PartitionTable::None => Ok(PartitionTable::None),
-        _ => {
-            let _ = (src_sector, target_size, target_sector, grow_last);
-            bail!("rewriting GPT/MBR tables is not available in this build yet")
-        }
-    }
+    t.for_target(src_sector, target_size, target_sector, grow_last)
 }
 
 /// Byte patches that write the whole table (primary, backup, EBRs) onto a disk.
 pub fn to_disk(t: &PartitionTable, disk_size: u64, sector: u32) -> Result<Vec<(u64, Vec<u8>)>> {
-    match t {
-        PartitionTable::None => Ok(Vec::new()),
-        _ => {
-            let _ = (disk_size, sector);
-            bail!("writing GPT/MBR tables is not available in this build yet")
-        }
-    }
+    t.to_disk(disk_size, sector)
 }
 
 /// Byte ranges `[start, end)` of a disk that hold the table.
 pub fn regions(t: &PartitionTable, disk_size: u64, sector: u32) -> Vec<(u64, u64)> {
-    let _ = (t, disk_size, sector);
-    Vec::new()
+    t.table_regions(disk_size, sector)
 }
