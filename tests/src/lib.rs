@@ -1,1 +1,15 @@
-//! Fixture builder and end-to-end helpers.
+//! Fixture builder and end-to-end helpers, shared by every crate's integration tests, the demo
+//! and the benchmarks.
+//!
+//! - [`fixtures`]: deterministic, cached server disk images built without mounting anything.
+//! - [`oracle`]: independent checks of a copy of a fixture (used blocks, fsck, file hashes).
+//! - [`util`]: child processes with timeouts, HTTP servers, workspace binaries, sparse copies.
+//! - [`prng`]: the seeded generator and the content kinds fixtures are filled with.
+
+pub mod fixtures;
+pub mod oracle;
+pub mod prng;
+pub mod util;
+
+pub use fixtures::{Fixture, FsKind};
+pub use util::{Cmd, Output, Workspace};

@@ -1,0 +1,1602 @@
+//! The fixture builder: deterministic server disk images for tests, the demo and benchmarks.
+//!
+//! A fixture is described by a [`DiskSpec`] (partition table, partitions, and in each a
+//! filesystem with a tree of generated files). Building never mounts anything: each filesystem
+//! is made in its own file (`mkfs.ext4 -d`, `mkfs.fat` + `mmd`/`mcopy`, `mkntfs` + `ntfscp`,
+//! `mkswap`), the partition table is written on the disk image with `sfdisk` (512-byte sectors) or
+//! `fdisk -b 4096` loading the same script (4096-byte sectors, no loop device), and each
+//! filesystem is copied into place with sparse positional writes.
+//!
+//! Images are cached as `<workspace>/target/fixtures/<name>-<recipe hash>.img` with a
+//! `.json` description next to it ([`Fixture`]); `BMR_FIXTURES_DIR` overrides the directory.
+//! The hash covers the recipe, the builder version and the bytes of copied host files, so a
+//! changed recipe builds a new image. Builds go to a temporary directory and are renamed into
+//! place (image first, description last) under a per-fixture `flock`, so concurrent tests and
+//! processes are safe and a crashed build leaves no half image behind.
+//!
+//! Determinism: fixed UUIDs, labels, volume ids and hash seeds; `E2FSPROGS_FAKE_TIME` and
+//! `SOURCE_DATE_EPOCH` for tool timestamps; file contents from a seeded generator. ext4 inode
+//! generation numbers and NTFS timestamps still vary between builds: the file contents, layout and
+//! identifiers do not.
+
+use crate::oracle;
+use crate::prng::Content;
+use crate::util::{exec, exec_with_stdin, Output};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Bump when the builder's output changes for the same recipe: old cache entries are ignored.
+pub const BUILDER_VERSION: u32 = 1;
+
+/// The timestamp every fixture file and filesystem carries (2023-11-14T22:13:20Z).
+pub const EPOCH: u64 = 1_700_000_000;
+
+const MIB: u64 = 1 << 20;
+
+/// How long one tool may run before the build fails (mkfs of a 4 GiB tree included).
+const TOOL_TIMEOUT: Duration = Duration::from_secs(1800);
+
+// ---------------------------------------------------------------------------------------------
+// Recipes
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsKind {
+    Ext2,
+    Ext3,
+    Ext4,
+    Fat12,
+    Fat16,
+    Fat32,
+    Ntfs,
+    Swap,
+}
+
+impl FsKind {
+    pub fn is_ext(self) -> bool {
+        matches!(self, FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4)
+    }
+    pub fn is_fat(self) -> bool {
+        matches!(self, FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext2 => "ext2",
+            FsKind::Ext3 => "ext3",
+            FsKind::Ext4 => "ext4",
+            FsKind::Fat12 => "fat12",
+            FsKind::Fat16 => "fat16",
+            FsKind::Fat32 => "fat32",
+            FsKind::Ntfs => "ntfs",
+            FsKind::Swap => "swap",
+        }
+    }
+}
+
+/// A file of a generated tree, path relative to the filesystem root (`/` separated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    pub content: Content,
+}
+
+fn entry(path: impl Into<String>, content: Content) -> Entry {
+    Entry {
+        path: path.into(),
+        content,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum FsSpec {
+    /// ext2/3/4 made with `mke2fs -d`. `deleted` is written, then removed with `debugfs rm`,
+    /// which frees its blocks without zeroing them.
+    Ext {
+        kind: FsKind,
+        block_size: u32,
+        uuid: String,
+        label: String,
+        /// Extra `-O` features (e.g. `64bit`).
+        features: Vec<String>,
+        tree: Vec<Entry>,
+        deleted: Option<Entry>,
+    },
+    /// FAT12/16/32 made with `mkfs.fat`, filled with `mmd`/`mcopy`.
+    Fat {
+        bits: u8,
+        sector_size: u32,
+        /// Sectors per cluster; 0 lets mkfs.fat choose.
+        cluster_sectors: u32,
+        label: String,
+        volume_id: u32,
+        tree: Vec<Entry>,
+    },
+    /// NTFS made with `mkntfs -Q`, filled with `ntfscp` (files in the root directory only).
+    Ntfs {
+        label: String,
+        cluster_size: u32,
+        tree: Vec<Entry>,
+    },
+    /// Linux swap whose pages after the header are non-zero garbage.
+    Swap {
+        uuid: String,
+        label: String,
+        garbage_seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartSpec {
+    /// Linux partition number (MBR logicals from 5).
+    pub number: u32,
+    /// First sector and length, in logical sectors.
+    pub start: u64,
+    pub sectors: u64,
+    /// GPT: partition type GUID, unique GUID, name, attributes as sfdisk spells them.
+    pub gpt_type: Option<String>,
+    pub uuid: Option<String>,
+    pub name: Option<String>,
+    pub attrs: Option<String>,
+    /// MBR: partition type byte and boot flag.
+    pub mbr_type: Option<u8>,
+    pub bootable: bool,
+    pub fs: Option<FsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TableSpec {
+    Gpt { disk_guid: String },
+    Mbr { signature: u32 },
+}
+
+/// A whole fixture disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub name: String,
+    pub sector_size: u32,
+    pub size: u64,
+    pub table: TableSpec,
+    pub parts: Vec<PartSpec>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a build returns
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Path relative to the filesystem root.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub number: u32,
+    /// Byte offset and size on the disk.
+    pub offset: u64,
+    pub size: u64,
+    /// An MBR extended container (no filesystem of its own).
+    pub extended: bool,
+    pub fs: Option<FsKind>,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    pub block_size: u32,
+    /// Bytes the filesystem's own allocation data marks used (independent oracle: dumpe2fs,
+    /// the FAT, `$Bitmap`); the header page for swap.
+    pub used_bytes: u64,
+    /// Regular files written, with their SHA-256.
+    pub files: Vec<FileInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedInfo {
+    pub partition: u32,
+    pub path: String,
+    /// The file was this marker repeated: its free blocks still hold it in the image.
+    pub marker: String,
+    pub len: u64,
+}
+
+/// A built fixture: the image and everything tests need to check a copy of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fixture {
+    pub name: String,
+    pub image: PathBuf,
+    pub sector_size: u32,
+    pub size: u64,
+    pub table: TableSpec,
+    pub partitions: Vec<PartInfo>,
+    pub deleted: Option<DeletedInfo>,
+    pub recipe_hash: String,
+    /// How long the build took when it was built (the cache makes later calls instant).
+    pub build_seconds: f64,
+}
+
+impl Fixture {
+    pub fn partition(&self, number: u32) -> &PartInfo {
+        self.partitions
+            .iter()
+            .find(|p| p.number == number)
+            .unwrap_or_else(|| panic!("fixture {} has no partition {number}", self.name))
+    }
+
+    /// Partitions holding a filesystem of `kind`.
+    pub fn with_fs(&self, kind: FsKind) -> impl Iterator<Item = &PartInfo> {
+        self.partitions.iter().filter(move |p| p.fs == Some(kind))
+    }
+
+    /// A private sparse copy of the image (tests that modify the disk must use one).
+    pub fn copy_to(&self, dst: &Path) -> Result<()> {
+        crate::util::sparse_copy(&self.image, dst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The named fixtures
+
+const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const GPT_LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+const GPT_LINUX_FS: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+const GPT_LINUX_SWAP: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
+
+/// Marker of the deleted file in `gpt_server`'s ext4.
+pub const DELETED_MARKER: &str = "BMR-FIXTURE-DELETED-FILE-7f3a9c21-";
+
+/// Names the `fixture` binary and `by_name` know.
+pub const NAMES: &[&str] = &["gpt_server", "mbr_mixed", "gpt_4k", "big_mixed"];
+
+/// Build (or fetch from the cache) the named fixture. `big_mixed` takes its defaults (4 GiB, 45%).
+pub fn by_name(name: &str) -> Result<Fixture> {
+    match name {
+        "gpt_server" => gpt_server(),
+        "mbr_mixed" => mbr_mixed(),
+        "gpt_4k" => gpt_4k(),
+        "big_mixed" => big_mixed(4 << 30, 0.45),
+        other => bail!("unknown fixture {other:?} (known: {})", NAMES.join(", ")),
+    }
+}
+
+fn host_binaries() -> Vec<Entry> {
+    ["ls", "cp", "cat", "bash", "tar"]
+        .iter()
+        .filter(|b| Path::new(&format!("/usr/bin/{b}")).is_file())
+        .map(|b| {
+            entry(
+                format!("usr/bin/{b}"),
+                Content::Copy {
+                    src: format!("/usr/bin/{b}"),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The ext4 root of `gpt_server`: about 40% of 200 MiB with metadata.
+fn server_root_tree() -> Vec<Entry> {
+    let mut t = vec![
+        entry(
+            "etc/hostname",
+            Content::Literal {
+                text: "gpt-server\n".into(),
+            },
+        ),
+        entry(
+            "etc/fstab",
+            Content::Literal {
+                text: "UUID=0b4a3c1e-5a5a-4d22-8e33-000000000002 / ext4 errors=remount-ro 0 1\n\
+                       UUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1\n\
+                       UUID=5b1f0c2d-5a5a-4e11-9d44-000000000003 none swap sw 0 0\n"
+                    .into(),
+            },
+        ),
+        entry(
+            "etc/motd",
+            Content::Literal {
+                text: "BOOT-OK host=gpt-server\n".into(),
+            },
+        ),
+    ];
+    t.extend(host_binaries());
+    for i in 0..40u64 {
+        t.push(entry(
+            format!("etc/conf.d/service-{i:02}.conf"),
+            Content::Text {
+                seed: 100 + i,
+                len: 2048 + i * 457,
+            },
+        ));
+    }
+    for i in 0..20u64 {
+        t.push(entry(
+            format!("usr/share/doc/package-{i:02}/README"),
+            Content::Text {
+                seed: 200 + i,
+                len: 50_000 + i * 11_111,
+            },
+        ));
+    }
+    for i in 0..5u64 {
+        t.push(entry(
+            format!("usr/lib/x86_64-linux-gnu/libfixture-{i}.so.1"),
+            Content::Binary {
+                seed: 300 + i,
+                len: MIB + i * 500_000,
+            },
+        ));
+    }
+    t.push(entry(
+        "var/log/syslog",
+        Content::Text {
+            seed: 400,
+            len: 6 * MIB,
+        },
+    ));
+    t.push(entry(
+        "var/log/syslog.1",
+        Content::Text {
+            seed: 401,
+            len: 2 * MIB + 12_345,
+        },
+    ));
+    for i in 0..4u64 {
+        t.push(entry(
+            format!("var/lib/data/random-{i:02}.bin"),
+            Content::Random {
+                seed: 500 + i,
+                len: 4 * MIB,
+            },
+        ));
+    }
+    t.push(entry(
+        "var/lib/data/odd-size.bin",
+        Content::Random {
+            seed: 510,
+            len: 1_500_001,
+        },
+    ));
+    t.push(entry(
+        "var/lib/data/small.bin",
+        Content::Random {
+            seed: 511,
+            len: 777,
+        },
+    ));
+    t.push(entry(
+        "var/lib/sparse.img",
+        Content::Sparse {
+            seed: 520,
+            data: MIB,
+            hole: 8 * MIB,
+        },
+    ));
+    // duplicates of earlier files, byte for byte
+    t.push(entry(
+        "srv/dup/random-00.copy",
+        Content::Random {
+            seed: 500,
+            len: 4 * MIB,
+        },
+    ));
+    t.push(entry(
+        "srv/dup/random-01.copy",
+        Content::Random {
+            seed: 501,
+            len: 4 * MIB,
+        },
+    ));
+    t.push(entry(
+        "srv/dup/syslog.copy",
+        Content::Text {
+            seed: 400,
+            len: 6 * MIB,
+        },
+    ));
+    t.push(entry(
+        "home/admin/notes.txt",
+        Content::Text {
+            seed: 600,
+            len: 100_000,
+        },
+    ));
+    t.push(entry(
+        "home/admin/empty",
+        Content::Literal {
+            text: String::new(),
+        },
+    ));
+    t
+}
+
+fn esp_tree() -> Vec<Entry> {
+    vec![
+        entry(
+            "EFI/BOOT/BOOTX64.EFI",
+            Content::Binary {
+                seed: 10,
+                len: 950_000,
+            },
+        ),
+        entry(
+            "EFI/debian/shimx64.efi",
+            Content::Binary {
+                seed: 10,
+                len: 950_000,
+            },
+        ),
+        entry(
+            "EFI/debian/grubx64.efi",
+            Content::Binary {
+                seed: 11,
+                len: 2 * MIB,
+            },
+        ),
+        entry(
+            "EFI/debian/grub.cfg",
+            Content::Literal {
+                text: "search.fs_uuid 0b4a3c1e-5a5a-4d22-8e33-000000000002 root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n".into(),
+            },
+        ),
+        entry(
+            "EFI/debian/fwupdx64.efi",
+            Content::Random {
+                seed: 12,
+                len: 3 * MIB,
+            },
+        ),
+        entry(
+            "loader/entries/debian.conf",
+            Content::Text {
+                seed: 13,
+                len: 3_000,
+            },
+        ),
+    ]
+}
+
+/// GPT, 512-byte sectors, 320 MiB: FAT32 ESP (64 MiB), ext4 root (200 MiB, ~40% used, with a
+/// deleted file whose blocks still hold [`DELETED_MARKER`]), swap (32 MiB of garbage after the
+/// header), free space at the end.
+pub fn gpt_server_spec() -> DiskSpec {
+    DiskSpec {
+        name: "gpt_server".into(),
+        sector_size: 512,
+        size: 320 * MIB,
+        table: TableSpec::Gpt {
+            disk_guid: "B3E0C1A2-5F6D-4E7A-9C1B-2D3E4F506070".into(),
+        },
+        parts: vec![
+            PartSpec {
+                number: 1,
+                start: 2048,
+                sectors: 64 * MIB / 512,
+                gpt_type: Some(GPT_ESP.into()),
+                uuid: Some("B3E0C1A2-0001-4E7A-9C1B-2D3E4F506071".into()),
+                name: Some("EFI System Partition".into()),
+                attrs: None,
+                mbr_type: None,
+                bootable: false,
+                fs: Some(FsSpec::Fat {
+                    bits: 32,
+                    sector_size: 512,
+                    cluster_sectors: 1,
+                    label: "ESP".into(),
+                    volume_id: 0x1A2B_3C4D,
+                    tree: esp_tree(),
+                }),
+            },
+            PartSpec {
+                number: 2,
+                start: 2048 + 64 * MIB / 512,
+                sectors: 200 * MIB / 512,
+                gpt_type: Some(GPT_LINUX_ROOT_X86_64.into()),
+                uuid: Some("B3E0C1A2-0002-4E7A-9C1B-2D3E4F506072".into()),
+                name: Some("root".into()),
+                attrs: Some("LegacyBIOSBootable".into()),
+                mbr_type: None,
+                bootable: false,
+                fs: Some(FsSpec::Ext {
+                    kind: FsKind::Ext4,
+                    block_size: 4096,
+                    uuid: "0b4a3c1e-5a5a-4d22-8e33-000000000002".into(),
+                    label: "root".into(),
+                    features: vec!["64bit".into()],
+                    tree: server_root_tree(),
+                    deleted: Some(entry(
+                        "var/tmp/deleted-secret.bin",
+                        Content::Pattern {
+                            marker: DELETED_MARKER.into(),
+                            len: 3 * MIB,
+                        },
+                    )),
+                }),
+            },
+            PartSpec {
+                number: 3,
+                start: 2048 + 264 * MIB / 512,
+                sectors: 32 * MIB / 512,
+                gpt_type: Some(GPT_LINUX_SWAP.into()),
+                uuid: Some("B3E0C1A2-0003-4E7A-9C1B-2D3E4F506073".into()),
+                name: Some("swap".into()),
+                attrs: Some("GUID:63".into()),
+                mbr_type: None,
+                bootable: false,
+                fs: Some(FsSpec::Swap {
+                    uuid: "5b1f0c2d-5a5a-4e11-9d44-000000000003".into(),
+                    label: "swap".into(),
+                    garbage_seed: 700,
+                }),
+            },
+        ],
+    }
+}
+
+pub fn gpt_server() -> Result<Fixture> {
+    build(&gpt_server_spec())
+}
+
+/// MBR (signature 0x12345678), 512-byte sectors, 256 MiB: primary FAT16 (48 MiB, bootable),
+/// primary NTFS (96 MiB), extended container with one logical ext2 (64 MiB, 1 KiB blocks).
+pub fn mbr_mixed_spec() -> DiskSpec {
+    let fat_tree = vec![
+        entry(
+            "AUTOEXEC.BAT",
+            Content::Literal {
+                text: "@ECHO OFF\r\nPATH C:\\DOS\r\n".into(),
+            },
+        ),
+        entry(
+            "DOS/COMMAND.COM",
+            Content::Binary {
+                seed: 20,
+                len: 93_000,
+            },
+        ),
+        entry(
+            "DOS/Long File Name.txt",
+            Content::Text {
+                seed: 21,
+                len: 40_000,
+            },
+        ),
+        entry(
+            "DATA/archive.bin",
+            Content::Random {
+                seed: 22,
+                len: 5 * MIB,
+            },
+        ),
+        entry(
+            "DATA/sub/dir/report.txt",
+            Content::Text {
+                seed: 23,
+                len: 2 * MIB,
+            },
+        ),
+        entry(
+            "DATA/sub/tool.exe",
+            Content::Binary {
+                seed: 24,
+                len: 1_234_567,
+            },
+        ),
+    ];
+    let ntfs_tree = vec![
+        entry(
+            "readme.txt",
+            Content::Text {
+                seed: 30,
+                len: 20_000,
+            },
+        ),
+        entry(
+            "data.bin",
+            Content::Random {
+                seed: 31,
+                len: 8 * MIB,
+            },
+        ),
+        entry(
+            "data-copy.bin",
+            Content::Random {
+                seed: 31,
+                len: 8 * MIB,
+            },
+        ),
+        entry(
+            "report.doc",
+            Content::Binary {
+                seed: 32,
+                len: 3 * MIB,
+            },
+        ),
+        entry(
+            "log.txt",
+            Content::Text {
+                seed: 33,
+                len: 5 * MIB,
+            },
+        ),
+        entry(
+            "tiny.txt",
+            Content::Literal {
+                text: "resident in the MFT record\n".into(),
+            },
+        ),
+    ];
+    let mut ext_tree = vec![
+        entry(
+            "etc/hostname",
+            Content::Literal {
+                text: "mbr-mixed\n".into(),
+            },
+        ),
+        entry(
+            "var/log/messages",
+            Content::Text {
+                seed: 40,
+                len: 6 * MIB,
+            },
+        ),
+        entry(
+            "opt/app/blob.bin",
+            Content::Random {
+                seed: 41,
+                len: 6 * MIB + 333,
+            },
+        ),
+        entry(
+            "opt/app/lib.so",
+            Content::Binary {
+                seed: 42,
+                len: 3 * MIB,
+            },
+        ),
+    ];
+    for i in 0..30u64 {
+        ext_tree.push(entry(
+            format!("home/user{}/file-{i:02}.txt", i % 3),
+            Content::Text {
+                seed: 50 + i,
+                len: 1000 + i * 3_000,
+            },
+        ));
+    }
+    DiskSpec {
+        name: "mbr_mixed".into(),
+        sector_size: 512,
+        size: 256 * MIB,
+        table: TableSpec::Mbr {
+            signature: 0x1234_5678,
+        },
+        parts: vec![
+            PartSpec {
+                number: 1,
+                start: 2048,
+                sectors: 48 * MIB / 512,
+                gpt_type: None,
+                uuid: None,
+                name: None,
+                attrs: None,
+                mbr_type: Some(0x0e),
+                bootable: true,
+                fs: Some(FsSpec::Fat {
+                    bits: 16,
+                    sector_size: 512,
+                    cluster_sectors: 0,
+                    label: "DOSDATA".into(),
+                    volume_id: 0x0DD5_F00D,
+                    tree: fat_tree,
+                }),
+            },
+            PartSpec {
+                number: 2,
+                start: 2048 + 48 * MIB / 512,
+                sectors: 96 * MIB / 512,
+                gpt_type: None,
+                uuid: None,
+                name: None,
+                attrs: None,
+                mbr_type: Some(0x07),
+                bootable: false,
+                fs: Some(FsSpec::Ntfs {
+                    label: "DATA".into(),
+                    cluster_size: 4096,
+                    tree: ntfs_tree,
+                }),
+            },
+            PartSpec {
+                number: 3,
+                start: 2048 + 144 * MIB / 512,
+                sectors: 65 * MIB / 512,
+                gpt_type: None,
+                uuid: None,
+                name: None,
+                attrs: None,
+                mbr_type: Some(0x05),
+                bootable: false,
+                fs: None,
+            },
+            PartSpec {
+                number: 5,
+                start: 2048 + 145 * MIB / 512,
+                sectors: 64 * MIB / 512,
+                gpt_type: None,
+                uuid: None,
+                name: None,
+                attrs: None,
+                mbr_type: Some(0x83),
+                bootable: false,
+                fs: Some(FsSpec::Ext {
+                    kind: FsKind::Ext2,
+                    block_size: 1024,
+                    uuid: "6c2d1e0f-5a5a-4c33-8b55-000000000005".into(),
+                    label: "data2".into(),
+                    features: vec![],
+                    tree: ext_tree,
+                    deleted: None,
+                }),
+            },
+        ],
+    }
+}
+
+pub fn mbr_mixed() -> Result<Fixture> {
+    build(&mbr_mixed_spec())
+}
+
+/// GPT for 4096-byte logical sectors, 384 MiB: FAT32 ESP with 4 KiB sectors (260 MiB, the
+/// smallest FAT32 that has 65525 clusters of 4 KiB, as Windows makes on 4Kn disks) and ext4
+/// (96 MiB, 4 KiB blocks).
+pub fn gpt_4k_spec() -> DiskSpec {
+    let mut ext_tree = vec![
+        entry(
+            "etc/hostname",
+            Content::Literal {
+                text: "gpt-4k\n".into(),
+            },
+        ),
+        entry(
+            "var/log/syslog",
+            Content::Text {
+                seed: 80,
+                len: 5 * MIB,
+            },
+        ),
+        entry(
+            "var/lib/blob.bin",
+            Content::Random {
+                seed: 81,
+                len: 10 * MIB + 4097,
+            },
+        ),
+        entry(
+            "usr/lib/libx.so",
+            Content::Binary {
+                seed: 82,
+                len: 4 * MIB,
+            },
+        ),
+    ];
+    ext_tree.extend(host_binaries());
+    DiskSpec {
+        name: "gpt_4k".into(),
+        sector_size: 4096,
+        size: 384 * MIB,
+        table: TableSpec::Gpt {
+            disk_guid: "C4C4C4C4-4096-4B4B-8A8A-000000004096".into(),
+        },
+        parts: vec![
+            PartSpec {
+                number: 1,
+                start: 256,
+                sectors: 260 * MIB / 4096,
+                gpt_type: Some(GPT_ESP.into()),
+                uuid: Some("C4C4C4C4-4096-4B4B-8A8A-000000000001".into()),
+                name: Some("EFI System Partition".into()),
+                attrs: None,
+                mbr_type: None,
+                bootable: false,
+                fs: Some(FsSpec::Fat {
+                    bits: 32,
+                    sector_size: 4096,
+                    cluster_sectors: 1,
+                    label: "ESP4K".into(),
+                    volume_id: 0x4096_4096,
+                    tree: esp_tree(),
+                }),
+            },
+            PartSpec {
+                number: 2,
+                start: 256 + 260 * MIB / 4096,
+                sectors: 96 * MIB / 4096,
+                gpt_type: Some(GPT_LINUX_FS.into()),
+                uuid: Some("C4C4C4C4-4096-4B4B-8A8A-000000000002".into()),
+                name: Some("data".into()),
+                attrs: None,
+                mbr_type: None,
+                bootable: false,
+                fs: Some(FsSpec::Ext {
+                    kind: FsKind::Ext4,
+                    block_size: 4096,
+                    uuid: "7d3e2f10-4096-4d44-9c66-000000000002".into(),
+                    label: "data4k".into(),
+                    features: vec![],
+                    tree: ext_tree,
+                    deleted: None,
+                }),
+            },
+        ],
+    }
+}
+
+pub fn gpt_4k() -> Result<Fixture> {
+    build(&gpt_4k_spec())
+}
+
+/// A realistic big disk for benchmarks: GPT, one ext4 partition over the disk, filled to about
+/// `used_fraction` with text (logs, configs), binary-like files, random data and duplicates.
+pub fn big_mixed_spec(size: u64, used_fraction: f64) -> DiskSpec {
+    let size = size.max(64 * MIB) / MIB * MIB;
+    let part_sectors = (size - 2 * MIB) / 512;
+    // mke2fs metadata: inode tables (one 256-byte inode per 16 KiB) and the journal
+    let part_bytes = part_sectors * 512;
+    let metadata = part_bytes / 64 + (part_bytes / 64).min(128 * MIB).min(part_bytes / 32);
+    let target =
+        ((part_bytes as f64 * used_fraction.clamp(0.0, 0.95)) as u64).saturating_sub(metadata);
+    let mut tree = Vec::new();
+    let mut g = crate::prng::Prng::new(0xB16_0000 ^ size ^ (used_fraction * 1000.0) as u64);
+    let mut filled = 0u64;
+    let mut seed = 1_000_000u64;
+    let mut dups: Vec<Content> = Vec::new();
+    let mut n = 0u64;
+    while filled < target {
+        n += 1;
+        seed += 1;
+        let left = target - filled;
+        let roll = g.below(100);
+        let (path, content) = if roll < 20 && !dups.is_empty() {
+            // a duplicate of an earlier file
+            let c = dups[g.below(dups.len() as u64) as usize].clone();
+            (format!("srv/backup/copy-{n:06}.dup"), c)
+        } else if roll < 45 {
+            let len = if g.below(10) < 8 {
+                1024 + g.below(64 << 10)
+            } else {
+                MIB + g.below(48 * MIB)
+            };
+            (
+                format!("var/log/app{}/log-{n:06}.txt", n % 7),
+                Content::Text { seed, len },
+            )
+        } else if roll < 60 {
+            let len = 64 * 1024 + g.below(8 * MIB);
+            (
+                format!("usr/lib/pkg{}/lib-{n:06}.so", n % 13),
+                Content::Binary { seed, len },
+            )
+        } else {
+            let len = if g.below(4) == 0 {
+                4096 + g.below(MIB)
+            } else {
+                MIB + g.below(64 * MIB)
+            };
+            (
+                format!("var/lib/data{}/blob-{n:06}.bin", n % 5),
+                Content::Random { seed, len },
+            )
+        };
+        let content = match content {
+            Content::Random { seed, len } => Content::Random {
+                seed,
+                len: len.min(left.max(1)),
+            },
+            Content::Text { seed, len } => Content::Text {
+                seed,
+                len: len.min(left.max(1)),
+            },
+            Content::Binary { seed, len } => Content::Binary {
+                seed,
+                len: len.min(left.max(1)),
+            },
+            other => other,
+        };
+        if !path.ends_with(".dup") && content.len() > 256 * 1024 && g.below(3) == 0 {
+            dups.push(content.clone());
+        }
+        filled += content.len().div_ceil(4096) * 4096;
+        tree.push(entry(path, content));
+    }
+    tree.push(entry(
+        "etc/hostname",
+        Content::Literal {
+            text: "big-mixed\n".into(),
+        },
+    ));
+    DiskSpec {
+        name: format!(
+            "big_mixed-{}M-{}",
+            size / MIB,
+            (used_fraction * 100.0).round() as u32
+        ),
+        sector_size: 512,
+        size,
+        table: TableSpec::Gpt {
+            disk_guid: "B1B1B1B1-0000-4B1B-9B1B-000000000001".into(),
+        },
+        parts: vec![PartSpec {
+            number: 1,
+            start: 2048,
+            sectors: part_sectors,
+            gpt_type: Some(GPT_LINUX_FS.into()),
+            uuid: Some("B1B1B1B1-0000-4B1B-9B1B-000000000002".into()),
+            name: Some("data".into()),
+            attrs: None,
+            mbr_type: None,
+            bootable: false,
+            fs: Some(FsSpec::Ext {
+                kind: FsKind::Ext4,
+                block_size: 4096,
+                uuid: "b16b16b1-0000-4b16-8b16-000000000003".into(),
+                label: "bigdata".into(),
+                features: vec![],
+                tree,
+                deleted: None,
+            }),
+        }],
+    }
+}
+
+pub fn big_mixed(size: u64, used_fraction: f64) -> Result<Fixture> {
+    build(&big_mixed_spec(size, used_fraction))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The builder
+
+/// Where fixtures are cached: `$BMR_FIXTURES_DIR` or `<workspace>/target/fixtures`.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("BMR_FIXTURES_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => crate::util::Workspace::root()
+            .join("target")
+            .join("fixtures"),
+    }
+}
+
+/// The recipe hash: the spec, the builder version and the bytes of every copied host file.
+pub fn recipe_hash(spec: &DiskSpec) -> Result<String> {
+    let mut h = sha2::Sha256::new();
+    h.update(format!("bmr-fixture-builder-v{BUILDER_VERSION}\n"));
+    h.update(serde_json::to_vec(spec).expect("spec serialises"));
+    for p in &spec.parts {
+        let tree: &[Entry] = match &p.fs {
+            Some(FsSpec::Ext { tree, .. })
+            | Some(FsSpec::Fat { tree, .. })
+            | Some(FsSpec::Ntfs { tree, .. }) => tree,
+            _ => &[],
+        };
+        for e in tree {
+            if let Content::Copy { src } = &e.content {
+                let bytes = fs::read(src).with_context(|| format!("reading {src}"))?;
+                h.update(sha2::Sha256::digest(&bytes));
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize())[..16].to_string())
+}
+
+/// Build `spec`, or return the cached build.
+pub fn build(spec: &DiskSpec) -> Result<Fixture> {
+    check_spec(spec)?;
+    let hash = recipe_hash(spec)?;
+    let dir = cache_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stem = format!("{}-{hash}", spec.name);
+    let img = dir.join(format!("{stem}.img"));
+    let json = dir.join(format!("{stem}.json"));
+    if let Some(f) = load_cached(&img, &json) {
+        return Ok(f);
+    }
+    let lock = File::create(dir.join(format!("{stem}.lock")))
+        .with_context(|| format!("creating the lock file in {}", dir.display()))?;
+    // SAFETY: flock on a file descriptor we own; released when `lock` is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!("locking {stem}.lock: {}", std::io::Error::last_os_error());
+    }
+    if let Some(f) = load_cached(&img, &json) {
+        return Ok(f);
+    }
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let work = dir.join(format!(".build-{stem}-{}-{nanos}", std::process::id()));
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let _cleanup = RemoveOnDrop(work.clone());
+    let start = Instant::now();
+    let mut fixture =
+        build_in(spec, &work).with_context(|| format!("building fixture {}", spec.name))?;
+    fixture.recipe_hash = hash;
+    fixture.build_seconds = start.elapsed().as_secs_f64();
+    fixture.image = img.clone();
+    let tmp_json = work.join("fixture.json");
+    fs::write(
+        &tmp_json,
+        serde_json::to_vec_pretty(&fixture).expect("fixture serialises"),
+    )?;
+    fs::rename(work.join("disk.img"), &img)
+        .with_context(|| format!("renaming the image to {}", img.display()))?;
+    fs::rename(&tmp_json, &json)
+        .with_context(|| format!("renaming the description to {}", json.display()))?;
+    Ok(fixture)
+}
+
+fn load_cached(img: &Path, json: &Path) -> Option<Fixture> {
+    let bytes = fs::read(json).ok()?;
+    let mut f: Fixture = serde_json::from_slice(&bytes).ok()?;
+    let meta = fs::metadata(img).ok()?;
+    if meta.len() != f.size {
+        return None;
+    }
+    f.image = img.to_path_buf();
+    Some(f)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn check_spec(spec: &DiskSpec) -> Result<()> {
+    if !matches!(spec.sector_size, 512 | 4096) {
+        bail!(
+            "{}: sector size {} (512 or 4096)",
+            spec.name,
+            spec.sector_size
+        );
+    }
+    let ss = spec.sector_size as u64;
+    for p in &spec.parts {
+        if (p.start + p.sectors) * ss > spec.size {
+            bail!("{}: partition {} ends past the disk", spec.name, p.number);
+        }
+        if let Some(FsSpec::Ntfs { tree, .. }) = &p.fs {
+            if let Some(e) = tree.iter().find(|e| e.path.contains('/')) {
+                bail!(
+                    "{}: NTFS files go in the root directory only ({})",
+                    spec.name,
+                    e.path
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run a tool of the build; a missing tool or a failure is an error naming it.
+fn tool(cmd: &mut std::process::Command) -> Result<Output> {
+    tool_stdin(cmd, None)
+}
+
+fn tool_stdin(cmd: &mut std::process::Command, stdin: Option<Vec<u8>>) -> Result<Output> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
+        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+        .env("MTOOLS_SKIP_CHECK", "1");
+    let out = exec_with_stdin(cmd, TOOL_TIMEOUT, stdin).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}: the fixture builder needs `{program}` (package {})",
+            package_of(&program)
+        )
+    })?;
+    if !out.success() {
+        bail!("{program} failed\n{}", out.describe());
+    }
+    Ok(out)
+}
+
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "mkfs.ext4" | "mke2fs" | "debugfs" | "dumpe2fs" | "e2fsck" => "e2fsprogs",
+        "mkfs.fat" | "fsck.fat" => "dosfstools",
+        "mmd" | "mcopy" | "mdir" => "mtools",
+        "mkntfs" | "ntfscp" | "ntfscat" | "ntfsfix" => "ntfs-3g",
+        "mkswap" | "sfdisk" | "fdisk" => "util-linux / fdisk",
+        "sgdisk" => "gdisk",
+        _ => "?",
+    }
+}
+
+/// Write `tree` under `root`; returns each file's info. Files and directories get [`EPOCH`] as
+/// their modification time.
+fn materialize(root: &Path, tree: &[Entry]) -> Result<Vec<FileInfo>> {
+    let mut infos = Vec::new();
+    for e in tree {
+        let p = root.join(&e.path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        let (sha256, size) =
+            write_content(&f, &e.content).with_context(|| format!("writing {}", p.display()))?;
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH))?;
+        infos.push(FileInfo {
+            path: e.path.clone(),
+            size,
+            sha256,
+        });
+    }
+    set_dir_times(root)?;
+    Ok(infos)
+}
+
+/// Write `content` to the new file `f` (holes stay holes); returns its SHA-256 and size.
+fn write_content(f: &File, content: &Content) -> std::io::Result<(String, u64)> {
+    use std::os::unix::fs::FileExt;
+    struct State {
+        h: sha2::Sha256,
+        pos: u64,
+    }
+    let st = std::cell::RefCell::new(State {
+        h: sha2::Sha256::new(),
+        pos: 0,
+    });
+    content.generate(
+        &mut |b| {
+            let mut s = st.borrow_mut();
+            f.write_all_at(b, s.pos)?;
+            s.h.update(b);
+            s.pos += b.len() as u64;
+            Ok(())
+        },
+        &mut |n| {
+            let mut s = st.borrow_mut();
+            let zeros = [0u8; 4096];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(4096) as usize;
+                s.h.update(&zeros[..k]);
+                left -= k as u64;
+            }
+            s.pos += n;
+            Ok(())
+        },
+    )?;
+    let s = st.into_inner();
+    f.set_len(s.pos)?;
+    Ok((hex::encode(s.h.finalize()), s.pos))
+}
+
+fn set_dir_times(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            set_dir_times(&e.path())?;
+        }
+    }
+    File::open(dir)?.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH))?;
+    Ok(())
+}
+
+fn new_sparse(path: &Path, len: u64) -> Result<()> {
+    File::create(path)
+        .and_then(|f| f.set_len(len))
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+fn build_in(spec: &DiskSpec, work: &Path) -> Result<Fixture> {
+    let ss = spec.sector_size as u64;
+    let disk = work.join("disk.img");
+    new_sparse(&disk, spec.size)?;
+    write_table(spec, &disk, work)?;
+    let mut partitions = Vec::new();
+    let mut deleted = None;
+    for p in &spec.parts {
+        let offset = p.start * ss;
+        let size = p.sectors * ss;
+        let mut info = PartInfo {
+            number: p.number,
+            offset,
+            size,
+            extended: matches!(p.mbr_type, Some(0x05 | 0x0f | 0x85)),
+            fs: None,
+            uuid: None,
+            label: None,
+            block_size: 0,
+            used_bytes: 0,
+            files: Vec::new(),
+        };
+        if let Some(fsspec) = &p.fs {
+            let fsimg = work.join(format!("part{}.img", p.number));
+            new_sparse(&fsimg, size)?;
+            build_fs(spec, p, fsspec, &fsimg, work, &mut info, &mut deleted)?;
+            let src = File::open(&fsimg)?;
+            let dst = fs::OpenOptions::new().write(true).open(&disk)?;
+            crate::util::copy_range_sparse(&src, 0, &dst, offset, size)
+                .with_context(|| format!("copying partition {} into the disk", p.number))?;
+            dst.sync_all()?;
+            fs::remove_file(&fsimg)?;
+        }
+        partitions.push(info);
+    }
+    Ok(Fixture {
+        name: spec.name.clone(),
+        image: disk,
+        sector_size: spec.sector_size,
+        size: spec.size,
+        table: spec.table.clone(),
+        partitions,
+        deleted,
+        recipe_hash: String::new(),
+        build_seconds: 0.0,
+    })
+}
+
+/// The sfdisk script of the table (also loaded by `fdisk -b 4096` with its `I` command).
+pub fn sfdisk_script(spec: &DiskSpec) -> String {
+    let mut s = String::new();
+    match &spec.table {
+        TableSpec::Gpt { disk_guid } => {
+            s.push_str(&format!(
+                "label: gpt\nlabel-id: {disk_guid}\nunit: sectors\n\n"
+            ));
+        }
+        TableSpec::Mbr { signature } => {
+            s.push_str(&format!(
+                "label: dos\nlabel-id: 0x{signature:08x}\nunit: sectors\n\n"
+            ));
+        }
+    }
+    for p in &spec.parts {
+        let mut fields = vec![format!("start={}", p.start), format!("size={}", p.sectors)];
+        if let Some(t) = &p.gpt_type {
+            fields.push(format!("type={t}"));
+        }
+        if let Some(t) = p.mbr_type {
+            fields.push(format!("type={t:x}"));
+        }
+        if let Some(u) = &p.uuid {
+            fields.push(format!("uuid={u}"));
+        }
+        if let Some(n) = &p.name {
+            fields.push(format!("name=\"{n}\""));
+        }
+        if let Some(a) = &p.attrs {
+            fields.push(format!("attrs=\"{a}\""));
+        }
+        if p.bootable {
+            fields.push("bootable".into());
+        }
+        s.push_str(&fields.join(", "));
+        s.push('\n');
+    }
+    s
+}
+
+fn write_table(spec: &DiskSpec, disk: &Path, work: &Path) -> Result<()> {
+    let script = sfdisk_script(spec);
+    if spec.sector_size == 512 {
+        tool_stdin(
+            std::process::Command::new("sfdisk")
+                .args(["--no-reread", "--no-tell-kernel", "-q", "--wipe", "never"])
+                .arg(disk),
+            Some(script.into_bytes()),
+        )?;
+    } else {
+        // sfdisk of util-linux 2.38 cannot be told the sector size of an image file; fdisk can,
+        // and loads the same script with its `I` command.
+        let path = work.join("table.sfdisk");
+        fs::write(&path, &script)?;
+        let out = tool_stdin(
+            std::process::Command::new("fdisk")
+                .arg("-b")
+                .arg(spec.sector_size.to_string())
+                .args(["--wipe", "never"])
+                .arg(disk),
+            Some(format!("I\n{}\nw\n", path.display()).into_bytes()),
+        )?;
+        if !out.stdout.contains("Script successfully applied") {
+            bail!("fdisk did not apply the table script\n{}", out.describe());
+        }
+    }
+    // Read the table back with the same sector size and check every partition landed as asked.
+    if spec.sector_size == 512 {
+        let out = tool(std::process::Command::new("sfdisk").arg("--json").arg(disk))?;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)
+            .with_context(|| format!("parsing sfdisk --json\n{}", out.describe()))?;
+        let parts = v["partitiontable"]["partitions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for p in &spec.parts {
+            let found = parts.iter().any(|q| {
+                q["start"].as_u64() == Some(p.start) && q["size"].as_u64() == Some(p.sectors)
+            });
+            if !found {
+                bail!(
+                    "partition {} not found at {}+{} after sfdisk: {}",
+                    p.number,
+                    p.start,
+                    p.sectors,
+                    out.stdout
+                );
+            }
+        }
+    } else {
+        let out = tool(
+            std::process::Command::new("fdisk")
+                .arg("-b")
+                .arg(spec.sector_size.to_string())
+                .arg("-l")
+                .arg(disk),
+        )?;
+        for p in &spec.parts {
+            let want = format!("{} {}", p.start, p.start + p.sectors - 1);
+            let found = out.stdout.lines().any(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    == want
+            });
+            if !found {
+                bail!(
+                    "partition {} not found at {} after fdisk -b {}:\n{}",
+                    p.number,
+                    want,
+                    spec.sector_size,
+                    out.stdout
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build_fs(
+    spec: &DiskSpec,
+    p: &PartSpec,
+    fsspec: &FsSpec,
+    fsimg: &Path,
+    work: &Path,
+    info: &mut PartInfo,
+    deleted: &mut Option<DeletedInfo>,
+) -> Result<()> {
+    use std::process::Command;
+    match fsspec {
+        FsSpec::Ext {
+            kind,
+            block_size,
+            uuid,
+            label,
+            features,
+            tree,
+            deleted: del,
+        } => {
+            let root = work.join(format!("tree{}", p.number));
+            fs::create_dir_all(&root)?;
+            let mut all = tree.clone();
+            if let Some(d) = del {
+                all.push(d.clone());
+            }
+            let mut files = materialize(&root, &all)?;
+            let mut cmd = Command::new("mke2fs");
+            cmd.args(["-q", "-F", "-t", kind.name(), "-b"])
+                .arg(block_size.to_string())
+                .arg("-U")
+                .arg(uuid)
+                .arg("-L")
+                .arg(label)
+                .arg("-E")
+                .arg(format!("hash_seed={uuid},root_owner=0:0"))
+                .arg("-d")
+                .arg(&root);
+            if !features.is_empty() {
+                cmd.arg("-O").arg(features.join(","));
+            }
+            tool(cmd.arg(fsimg))?;
+            fs::remove_dir_all(&root)?;
+            if let Some(d) = del {
+                let out = tool(
+                    Command::new("debugfs")
+                        .arg("-w")
+                        .arg("-R")
+                        .arg(format!("rm /{}", d.path))
+                        .arg(fsimg),
+                )?;
+                let errors: Vec<&str> = out
+                    .stderr
+                    .lines()
+                    .filter(|l| !l.starts_with("debugfs "))
+                    .collect();
+                if !errors.is_empty() {
+                    bail!("debugfs rm /{} failed: {}", d.path, errors.join("; "));
+                }
+                let Content::Pattern { marker, len } = &d.content else {
+                    bail!("the deleted file must be a Pattern content");
+                };
+                if crate::util::find_in_file(fsimg, marker.as_bytes())?.is_none() {
+                    bail!("the deleted file's blocks no longer hold its pattern");
+                }
+                files.retain(|f| f.path != d.path);
+                *deleted = Some(DeletedInfo {
+                    partition: p.number,
+                    path: d.path.clone(),
+                    marker: marker.clone(),
+                    len: *len,
+                });
+            }
+            let fsck = exec(
+                Command::new("e2fsck").args(["-fn"]).arg(fsimg),
+                TOOL_TIMEOUT,
+            )?;
+            if !fsck.success() {
+                bail!("the new {} is not clean\n{}", kind.name(), fsck.describe());
+            }
+            info.fs = Some(*kind);
+            info.uuid = Some(uuid.clone());
+            info.label = Some(label.clone());
+            info.block_size = *block_size;
+            info.files = files;
+        }
+        FsSpec::Fat {
+            bits,
+            sector_size,
+            cluster_sectors,
+            label,
+            volume_id,
+            tree,
+        } => {
+            let mut cmd = Command::new("mkfs.fat");
+            cmd.arg("-F")
+                .arg(bits.to_string())
+                .arg("-S")
+                .arg(sector_size.to_string())
+                .arg("-n")
+                .arg(label)
+                .arg("-i")
+                .arg(format!("{volume_id:08X}"))
+                .arg("-h")
+                .arg((p.start * spec.sector_size as u64 / *sector_size as u64).to_string())
+                .arg("--invariant");
+            if *cluster_sectors > 0 {
+                cmd.arg("-s").arg(cluster_sectors.to_string());
+            }
+            tool(cmd.arg(fsimg))?;
+            let root = work.join(format!("tree{}", p.number));
+            fs::create_dir_all(&root)?;
+            let files = materialize(&root, tree)?;
+            let mut dirs: Vec<String> = Vec::new();
+            for e in tree {
+                let parts: Vec<&str> = e.path.split('/').collect();
+                for k in 1..parts.len() {
+                    let d = parts[..k].join("/");
+                    if !dirs.contains(&d) {
+                        dirs.push(d);
+                    }
+                }
+            }
+            if !dirs.is_empty() {
+                let mut cmd = Command::new("mmd");
+                cmd.arg("-i").arg(fsimg);
+                for d in &dirs {
+                    cmd.arg(format!("::/{d}"));
+                }
+                tool(&mut cmd)?;
+            }
+            for e in tree {
+                tool(
+                    Command::new("mcopy")
+                        .arg("-i")
+                        .arg(fsimg)
+                        .arg("-m")
+                        .arg(root.join(&e.path))
+                        .arg(format!("::/{}", e.path)),
+                )?;
+            }
+            fs::remove_dir_all(&root)?;
+            let fsck = exec(Command::new("fsck.fat").arg("-n").arg(fsimg), TOOL_TIMEOUT)?;
+            if !fsck.success() {
+                bail!("the new FAT{bits} is not clean\n{}", fsck.describe());
+            }
+            info.fs = Some(match bits {
+                12 => FsKind::Fat12,
+                16 => FsKind::Fat16,
+                _ => FsKind::Fat32,
+            });
+            info.uuid = Some(format!(
+                "{:04X}-{:04X}",
+                volume_id >> 16,
+                volume_id & 0xffff
+            ));
+            info.label = Some(label.clone());
+            info.files = files;
+        }
+        FsSpec::Ntfs {
+            label,
+            cluster_size,
+            tree,
+        } => {
+            tool(
+                Command::new("mkntfs")
+                    .args(["-F", "-Q", "-q", "-T", "-H", "255", "-S", "63"])
+                    .arg("-L")
+                    .arg(label)
+                    .arg("-p")
+                    .arg(p.start.to_string())
+                    .arg("-s")
+                    .arg(spec.sector_size.to_string())
+                    .arg("-c")
+                    .arg(cluster_size.to_string())
+                    .arg(fsimg),
+            )?;
+            let root = work.join(format!("tree{}", p.number));
+            fs::create_dir_all(&root)?;
+            let files = materialize(&root, tree)?;
+            for e in tree {
+                tool(
+                    Command::new("ntfscp")
+                        .args(["-f", "-q"])
+                        .arg(fsimg)
+                        .arg(root.join(&e.path))
+                        .arg(format!("/{}", e.path)),
+                )?;
+            }
+            fs::remove_dir_all(&root)?;
+            let fsck = exec(Command::new("ntfsfix").arg("-n").arg(fsimg), TOOL_TIMEOUT)?;
+            if !fsck.success() {
+                bail!("the new NTFS is not clean\n{}", fsck.describe());
+            }
+            info.fs = Some(FsKind::Ntfs);
+            info.label = Some(label.clone());
+            info.block_size = *cluster_size;
+            info.files = files;
+        }
+        FsSpec::Swap {
+            uuid,
+            label,
+            garbage_seed,
+        } => {
+            {
+                let mut f = fs::OpenOptions::new().write(true).open(fsimg)?;
+                let size = p.sectors * spec.sector_size as u64;
+                Content::Random {
+                    seed: *garbage_seed,
+                    len: size,
+                }
+                .generate(&mut |b| f.write_all(b), &mut |_| Ok(()))?;
+                f.sync_all()?;
+            }
+            tool(
+                Command::new("mkswap")
+                    .arg("-U")
+                    .arg(uuid)
+                    .arg("-L")
+                    .arg(label)
+                    .arg(fsimg),
+            )?;
+            info.fs = Some(FsKind::Swap);
+            info.uuid = Some(uuid.clone());
+            info.label = Some(label.clone());
+            info.block_size = 4096;
+        }
+    }
+    if let Some(kind) = info.fs {
+        info.used_bytes = oracle::used_bytes(kind, fsimg)?;
+    }
+    Ok(())
+}
