@@ -30,6 +30,8 @@ pub enum Command {
     Gc(GcArgs),
     /// Serve the store, the HTTP API and boot files.
     Serve(ServeArgs),
+    /// Failover VMs (QEMU) and failback rounds.
+    Failover(crate::failover::cli::FailoverArgs),
 }
 
 #[derive(clap::Args)]

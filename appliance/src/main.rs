@@ -1,6 +1,7 @@
 //! `appliance`: the backup appliance's store, ingest, HTTP server and failover VMs.
 
 mod cli;
+mod failover;
 mod gc;
 mod images;
 mod ingest;
@@ -22,6 +23,7 @@ fn main() {
         Command::Verify(a) => verify::run(&a),
         Command::Gc(a) => gc::run(&a),
         Command::Serve(a) => serve::run(&a),
+        Command::Failover(a) => failover::run(&a),
     };
     if let Err(e) = result {
         eprintln!("appliance: error: {e:#}");
