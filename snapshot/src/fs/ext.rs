@@ -1,9 +1,453 @@
-//! (Implementation in progress.)
+//! ext2/3/4: the used-block map from the block bitmaps.
+//!
+//! Handles 32- and 64-byte group descriptors (64bit), flex_bg (metadata of a group living in
+//! another group), sparse_super and sparse_super2 (which groups carry superblock backups),
+//! meta_bg (descriptor blocks spread over the groups), bigalloc (bitmaps in clusters) and
+//! BLOCK_UNINIT groups (no bitmap on disk: the group's own superblock backup and descriptor
+//! blocks are what it uses). Every group's block bitmap, inode bitmap and inode table are marked
+//! used wherever they are, whatever the bitmaps say.
+//!
+//! A filesystem whose journal still needs recovery is refused: its on-disk bitmaps may miss
+//! blocks allocated by transactions that only the journal holds, so it must be copied whole.
 
-use super::Probe;
+use super::{bit_runs, extents_from, le, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
+use anyhow::{anyhow, bail, Context, Result};
+
+const MAGIC: u16 = 0xEF53;
+
+// s_feature_compat
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
+const COMPAT_SPARSE_SUPER2: u32 = 0x200;
+// s_feature_incompat
+const INCOMPAT_RECOVER: u32 = 0x4;
+const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
+const INCOMPAT_META_BG: u32 = 0x10;
+const INCOMPAT_64BIT: u32 = 0x80;
+// s_feature_ro_compat
+const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+const RO_COMPAT_GDT_CSUM: u32 = 0x10;
+const RO_COMPAT_BIGALLOC: u32 = 0x200;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+// What ext3 understands (as blkid decides between ext2/3 and ext4).
+const EXT3_INCOMPAT_SUPP: u32 = 0x2 | 0x4 | 0x10;
+const EXT3_RO_COMPAT_SUPP: u32 = 0x1 | 0x2 | 0x4;
+
+const BG_BLOCK_UNINIT: u16 = 0x2;
+
+/// Largest single read of bitmap blocks.
+const MAX_READ: u64 = 8 << 20;
 
 /// `None` when the signature is absent.
-pub fn probe(_dev: &dyn ReadAt, _offset: u64, _len: u64) -> Option<anyhow::Result<Probe>> {
-    None
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<anyhow::Result<Probe>> {
+    let part = Part { dev, offset, len };
+    let mut sb = [0u8; 1024];
+    if len < 2048 || part.read(1024, &mut sb, "ext superblock").is_err() {
+        return None;
+    }
+    if le::u16(&sb, 0x38) != MAGIC {
+        return None;
+    }
+    Some(map(&part, &sb))
+}
+
+/// The superblock fields the map needs, checked.
+struct Geometry {
+    bs: u64,
+    /// Blocks per allocation cluster (1 without bigalloc).
+    ratio: u64,
+    blocks: u64,
+    first_data_block: u64,
+    blocks_per_group: u64,
+    clusters_per_group: u64,
+    groups: u64,
+    desc_size: u64,
+    desc_per_block: u64,
+    desc_blocks: u64,
+    reserved_gdt: u64,
+    inode_table_blocks: u64,
+    meta_bg: bool,
+    first_meta_bg: u64,
+    sparse_super: bool,
+    sparse_super2: Option<[u64; 2]>,
+    has_64bit: bool,
+    csum: bool,
+}
+
+impl Geometry {
+    fn from_superblock(sb: &[u8], len: u64) -> Result<Geometry> {
+        let compat = le::u32(sb, 0x5C);
+        let incompat = le::u32(sb, 0x60);
+        let ro = le::u32(sb, 0x64);
+        if incompat & INCOMPAT_JOURNAL_DEV != 0 {
+            bail!("this is an external ext journal device, not a filesystem; copied whole");
+        }
+        let log = le::u32(sb, 0x18);
+        if log > 6 {
+            bail!("superblock: s_log_block_size {log} is invalid (block size above 64 KiB)");
+        }
+        let bs = 1024u64 << log;
+        let has_64bit = incompat & INCOMPAT_64BIT != 0;
+        let blocks = u64::from(le::u32(sb, 0x4))
+            | if has_64bit {
+                u64::from(le::u32(sb, 0x150)) << 32
+            } else {
+                0
+            };
+        let first_data_block = u64::from(le::u32(sb, 0x14));
+        let bigalloc = ro & RO_COMPAT_BIGALLOC != 0;
+        let ratio = if bigalloc {
+            let clog = le::u32(sb, 0x1C);
+            if clog < log || clog > 6 + 16 {
+                bail!("superblock: cluster size 2^(10+{clog}) is invalid for {bs}-byte blocks");
+            }
+            1u64 << (clog - log)
+        } else {
+            1
+        };
+        if bigalloc && bs == 1024 {
+            bail!("bigalloc with 1 KiB blocks is not supported; copied whole");
+        }
+        let blocks_per_group = u64::from(le::u32(sb, 0x20));
+        let clusters_per_group = if bigalloc {
+            u64::from(le::u32(sb, 0x24))
+        } else {
+            blocks_per_group
+        };
+        if clusters_per_group == 0 || clusters_per_group > 8 * bs {
+            bail!(
+                "superblock: {clusters_per_group} blocks (clusters) per group does not fit one \
+                 {bs}-byte bitmap block"
+            );
+        }
+        if blocks_per_group != clusters_per_group.saturating_mul(ratio) {
+            bail!(
+                "superblock: {blocks_per_group} blocks per group is not {clusters_per_group} \
+                 clusters of {ratio} blocks"
+            );
+        }
+        let inodes_per_group = u64::from(le::u32(sb, 0x28));
+        if inodes_per_group == 0 || inodes_per_group > 8 * bs {
+            bail!("superblock: {inodes_per_group} inodes per group is invalid");
+        }
+        let inode_size = if le::u32(sb, 0x4C) == 0 {
+            128
+        } else {
+            u64::from(le::u16(sb, 0x58))
+        };
+        if inode_size < 128 || !inode_size.is_power_of_two() || inode_size > bs {
+            bail!("superblock: inode size {inode_size} is invalid");
+        }
+        let expected_first = u64::from(bs == 1024);
+        if first_data_block != expected_first {
+            bail!(
+                "superblock: first data block {first_data_block} should be {expected_first} for \
+                 {bs}-byte blocks"
+            );
+        }
+        if blocks <= first_data_block {
+            bail!("superblock: block count {blocks} is too small");
+        }
+        let fs_bytes = blocks
+            .checked_mul(bs)
+            .ok_or_else(|| anyhow!("superblock: block count {blocks} overflows"))?;
+        if fs_bytes > len {
+            bail!(
+                "superblock: the filesystem spans {fs_bytes} bytes ({blocks} blocks of {bs}) but \
+                 the partition holds only {len}: truncated image or wrong partition size"
+            );
+        }
+        let groups = (blocks - first_data_block).div_ceil(blocks_per_group);
+        let inodes = u64::from(le::u32(sb, 0x0));
+        if inodes != groups * inodes_per_group {
+            bail!(
+                "superblock: {inodes} inodes is not {groups} groups x {inodes_per_group} inodes \
+                 per group"
+            );
+        }
+        let desc_size = if has_64bit {
+            let d = u64::from(le::u16(sb, 0xFE));
+            if d < 64 || !d.is_power_of_two() || d > bs {
+                bail!("superblock: group descriptor size {d} is invalid for a 64bit filesystem");
+            }
+            d
+        } else {
+            32
+        };
+        let desc_per_block = bs / desc_size;
+        let desc_blocks = groups.div_ceil(desc_per_block);
+        let meta_bg = incompat & INCOMPAT_META_BG != 0;
+        let first_meta_bg = u64::from(le::u32(sb, 0x104));
+        if meta_bg && first_meta_bg > desc_blocks {
+            bail!(
+                "superblock: first meta_bg {first_meta_bg} is past the {desc_blocks} descriptor blocks"
+            );
+        }
+        let sparse_super2 = (compat & COMPAT_SPARSE_SUPER2 != 0)
+            .then(|| [u64::from(le::u32(sb, 0x24C)), u64::from(le::u32(sb, 0x250))]);
+        Ok(Geometry {
+            bs,
+            ratio,
+            blocks,
+            first_data_block,
+            blocks_per_group,
+            clusters_per_group,
+            groups,
+            desc_size,
+            desc_per_block,
+            desc_blocks,
+            reserved_gdt: u64::from(le::u16(sb, 0xCE)),
+            inode_table_blocks: (inodes_per_group * inode_size).div_ceil(bs),
+            meta_bg,
+            first_meta_bg,
+            sparse_super: ro & RO_COMPAT_SPARSE_SUPER != 0,
+            sparse_super2,
+            has_64bit,
+            csum: ro & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM) != 0,
+        })
+    }
+
+    fn group_first(&self, g: u64) -> u64 {
+        self.first_data_block + g * self.blocks_per_group
+    }
+
+    fn has_super(&self, g: u64) -> bool {
+        if g == 0 {
+            return true;
+        }
+        if let Some(b) = self.sparse_super2 {
+            return g == b[0] || g == b[1];
+        }
+        if g <= 1 || !self.sparse_super {
+            return true;
+        }
+        if g & 1 == 0 {
+            return false;
+        }
+        let power_of = |mut a: u64, b: u64| loop {
+            if a < b {
+                return false;
+            }
+            if a == b {
+                return true;
+            }
+            if !a.is_multiple_of(b) {
+                return false;
+            }
+            a /= b;
+        };
+        power_of(g, 3) || power_of(g, 5) || power_of(g, 7)
+    }
+
+    /// Block holding group-descriptor block `i` (primary copy).
+    fn desc_block(&self, i: u64) -> u64 {
+        if !self.meta_bg || i < self.first_meta_bg {
+            return self.first_data_block + 1 + i;
+        }
+        let g = i * self.desc_per_block;
+        self.group_first(g) + u64::from(self.has_super(g))
+    }
+
+    /// Superblock backup and descriptor blocks (old-style and reserved, or the meta_bg one) that
+    /// group `g` carries, as block ranges.
+    fn super_and_gdt(&self, g: u64, out: &mut Vec<(u64, u64)>) {
+        let start = self.group_first(g);
+        let has_super = self.has_super(g);
+        if has_super {
+            out.push((start, start + 1));
+        }
+        if !self.meta_bg || g / self.desc_per_block < self.first_meta_bg {
+            if has_super {
+                let n = if self.meta_bg {
+                    self.first_meta_bg
+                } else {
+                    self.desc_blocks + self.reserved_gdt
+                };
+                let end = (start + 1 + n).min(self.blocks);
+                out.push((start + 1, end.max(start + 1)));
+            }
+        } else {
+            let r = g % self.desc_per_block;
+            if r == 0 || r == 1 || r == self.desc_per_block - 1 {
+                let b = start + u64::from(has_super);
+                out.push((b, b + 1));
+            }
+        }
+    }
+}
+
+struct Desc {
+    block_bitmap: u64,
+    inode_bitmap: u64,
+    inode_table: u64,
+    flags: u16,
+}
+
+fn read_descriptors(part: &Part, geo: &Geometry) -> Result<Vec<Desc>> {
+    let bs = geo.bs;
+    let mut raw = Vec::new();
+    let mut i = 0;
+    while i < geo.desc_blocks {
+        // Consecutive descriptor blocks are read together.
+        let start = geo.desc_block(i);
+        let mut n = 1;
+        while i + n < geo.desc_blocks && geo.desc_block(i + n) == start + n && n * bs < MAX_READ {
+            n += 1;
+        }
+        if start + n > geo.blocks {
+            bail!(
+                "group descriptor block {i} at block {start} lies past the end of the filesystem \
+                 ({} blocks)",
+                geo.blocks
+            );
+        }
+        let v = part.read_vec(
+            start * bs,
+            n * bs,
+            &format!("group descriptor blocks {i}..{} (block {start})", i + n),
+        )?;
+        raw.extend_from_slice(&v);
+        i += n;
+    }
+    let ds = geo.desc_size as usize;
+    let mut out = Vec::with_capacity(geo.groups as usize);
+    for g in 0..geo.groups {
+        let d = raw
+            .get(g as usize * ds..(g as usize + 1) * ds)
+            .ok_or_else(|| anyhow!("group descriptor {g} is missing"))?;
+        let hi = |off: usize| -> u64 {
+            if geo.has_64bit {
+                u64::from(le::u32(d, off)) << 32
+            } else {
+                0
+            }
+        };
+        let desc = Desc {
+            block_bitmap: u64::from(le::u32(d, 0x0)) | hi(0x20),
+            inode_bitmap: u64::from(le::u32(d, 0x4)) | hi(0x24),
+            inode_table: u64::from(le::u32(d, 0x8)) | hi(0x28),
+            flags: le::u16(d, 0x12),
+        };
+        let at = |what: &str, b: u64, n: u64| -> Result<()> {
+            if b < geo.first_data_block || b.checked_add(n).is_none_or(|e| e > geo.blocks) {
+                bail!(
+                    "group descriptor {g} (descriptor block {}, block {}): {what} at block {b} \
+                     lies outside the filesystem (blocks {}..{})",
+                    g / geo.desc_per_block,
+                    geo.desc_block(g / geo.desc_per_block),
+                    geo.first_data_block,
+                    geo.blocks
+                );
+            }
+            Ok(())
+        };
+        at("block bitmap", desc.block_bitmap, 1)?;
+        at("inode bitmap", desc.inode_bitmap, 1)?;
+        at("inode table", desc.inode_table, geo.inode_table_blocks)?;
+        out.push(desc);
+    }
+    Ok(out)
+}
+
+fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
+    let geo = Geometry::from_superblock(sb, part.len).context("ext superblock at byte 1024")?;
+    let incompat = le::u32(sb, 0x60);
+    let ro = le::u32(sb, 0x64);
+    let compat = le::u32(sb, 0x5C);
+    let kind = if incompat & !EXT3_INCOMPAT_SUPP != 0 || ro & !EXT3_RO_COMPAT_SUPP != 0 {
+        FsKind::Ext4
+    } else if compat & COMPAT_HAS_JOURNAL != 0 {
+        FsKind::Ext3
+    } else {
+        FsKind::Ext2
+    };
+    if incompat & INCOMPAT_RECOVER != 0 {
+        bail!(
+            "the journal needs recovery (the filesystem was not cleanly unmounted): its block \
+             bitmaps may miss blocks only the journal records; copied whole"
+        );
+    }
+    let descs = read_descriptors(part, &geo)?;
+    let bs = geo.bs;
+    // Used block ranges; sorted and merged at the end.
+    let mut used: Vec<(u64, u64)> = Vec::new();
+    // Boot block and primary superblock.
+    used.push((0, geo.first_data_block + 1));
+    let mut to_read: Vec<(u64, u64)> = Vec::new(); // (bitmap block, group)
+    for (g, d) in descs.iter().enumerate() {
+        let g = g as u64;
+        used.push((d.block_bitmap, d.block_bitmap + 1));
+        used.push((d.inode_bitmap, d.inode_bitmap + 1));
+        used.push((d.inode_table, d.inode_table + geo.inode_table_blocks));
+        if geo.csum && d.flags & BG_BLOCK_UNINIT != 0 {
+            geo.super_and_gdt(g, &mut used);
+        } else {
+            to_read.push((d.block_bitmap, g));
+        }
+    }
+    to_read.sort_unstable();
+    let mut i = 0;
+    while i < to_read.len() {
+        let (start, _) = to_read[i];
+        let mut j = i + 1;
+        while j < to_read.len()
+            && to_read[j].0 == start + (j - i) as u64
+            && ((j - i) as u64) * bs < MAX_READ
+        {
+            j += 1;
+        }
+        let n = (j - i) as u64;
+        let buf = part.read_vec(
+            start * bs,
+            n * bs,
+            &format!("block bitmap of group {} (block {start})", to_read[i].1),
+        )?;
+        for (k, &(_, g)) in to_read[i..j].iter().enumerate() {
+            let bm = buf
+                .get(k * bs as usize..(k + 1) * bs as usize)
+                .unwrap_or_default();
+            let first = geo.group_first(g);
+            let clusters = (geo.blocks - first)
+                .div_ceil(geo.ratio)
+                .min(geo.clusters_per_group);
+            bit_runs(bm, clusters, |s, e| {
+                used.push((
+                    first + s * geo.ratio,
+                    (first + e * geo.ratio).min(geo.blocks),
+                ));
+            });
+        }
+        i = j;
+    }
+    let mut bytes: Vec<(u64, u64)> = used.into_iter().map(|(s, e)| (s * bs, e * bs)).collect();
+    let fs_size = geo.blocks * bs;
+    bytes.push((fs_size, part.len));
+    let used = extents_from(bytes);
+    let label_raw = sb.get(0x78..0x88).unwrap_or_default();
+    let label_len = label_raw
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(label_raw.len());
+    let label =
+        String::from_utf8_lossy(label_raw.get(..label_len).unwrap_or_default()).into_owned();
+    let u: [u8; 16] = le::bytes(sb, 0x68);
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        hex::encode(&u[0..4]),
+        hex::encode(&u[4..6]),
+        hex::encode(&u[6..8]),
+        hex::encode(&u[8..10]),
+        hex::encode(&u[10..16])
+    );
+    Ok(Probe {
+        fs: Filesystem {
+            kind,
+            uuid: (u != [0; 16]).then_some(uuid),
+            label: (!label.is_empty()).then_some(label),
+            block_size: bs as u32,
+            size: fs_size,
+            used: used.len(),
+        },
+        used,
+    })
 }

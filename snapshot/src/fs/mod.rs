@@ -61,7 +61,6 @@ pub enum Found {
 
 /// Little-endian field readers for on-disk structures. Out-of-range offsets read as zero: callers
 /// size their buffers for fixed structures and check input-driven offsets with `slice::get` first.
-#[allow(dead_code)] // TEMP: used by the probes being written
 pub(crate) mod le {
     fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
         let mut a = [0u8; N];
@@ -100,14 +99,12 @@ pub(crate) mod le {
 }
 
 /// Bounded reads inside one partition; errors name the structure and where it was.
-#[allow(dead_code)] // TEMP: used by the probes being written
 pub(crate) struct Part<'a> {
     pub dev: &'a dyn ReadAt,
     pub offset: u64,
     pub len: u64,
 }
 
-#[allow(dead_code)] // TEMP: used by the probes being written
 impl Part<'_> {
     /// Fill `buf` from partition byte `rel`; `what` names the structure for the error.
     pub fn read(&self, rel: u64, buf: &mut [u8], what: &str) -> anyhow::Result<()> {
@@ -148,7 +145,6 @@ impl Part<'_> {
 /// Call `emit(start, end)` for every run of set bits (least significant bit first, as ext and
 /// NTFS bitmaps are laid out) among the first `nbits` bits of `bitmap`. Works a 64-bit word at a
 /// time, so empty and full stretches cost almost nothing.
-#[allow(dead_code)] // TEMP: used by the probes being written
 pub(crate) fn bit_runs(bitmap: &[u8], nbits: u64, mut emit: impl FnMut(u64, u64)) {
     let nbits = nbits.min((bitmap.len() as u64).saturating_mul(8));
     let mut open: Option<u64> = None;
@@ -199,7 +195,6 @@ pub(crate) fn bit_runs(bitmap: &[u8], nbits: u64, mut emit: impl FnMut(u64, u64)
 }
 
 /// Sort and merge byte ranges into [`Extents`] (adding in ascending order keeps that linear).
-#[allow(dead_code)] // TEMP: used by the probes being written
 pub(crate) fn extents_from(mut v: Vec<(u64, u64)>) -> Extents {
     v.sort_unstable();
     let mut e = Extents::new();

@@ -164,3 +164,91 @@ impl snapshot::ReadAt for Bytes<'_> {
         self.0.len() as u64
     }
 }
+
+/// A directory tree of test files (deterministic contents): many small files, a few large ones,
+/// nested directories, an empty file, a file of zeros.
+pub fn make_tree(dir: &Path, scale: usize) {
+    std::fs::create_dir_all(dir.join("sub/deeper/deepest")).unwrap();
+    for i in 0..40 * scale {
+        let n = (i * 7919) % 20_000;
+        std::fs::write(
+            dir.join(format!("small-{i:04}.dat")),
+            pseudo_random(i as u64 + 1, n),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("big.bin"), pseudo_random(4242, 3_000_000 * scale)).unwrap();
+    std::fs::write(
+        dir.join("sub/deeper/medium.bin"),
+        pseudo_random(77, 700_001),
+    )
+    .unwrap();
+    std::fs::write(dir.join("sub/deeper/deepest/hello.txt"), b"hello, world\n").unwrap();
+    std::fs::write(dir.join("sub/empty"), b"").unwrap();
+    std::fs::write(dir.join("zeros.bin"), vec![0u8; 200_000]).unwrap();
+}
+
+/// Every regular file under `dir`, as relative paths, sorted.
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(base: &Path, d: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                walk(base, &e.path(), out);
+            } else if t.is_file() {
+                out.push(e.path().strip_prefix(base).unwrap().to_path_buf());
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Copy only `used` (byte ranges relative to the partition at `offset`) of `src` into a zeroed
+/// image of the same size at `dst`.
+pub fn copy_used(src: &Path, dst: &Path, used: &snapshot::Extents, offset: u64) {
+    let size = std::fs::metadata(src).unwrap().len();
+    sparse(dst, size);
+    let r: Vec<(u64, u64)> = used
+        .ranges()
+        .iter()
+        .map(|&(a, b)| (a + offset, b + offset))
+        .collect();
+    copy_ranges(src, dst, &r);
+}
+
+/// Parse "a-b, c, d-e" (inclusive ranges) into half-open ranges.
+pub fn parse_ranges(s: &str) -> Vec<(u64, u64)> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| match x.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap(), b.parse::<u64>().unwrap() + 1),
+            None => {
+                let a: u64 = x.parse().unwrap();
+                (a, a + 1)
+            }
+        })
+        .collect()
+}
+
+/// `[0, total)` minus `free` (sorted, non-overlapping).
+pub fn complement(free: &[(u64, u64)], total: u64) -> Vec<(u64, u64)> {
+    let mut f = free.to_vec();
+    f.sort();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (a, b) in f {
+        if a > at {
+            out.push((at, a));
+        }
+        at = at.max(b);
+    }
+    if at < total {
+        out.push((at, total));
+    }
+    out
+}

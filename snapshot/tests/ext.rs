@@ -1,0 +1,409 @@
+//! ext2/3/4 used-block maps against e2fsprogs: dumpe2fs's free blocks are exactly the complement
+//! of our used blocks, and an image holding only the used blocks passes e2fsck and has the same
+//! files.
+
+mod common;
+
+use common::*;
+use snapshot::fs::{self, Found, FsKind, Probe};
+use snapshot::DiskSource;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+const MIB: u64 = 1 << 20;
+
+fn probe_image(img: &Path, offset: u64, len: u64) -> Found {
+    fs::probe(&DiskSource::open(img).unwrap(), offset, len)
+}
+
+fn known(img: &Path) -> Probe {
+    let len = std::fs::metadata(img).unwrap().len();
+    match probe_image(img, 0, len) {
+        Found::Known(p) => p,
+        other => panic!("{}: {other:?}", img.display()),
+    }
+}
+
+fn blkid(img: &Path) -> HashMap<String, String> {
+    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+struct Dump {
+    block_size: u64,
+    cluster_ratio: u64,
+    blocks: u64,
+    free: Vec<(u64, u64)>,
+}
+
+fn dumpe2fs(img: &Path) -> Dump {
+    let out = run(cmd("dumpe2fs").arg(img));
+    let field = |name: &str| -> Option<u64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().parse().unwrap())
+    };
+    let block_size = field("Block size:").unwrap();
+    let cluster_ratio = field("Cluster size:").map_or(1, |c| c / block_size);
+    let blocks = field("Block count:").unwrap();
+    let mut free = Vec::new();
+    for l in out.lines() {
+        if let Some(r) = l.trim().strip_prefix("Free blocks: ") {
+            for (a, b) in parse_ranges(r) {
+                // With bigalloc, dumpe2fs prints each free run as first block of first cluster to
+                // first block of last cluster.
+                free.push((a, b - 1 + cluster_ratio));
+            }
+        }
+    }
+    Dump {
+        block_size,
+        cluster_ratio,
+        blocks,
+        free,
+    }
+}
+
+/// Our used blocks, in block units, clipped to the filesystem.
+fn used_blocks(p: &Probe, bs: u64, blocks: u64) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for &(a, b) in p.used.ranges() {
+        let (a, b) = (a / bs, b.div_ceil(bs).min(blocks));
+        if a >= b {
+            continue;
+        }
+        match v.last_mut() {
+            Some(l) if l.1 >= a => l.1 = l.1.max(b),
+            _ => v.push((a, b)),
+        }
+    }
+    v
+}
+
+/// Check one image: the map against dumpe2fs, then a copy of only the used blocks against
+/// e2fsck and the original files.
+fn check(img: &Path, tree: &Path, kind: FsKind, work: &Path) -> Probe {
+    let p = known(img);
+    assert_eq!(p.fs.kind, kind, "{}", img.display());
+    let id = blkid(img);
+    assert_eq!(p.fs.uuid.as_deref(), id.get("UUID").map(String::as_str));
+    assert_eq!(p.fs.label.as_deref(), id.get("LABEL").map(String::as_str));
+    let d = dumpe2fs(img);
+    assert_eq!(u64::from(p.fs.block_size), d.block_size);
+    assert_eq!(p.fs.size, d.blocks * d.block_size);
+    let expect = complement(&d.free, d.blocks);
+    let got = used_blocks(&p, d.block_size, d.blocks);
+    assert_eq!(
+        got,
+        expect,
+        "{}: used blocks differ from the complement of dumpe2fs's free blocks (cluster ratio {})",
+        img.display(),
+        d.cluster_ratio
+    );
+    assert_eq!(p.fs.used, p.used.len());
+
+    let copy = work.join("copy.img");
+    copy_used(img, &copy, &p.used, 0);
+    let (code, out, err) = run_status(cmd("e2fsck").args(["-fn"]).arg(&copy), None);
+    assert_eq!(
+        code,
+        Some(0),
+        "e2fsck -fn on the used-blocks copy:\n{out}\n{err}"
+    );
+    let dump = work.join("dump");
+    let _ = std::fs::remove_dir_all(&dump);
+    std::fs::create_dir_all(&dump).unwrap();
+    run(cmd("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dump.display()))
+        .arg(&copy));
+    let files = list_files(tree);
+    assert!(!files.is_empty());
+    for f in &files {
+        let a = std::fs::read(tree.join(f)).unwrap();
+        let b = std::fs::read(dump.join(f)).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(
+            a == b,
+            "{}: file {} differs in the copy",
+            img.display(),
+            f.display()
+        );
+    }
+    // debugfs cat agrees too (a second reader).
+    let cat = std::process::Command::new(tool("debugfs"))
+        .args(["-R", "cat /sub/deeper/deepest/hello.txt"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(cat.stdout, b"hello, world\n");
+    p
+}
+
+fn mkfs(prog: &str, img: &Path, size: u64, args: &[&str], tree: &Path) {
+    sparse(img, size);
+    run(cmd(prog)
+        .args(["-q", "-F", "-L", "testvol", "-d"])
+        .arg(tree)
+        .args(args)
+        .arg(img));
+}
+
+#[test]
+fn ext_variants_match_dumpe2fs_and_copy_cleanly() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 1);
+    let img = d.path().join("fs.img");
+    let cases: &[(&str, u64, &[&str], FsKind)] = &[
+        ("mkfs.ext4", 64 * MIB, &[], FsKind::Ext4),
+        ("mkfs.ext4", 96 * MIB, &["-b", "4096"], FsKind::Ext4),
+        ("mkfs.ext4", 64 * MIB, &["-O", "^flex_bg"], FsKind::Ext4),
+        (
+            "mkfs.ext4",
+            64 * MIB,
+            &["-O", "64bit", "-b", "1024", "-g", "1024"],
+            FsKind::Ext4,
+        ),
+        (
+            "mkfs.ext4",
+            64 * MIB,
+            &["-O", "^64bit,^metadata_csum,uninit_bg"],
+            FsKind::Ext4,
+        ),
+        (
+            "mkfs.ext4",
+            64 * MIB,
+            &["-O", "meta_bg,^resize_inode", "-g", "256", "-b", "1024"],
+            FsKind::Ext4,
+        ),
+        (
+            "mkfs.ext4",
+            64 * MIB,
+            &["-O", "sparse_super2", "-b", "4096", "-g", "2048"],
+            FsKind::Ext4,
+        ),
+        (
+            "mkfs.ext4",
+            64 * MIB,
+            &["-O", "^sparse_super,^resize_inode", "-g", "2048"],
+            FsKind::Ext4,
+        ),
+        (
+            "mkfs.ext4",
+            128 * MIB,
+            &["-b", "4096", "-O", "bigalloc", "-C", "16384"],
+            FsKind::Ext4,
+        ),
+        (
+            "mkfs.ext4",
+            64 * MIB,
+            &["-I", "128", "-b", "2048"],
+            FsKind::Ext4,
+        ),
+        ("mkfs.ext2", 64 * MIB, &[], FsKind::Ext2),
+        (
+            "mkfs.ext2",
+            64 * MIB,
+            &["-b", "4096", "-O", "^sparse_super,^resize_inode"],
+            FsKind::Ext2,
+        ),
+        ("mkfs.ext3", 64 * MIB, &[], FsKind::Ext3),
+        (
+            "mkfs.ext3",
+            64 * MIB + 3 * 1024,
+            &["-b", "1024"],
+            FsKind::Ext3,
+        ),
+    ];
+    for (prog, size, args, kind) in cases {
+        mkfs(prog, &img, *size, args, &tree);
+        let p = check(&img, &tree, *kind, d.path());
+        eprintln!("{prog} {args:?}: {} of {} bytes used", p.fs.used, p.fs.size);
+    }
+}
+
+#[test]
+fn ext_inside_a_partition_with_slack() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 1);
+    let fsimg = d.path().join("fs.img");
+    mkfs("mkfs.ext4", &fsimg, 40 * MIB, &[], &tree);
+    let reference = known(&fsimg);
+    // Put it 1 MiB into a disk, in a 48 MiB partition: 8 MiB of slack past the filesystem.
+    let disk = d.path().join("disk.img");
+    sparse(&disk, 64 * MIB);
+    copy_ranges_at(&fsimg, &disk, MIB);
+    let p = match probe_image(&disk, MIB, 48 * MIB) {
+        Found::Known(p) => p,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(p.fs.size, 40 * MIB);
+    let mut expect = reference.used.clone();
+    expect.add(40 * MIB, 48 * MIB);
+    assert_eq!(p.used, expect);
+}
+
+fn copy_ranges_at(src: &Path, dst: &Path, at: u64) {
+    let b = std::fs::read(src).unwrap();
+    apply(dst, &[(at, b)]);
+}
+
+#[test]
+fn ext4_4gib_map_is_fast() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 3);
+    let img = d.path().join("big.img");
+    mkfs("mkfs.ext4", &img, 4096 * MIB, &[], &tree);
+    let dev = DiskSource::open(&img).unwrap();
+    let t = Instant::now();
+    let found = fs::probe(&dev, 0, 4096 * MIB);
+    let took = t.elapsed();
+    let Found::Known(p) = found else {
+        panic!("{found:?}")
+    };
+    eprintln!("4 GiB ext4 map: {took:?}, {} ranges", p.used.ranges().len());
+    assert!(took.as_millis() < 500, "mapping took {took:?}");
+    let dd = dumpe2fs(&img);
+    assert_eq!(
+        used_blocks(&p, dd.block_size, dd.blocks),
+        complement(&dd.free, dd.blocks)
+    );
+
+    // Worst case: no uninitialised groups and every bitmap fragmented (random bits ORed in).
+    mkfs(
+        "mkfs.ext4",
+        &img,
+        4096 * MIB,
+        &["-O", "^metadata_csum,^uninit_bg"],
+        &tree,
+    );
+    let out = run(cmd("dumpe2fs").arg(&img));
+    let bitmaps: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Block bitmap at "))
+        .map(|r| r.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(bitmaps.len(), 32);
+    for (i, b) in bitmaps.iter().enumerate() {
+        let mut cur = read_range(&img, b * 4096, 4096);
+        for (c, r) in cur.iter_mut().zip(pseudo_random(i as u64 + 100, 4096)) {
+            *c |= r & (r >> 1);
+        }
+        apply(&img, &[(b * 4096, cur)]);
+    }
+    let dev = DiskSource::open(&img).unwrap();
+    let t = Instant::now();
+    let found = fs::probe(&dev, 0, 4096 * MIB);
+    let took = t.elapsed();
+    let Found::Known(p) = found else {
+        panic!("{found:?}")
+    };
+    eprintln!(
+        "4 GiB ext4 map, fragmented: {took:?}, {} ranges",
+        p.used.ranges().len()
+    );
+    assert!(p.used.ranges().len() > 100_000);
+    assert!(took.as_millis() < 1000, "mapping took {took:?}");
+    let dd = dumpe2fs(&img);
+    assert_eq!(
+        used_blocks(&p, dd.block_size, dd.blocks),
+        complement(&dd.free, dd.blocks)
+    );
+}
+
+fn expect_damaged(img: &Path, len: u64, what: &[&str]) {
+    match probe_image(img, 0, len) {
+        Found::Damaged { reason, .. } => {
+            for w in what {
+                assert!(reason.contains(w), "{reason:?} should mention {w:?}");
+            }
+        }
+        other => panic!("expected damage mentioning {what:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn ext_damage_gives_errors_not_panics() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 1);
+    let pristine = d.path().join("pristine.img");
+    mkfs("mkfs.ext4", &pristine, 64 * MIB, &["-b", "4096"], &tree);
+    let img = d.path().join("work.img");
+    let fresh = || std::fs::copy(&pristine, &img).unwrap();
+    let len = 64 * MIB;
+
+    // Truncated image: the partition is shorter than the filesystem.
+    fresh();
+    expect_damaged(&img, 32 * MIB, &["superblock", "truncated"]);
+
+    // Block count beyond the partition.
+    fresh();
+    apply(&img, &[(1024 + 4, (1u32 << 30).to_le_bytes().to_vec())]);
+    expect_damaged(&img, len, &["superblock", "block"]);
+
+    // Nonsense block size.
+    fresh();
+    apply(&img, &[(1024 + 0x18, 9u32.to_le_bytes().to_vec())]);
+    expect_damaged(&img, len, &["s_log_block_size"]);
+
+    // Inode count that does not match the groups.
+    fresh();
+    apply(&img, &[(1024, 12345u32.to_le_bytes().to_vec())]);
+    expect_damaged(&img, len, &["inodes"]);
+
+    // A group descriptor pointing its block bitmap outside the filesystem.
+    fresh();
+    apply(&img, &[(4096, 0x7fff_fff0u32.to_le_bytes().to_vec())]);
+    expect_damaged(&img, len, &["group descriptor 0", "block bitmap"]);
+
+    // A journal that needs recovery.
+    fresh();
+    run(cmd("debugfs")
+        .args(["-w", "-R", "feature needs_recovery"])
+        .arg(&img));
+    expect_damaged(&img, len, &["journal needs recovery"]);
+
+    // No magic: not ext.
+    fresh();
+    apply(&img, &[(1024 + 0x38, vec![0, 0])]);
+    assert!(matches!(probe_image(&img, 0, len), Found::Unknown));
+
+    // Random bit flips in the superblock and descriptors of a small filesystem never panic.
+    let small = d.path().join("small.img");
+    sparse(&small, 4 * MIB);
+    run(cmd("mkfs.ext4")
+        .args(["-q", "-F", "-b", "1024", "-g", "1024"])
+        .arg(&small));
+    let base = std::fs::read(&small).unwrap();
+    let rnd = pseudo_random(5, 9000);
+    let mut b = base.clone();
+    for i in 0..3000 {
+        let mut flipped = Vec::new();
+        for k in 0..3 {
+            let r = rnd[3 * i + k] as usize;
+            // Superblock (1024..2048) and descriptors (2048..3072).
+            let pos = 1024 + (r * 7919 + i * 104_729) % 2048;
+            b[pos] ^= 1 << (r % 8);
+            flipped.push(pos);
+        }
+        let _ = snapshot::fs::ext::probe(&Bytes(&b), 0, b.len() as u64);
+        for pos in flipped {
+            b[pos] = base[pos];
+        }
+    }
+    // Garbage with the magic.
+    let mut g = pseudo_random(9, 4 * MIB as usize);
+    g[1024 + 0x38] = 0x53;
+    g[1024 + 0x39] = 0xEF;
+    assert!(matches!(
+        snapshot::fs::ext::probe(&Bytes(&g), 0, g.len() as u64),
+        Some(Err(_))
+    ));
+}
