@@ -8,8 +8,6 @@
 //! published as plain store files under `STORE/failover/<vm>/` for the restorer to GET.
 //! The operator's view is in `docs/failback.md`.
 
-// Routed by `appliance serve` (engineer C's server) once it lands.
-#[allow(dead_code)]
 pub mod api;
 pub mod cli;
 mod qcow2;

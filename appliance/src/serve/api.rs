@@ -60,6 +60,9 @@ pub fn handle(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
     };
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let method = req.method.clone();
+    if s.first() == Some(&"failover") {
+        return failover(app, req, rest, who);
+    }
     let read = method == "GET" || method == "HEAD";
     let r = match (s.as_slice(), method.as_str()) {
         (["hosts"], _) if read => list_hosts(app, who),
@@ -82,6 +85,35 @@ pub fn handle(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
         }),
     };
     r.unwrap_or_else(|e| e)
+}
+
+/// Failover VMs and failback rounds: `appliance/src/failover/api.rs` answers. Reading needs
+/// any valid token; making rounds and stopping VMs needs upload or admin access.
+fn failover(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
+    let read = req.method == "GET" || req.method == "HEAD";
+    if let Who::Token { access, .. } = who {
+        if !read && *access < super::auth::Access::Upload {
+            return err(
+                403,
+                "this token may not change failover VMs (needs upload access)",
+            );
+        }
+    }
+    let body = match body(req, SMALL_BODY_LIMIT) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let method = if req.method == "HEAD" {
+        "GET"
+    } else {
+        req.method.as_str()
+    };
+    match crate::failover::api::handle(&app.store, method, &format!("/api/v1/{rest}"), &body) {
+        Some((status, json)) => Response::new(status)
+            .bytes("application/json", json)
+            .header("Cache-Control", "no-store"),
+        None => err(404, "no such API endpoint"),
+    }
 }
 
 /// The methods of a known endpoint, for 405.
