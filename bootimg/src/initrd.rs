@@ -51,6 +51,12 @@ pub fn build(inp: &Inputs, work: &Path, out: &Path) -> Result<Initrd> {
 
     let restorer_static = !elf_is_dynamic(inp.restorer)?;
     copy_program(&root, inp.restorer, "/bin/restorer")?;
+    // A debug build carries ~70 MiB of DWARF; symbol names stay for backtraces.
+    if crate::run::which("strip").is_some() {
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg(root.join("bin/restorer")))?;
+    }
 
     for t in &inp.recipe.tools {
         if !t.source.exists() {
@@ -128,7 +134,7 @@ fn compress(raw: &Path, out: &Path, how: &str) -> Result<()> {
         }
         _ => {
             run(Command::new("zstd")
-                .args(["-q", "-f", "-19", "-T0", "-o"])
+                .args(["-q", "-f", "-15", "-T0", "-o"])
                 .arg(out)
                 .arg(raw))?;
         }
