@@ -73,7 +73,10 @@ impl Who {
             Who::Open => true,
             Who::Token { access, hosts, .. } => {
                 *access == Access::Admin
-                    || hosts.as_ref().map_or(true, |h| h.iter().any(|x| x == host))
+                    || match hosts {
+                        None => true,
+                        Some(h) => h.iter().any(|x| x == host),
+                    }
             }
         }
     }

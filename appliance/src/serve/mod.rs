@@ -271,7 +271,8 @@ fn worker(app: &App, listener: &TcpListener, stop: &AtomicBool, t: &Timeouts) {
                 }
                 // E.g. EMFILE: out of file descriptors. Say so at most once a minute, back off
                 // a little and keep serving.
-                if last_error.map_or(true, |t| t.elapsed() > Duration::from_secs(60)) {
+                let quiet = matches!(last_error, Some(t) if t.elapsed() < Duration::from_secs(60));
+                if !quiet {
                     eprintln!("appliance serve: error: accepting a connection: {e}");
                     last_error = Some(Instant::now());
                 }
