@@ -29,7 +29,7 @@ fn blkid(img: &Path) -> HashMap<String, String> {
     run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
         .lines()
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
         .collect()
 }
 
