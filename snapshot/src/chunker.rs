@@ -87,17 +87,22 @@ pub fn chunk_disk(
         ..Default::default()
     });
     let (work_tx, work_rx) = crossbeam_channel::bounded::<(usize, Vec<u8>)>(opts.workers + 1);
+    // Buffers circulate reader -> worker -> pool -> reader: no 4 MiB allocation (and its page
+    // faults) per chunk.
+    let (pool_tx, pool_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
     let (done_tx, done_rx) =
         crossbeam_channel::bounded::<Result<(usize, Slot)>>(opts.workers * 2 + 2);
     let spans: Vec<(u64, u64)> = (0..n).map(|i| index.span(i)).collect();
 
     std::thread::scope(|s| -> Result<()> {
         for _ in 0..opts.workers {
-            let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+            let (work_rx, done_tx, pool_tx) = (work_rx.clone(), done_tx.clone(), pool_tx.clone());
             let (seen, stats) = (&seen, &stats);
             s.spawn(move || {
                 for (i, buf) in work_rx {
-                    let r = store_chunk(&buf, sink, opts, seen, stats).with_context(|| {
+                    let r = store_chunk(&buf, sink, opts, seen, stats);
+                    let _ = pool_tx.send(buf);
+                    let r = r.with_context(|| {
                         format!("chunk {i} at offset {}", i as u64 * crate::CHUNK_SIZE)
                     });
                     if done_tx.send(r.map(|slot| (i, slot))).is_err() {
@@ -113,7 +118,9 @@ pub fn chunk_disk(
             let (spans, read) = (&spans, &read);
             s.spawn(move || {
                 for (i, &(off, len)) in spans.iter().enumerate() {
-                    let r = read_slot(dev, used, off, len, read);
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.resize(len as usize, 0);
+                    let r = read_slot(dev, used, off, &mut buf, read).map(|any| any.then_some(buf));
                     let sent = match r {
                         Ok(None) => done_tx.send(Ok((i, Slot::Unused))).is_ok(),
                         Ok(Some(buf)) => work_tx.send((i, buf)).is_ok(),
@@ -152,19 +159,21 @@ pub fn chunk_disk(
     Ok((index, stats))
 }
 
-/// Read the used ranges of one slot into a zeroed buffer; `None` when nothing in it is used.
+/// Read the used ranges of the slot at `off` into `buf` (its length is the slot's), zeroing the
+/// rest; `false` when nothing in it is used.
 fn read_slot(
     dev: &dyn ReadAt,
     used: &Extents,
     off: u64,
-    len: u64,
+    buf: &mut [u8],
     read: &AtomicU64,
-) -> Result<Option<Vec<u8>>> {
+) -> Result<bool> {
+    let len = buf.len() as u64;
     let ranges: Vec<(u64, u64)> = used.within(off, off + len).collect();
     if ranges.is_empty() {
-        return Ok(None);
+        return Ok(false);
     }
-    let mut buf = vec![0u8; len as usize];
+    let mut filled = 0; // bytes of `buf` that hold this slot's data or zeros
     let mut k = 0;
     while k < ranges.len() {
         let (start, mut end) = ranges[k];
@@ -173,19 +182,20 @@ fn read_slot(
             end = ranges[j].1;
             j += 1;
         }
-        dev.read_at(
-            &mut buf[(start - off) as usize..(end - off) as usize],
-            start,
-        )
-        .with_context(|| format!("reading {} bytes at offset {start}", end - start))?;
+        let (s, e) = ((start - off) as usize, (end - off) as usize);
+        buf[filled..s].fill(0);
+        dev.read_at(&mut buf[s..e], start)
+            .with_context(|| format!("reading {} bytes at offset {start}", end - start))?;
         read.fetch_add(end - start, Ordering::Relaxed);
         // Zero the free gaps that the merged read pulled in.
         for w in ranges[k..j].windows(2) {
             buf[(w[0].1 - off) as usize..(w[1].0 - off) as usize].fill(0);
         }
+        filled = e;
         k = j;
     }
-    Ok(Some(buf))
+    buf[filled..].fill(0);
+    Ok(true)
 }
 
 fn store_chunk(
