@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Bump when the builder's output changes for the same recipe: old cache entries are ignored.
-pub const BUILDER_VERSION: u32 = 1;
+pub const BUILDER_VERSION: u32 = 2;
 
 /// The timestamp every fixture file and filesystem carries (2023-11-14T22:13:20Z).
 pub const EPOCH: u64 = 1_700_000_000;
@@ -856,61 +856,55 @@ pub fn big_mixed_spec(size: u64, used_fraction: f64) -> DiskSpec {
     let mut filled = 0u64;
     let mut seed = 1_000_000u64;
     let mut dups: Vec<Content> = Vec::new();
+    let mut by_kind = [0u64; 4];
     let mut n = 0u64;
     while filled < target {
         n += 1;
         seed += 1;
         let left = target - filled;
-        let roll = g.below(100);
-        let (path, content) = if roll < 20 && !dups.is_empty() {
-            // a duplicate of an earlier file
-            let c = dups[g.below(dups.len() as u64) as usize].clone();
-            (format!("srv/backup/copy-{n:06}.dup"), c)
-        } else if roll < 45 {
-            let len = if g.below(10) < 8 {
-                1024 + g.below(64 << 10)
-            } else {
-                MIB + g.below(48 * MIB)
-            };
-            (
+        let roll = g.below(4 * MIB);
+        // the kind furthest below its share of the bytes so far: text 30%, binary 15%,
+        // random 35%, duplicates 20%
+        let shares = [0.30, 0.15, 0.35, 0.20];
+        let kind = (0..4)
+            .filter(|&k| k != 3 || !dups.is_empty())
+            .max_by_key(|&k| {
+                ((shares[k] * (filled + MIB) as f64 - by_kind[k] as f64) as i64)
+                    .saturating_add(roll as i64)
+            })
+            .expect("a kind");
+        // sizes: 75% small (0.5-32 KiB), 20% medium (32 KiB-2 MiB), 5% large (2-48 MiB)
+        let size_roll = g.below(100);
+        let len = if size_roll < 75 {
+            512 + g.below(32 << 10)
+        } else if size_roll < 95 {
+            (32 << 10) + g.below(2 * MIB)
+        } else {
+            2 * MIB + g.below(46 * MIB)
+        }
+        .min(left.max(1));
+        let (path, content) = match kind {
+            0 => (
                 format!("var/log/app{}/log-{n:06}.txt", n % 7),
                 Content::Text { seed, len },
-            )
-        } else if roll < 60 {
-            let len = 64 * 1024 + g.below(8 * MIB);
-            (
+            ),
+            1 => (
                 format!("usr/lib/pkg{}/lib-{n:06}.so", n % 13),
                 Content::Binary { seed, len },
-            )
-        } else {
-            let len = if g.below(4) == 0 {
-                4096 + g.below(MIB)
-            } else {
-                MIB + g.below(64 * MIB)
-            };
-            (
+            ),
+            2 => (
                 format!("var/lib/data{}/blob-{n:06}.bin", n % 5),
                 Content::Random { seed, len },
-            )
+            ),
+            _ => (
+                format!("srv/backup/copy-{n:06}.dup"),
+                dups[g.below(dups.len() as u64) as usize].clone(),
+            ),
         };
-        let content = match content {
-            Content::Random { seed, len } => Content::Random {
-                seed,
-                len: len.min(left.max(1)),
-            },
-            Content::Text { seed, len } => Content::Text {
-                seed,
-                len: len.min(left.max(1)),
-            },
-            Content::Binary { seed, len } => Content::Binary {
-                seed,
-                len: len.min(left.max(1)),
-            },
-            other => other,
-        };
-        if !path.ends_with(".dup") && content.len() > 256 * 1024 && g.below(3) == 0 {
+        if kind != 3 && content.len() >= 64 * 1024 && g.below(3) == 0 {
             dups.push(content.clone());
         }
+        by_kind[kind] += content.len();
         filled += content.len().div_ceil(4096) * 4096;
         tree.push(entry(path, content));
     }
@@ -1114,7 +1108,7 @@ fn package_of(program: &str) -> &'static str {
         "mkfs.fat" | "fsck.fat" => "dosfstools",
         "mmd" | "mcopy" | "mdir" => "mtools",
         "mkntfs" | "ntfscp" | "ntfscat" | "ntfsfix" => "ntfs-3g",
-        "mkswap" | "sfdisk" | "fdisk" => "util-linux / fdisk",
+        "mkswap" | "sfdisk" | "fdisk" | "blkid" => "util-linux / fdisk",
         "sgdisk" => "gdisk",
         _ => "?",
     }
@@ -1462,7 +1456,9 @@ fn build_fs(
             tree,
         } => {
             let mut cmd = Command::new("mkfs.fat");
-            cmd.arg("-F")
+            // --invariant first: it also sets the volume id, which a later -i overrides
+            cmd.arg("--invariant")
+                .arg("-F")
                 .arg(bits.to_string())
                 .arg("-S")
                 .arg(sector_size.to_string())
@@ -1471,8 +1467,7 @@ fn build_fs(
                 .arg("-i")
                 .arg(format!("{volume_id:08X}"))
                 .arg("-h")
-                .arg((p.start * spec.sector_size as u64 / *sector_size as u64).to_string())
-                .arg("--invariant");
+                .arg((p.start * spec.sector_size as u64 / *sector_size as u64).to_string());
             if *cluster_sectors > 0 {
                 cmd.arg("-s").arg(cluster_sectors.to_string());
             }
@@ -1597,6 +1592,23 @@ fn build_fs(
     }
     if let Some(kind) = info.fs {
         info.used_bytes = oracle::used_bytes(kind, fsimg)?;
+        // what blkid reads is what the recipe asked for
+        let out = tool(
+            Command::new("blkid")
+                .args(["-p", "-o", "value", "-s", "UUID"])
+                .arg(fsimg),
+        )?;
+        let found = out.stdout.trim().to_string();
+        match &info.uuid {
+            Some(u) if !u.eq_ignore_ascii_case(&found) => {
+                bail!(
+                    "partition {}: blkid reads UUID {found}, the recipe says {u}",
+                    p.number
+                )
+            }
+            Some(_) => {}
+            None => info.uuid = Some(found),
+        }
     }
     Ok(())
 }

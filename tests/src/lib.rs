@@ -4,8 +4,10 @@
 //! - [`fixtures`]: deterministic, cached server disk images built without mounting anything.
 //! - [`oracle`]: independent checks of a copy of a fixture (used blocks, fsck, file hashes).
 //! - [`util`]: child processes with timeouts, HTTP servers, workspace binaries, sparse copies.
+//! - [`corrupt`]: controlled damage to images (GPT entries with valid CRCs, MBR entries).
 //! - [`prng`]: the seeded generator and the content kinds fixtures are filled with.
 
+pub mod corrupt;
 pub mod fixtures;
 pub mod oracle;
 pub mod prng;

@@ -584,3 +584,22 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     }
     Ok(hex::encode(h.finalize()))
 }
+
+/// Run `f` on a thread and wait at most `timeout` for it; panics (naming `what`) if it takes
+/// longer, so an in-process call that hangs fails the test instead of blocking it forever.
+#[track_caller]
+pub fn with_timeout<T: Send + 'static>(
+    what: &str,
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(v)) => v,
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("{what}: still running after {timeout:?}"),
+    }
+}
