@@ -279,15 +279,28 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
             ));
         }
     }
-    let new_table = table::for_target(&disk.table, src_sector, target.size, tgt_sector, grow)
-        .with_context(|| {
-            format!(
-                "laying out the {} table for {} ({}-byte sectors)",
-                table_name(&disk.table),
-                target.path.display(),
-                tgt_sector
-            )
-        })?;
+    let mut attempt = table::for_target(&disk.table, src_sector, target.size, tgt_sector, grow);
+    if grow {
+        if let Err(e) = &attempt {
+            // Growing is a convenience: when it cannot be laid out, restore with the source sizes.
+            let plain = table::for_target(&disk.table, src_sector, target.size, tgt_sector, false);
+            if plain.is_ok() {
+                notes.push(format!(
+                    "the last partition cannot be grown ({e:#}); the {} past it stay unallocated",
+                    bytes(target.size - disk.size)
+                ));
+                attempt = plain;
+            }
+        }
+    }
+    let new_table = attempt.with_context(|| {
+        format!(
+            "laying out the {} table for {} ({}-byte sectors)",
+            table_name(&disk.table),
+            target.path.display(),
+            tgt_sector
+        )
+    })?;
     let new_parts = new_table.partitions(tgt_sector);
     let mut partitions = Vec::new();
     let mut resize = Vec::new();
