@@ -253,6 +253,9 @@ pub fn auto_assign(sources: &[u64], disks: Vec<Target>, safety: &Safety) -> Resu
     Ok(out.into_iter().map(|t| t.expect("all assigned")).collect())
 }
 
+/// Comma-separated devices never to write, set by the boot image's init for the boot medium.
+pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
+
 /// What this machine is using right now: mounted filesystems, active swap, the root and the
 /// medium the program runs from, loop-device backing files. Read once, checked per target.
 pub struct Safety {
@@ -302,6 +305,19 @@ impl Safety {
                         let r = m.rdev();
                         for d in whole_disks((libc::major(r), libc::minor(r))) {
                             disks.push((d, format!("is in use as swap ({dev})")));
+                        }
+                    }
+                }
+            }
+        }
+        // The boot medium, as the boot image's init names it (see init/job.rs).
+        if let Ok(list) = std::env::var(EXCLUDE_ENV) {
+            for dev in list.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+                if let Ok(m) = fs::metadata(dev) {
+                    if m.file_type().is_block_device() {
+                        let r = m.rdev();
+                        for d in whole_disks((libc::major(r), libc::minor(r))) {
+                            disks.push((d, format!("is the boot medium ({dev})")));
                         }
                     }
                 }
