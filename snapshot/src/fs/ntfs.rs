@@ -1,9 +1,466 @@
-//! (Implementation in progress.)
+//! NTFS: the used-cluster map from `$Bitmap`.
+//!
+//! The boot sector gives the geometry and where the MFT starts. MFT record 0 (`$MFT`) gives the
+//! MFT's own runlist, through which record 6 (`$Bitmap`) and record 3 (`$Volume`, for the label)
+//! are read. Records are checked ("FILE", update-sequence fixups) before use; runlists are decoded
+//! with sparse runs and signed LCN deltas, every run checked against the volume. The partition
+//! past the last whole cluster (which holds the backup boot sector) is used.
 
-use super::Probe;
+use super::{bit_runs, extents_from, le, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
+use anyhow::{anyhow, bail, Context, Result};
+
+const AT_VOLUME_NAME: u32 = 0x60;
+const AT_DATA: u32 = 0x80;
+const AT_ATTRIBUTE_LIST: u32 = 0x20;
+const AT_END: u32 = 0xFFFF_FFFF;
+const FIXUP_STRIDE: usize = 512;
+/// Bitmap bytes processed per read.
+const BITMAP_CHUNK: u64 = 8 << 20;
 
 /// `None` when the signature is absent.
-pub fn probe(_dev: &dyn ReadAt, _offset: u64, _len: u64) -> Option<anyhow::Result<Probe>> {
-    None
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<anyhow::Result<Probe>> {
+    let part = Part { dev, offset, len };
+    let mut bs = [0u8; 512];
+    if len < 512 || part.read(0, &mut bs, "NTFS boot sector").is_err() {
+        return None;
+    }
+    if &bs[3..11] != b"NTFS    " {
+        return None;
+    }
+    Some(map(&part, &bs))
+}
+
+struct Volume<'a> {
+    part: &'a Part<'a>,
+    cluster: u64,
+    record_size: u64,
+    /// The MFT's own runlist (from record 0).
+    mft_runs: Vec<Run>,
+}
+
+/// One run of a runlist: `len` clusters from `vcn`, at `lcn` (`None`: sparse).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    vcn: u64,
+    len: u64,
+    lcn: Option<u64>,
+}
+
+fn geometry(bs: &[u8; 512], len: u64) -> Result<(u64, u64, u64, u64, u64)> {
+    let bps = u64::from(le::u16(bs, 0x0B));
+    if !(256..=4096).contains(&bps) || !bps.is_power_of_two() {
+        bail!("NTFS boot sector: {bps} bytes per sector is invalid");
+    }
+    let spc_raw = bs[0x0D];
+    let spc = if spc_raw > 0x80 {
+        let shift = 256 - u32::from(spc_raw);
+        if shift > 20 {
+            bail!("NTFS boot sector: sectors-per-cluster code 0x{spc_raw:02x} is invalid");
+        }
+        1u64 << shift
+    } else {
+        u64::from(spc_raw)
+    };
+    if spc == 0 || !spc.is_power_of_two() {
+        bail!("NTFS boot sector: {spc} sectors per cluster is invalid");
+    }
+    let cluster = bps * spc;
+    if cluster > 2 << 20 {
+        bail!("NTFS boot sector: cluster size {cluster} is above 2 MiB");
+    }
+    let total_sectors = le::u64(bs, 0x28);
+    let size = total_sectors
+        .checked_mul(bps)
+        .ok_or_else(|| anyhow!("NTFS boot sector: {total_sectors} sectors overflows"))?;
+    if size > len {
+        bail!(
+            "NTFS boot sector: the volume spans {size} bytes ({total_sectors} sectors of {bps}) \
+             but the partition holds only {len}: truncated image or wrong partition size"
+        );
+    }
+    let clusters = total_sectors / spc;
+    let rec_raw = bs[0x40] as i8;
+    let record_size = if rec_raw > 0 {
+        u64::from(rec_raw as u8) * cluster
+    } else {
+        let shift = u32::from(rec_raw.unsigned_abs());
+        if !(8..=16).contains(&shift) {
+            bail!("NTFS boot sector: MFT record size code {rec_raw} is invalid");
+        }
+        1u64 << shift
+    };
+    if !(256..=65536).contains(&record_size) || !record_size.is_power_of_two() {
+        bail!("NTFS boot sector: MFT record size {record_size} is invalid");
+    }
+    let mft_lcn = le::u64(bs, 0x30);
+    if mft_lcn >= clusters {
+        bail!("NTFS boot sector: MFT cluster {mft_lcn} is past the volume's {clusters} clusters");
+    }
+    Ok((cluster, clusters, size, record_size, mft_lcn))
+}
+
+/// Check the header of an MFT record and undo its update-sequence fixups.
+fn fixup(rec: &mut [u8], what: &str) -> Result<()> {
+    if rec.get(0..4) != Some(&b"FILE"[..]) {
+        bail!(
+            "{what}: no FILE signature (magic {:02x?})",
+            rec.get(0..4).unwrap_or_default()
+        );
+    }
+    let usa_ofs = usize::from(le::u16(rec, 4));
+    let usa_count = usize::from(le::u16(rec, 6));
+    let strides = rec.len() / FIXUP_STRIDE;
+    if usa_count != strides + 1 || usa_ofs < 0x28 || usa_ofs + 2 * usa_count > rec.len() {
+        bail!(
+            "{what}: update sequence array (offset {usa_ofs}, {usa_count} entries) does not fit a \
+             {}-byte record",
+            rec.len()
+        );
+    }
+    let usn: [u8; 2] = le::bytes(rec, usa_ofs);
+    for i in 1..usa_count {
+        let pos = i * FIXUP_STRIDE - 2;
+        let stored: [u8; 2] = le::bytes(rec, pos);
+        if stored != usn {
+            bail!("{what}: update sequence mismatch at byte {pos} (torn write or damage)");
+        }
+        let orig: [u8; 2] = le::bytes(rec, usa_ofs + 2 * i);
+        le::put(rec, pos, &orig);
+    }
+    Ok(())
+}
+
+/// An attribute found in a record: (type, name length, resident?, bytes).
+struct Attr<'a> {
+    kind: u32,
+    name_len: u8,
+    non_resident: bool,
+    b: &'a [u8],
+}
+
+fn attributes<'a>(rec: &'a [u8], what: &str) -> Result<Vec<Attr<'a>>> {
+    let mut out = Vec::new();
+    let in_use = (le::u32(rec, 0x18) as usize).min(rec.len());
+    let mut pos = usize::from(le::u16(rec, 0x14));
+    loop {
+        let kind = le::u32(rec, pos);
+        if kind == AT_END {
+            break;
+        }
+        let alen = le::u32(rec, pos + 4) as usize;
+        let end = pos.checked_add(alen).filter(|&e| e <= in_use);
+        let (Some(end), true) = (end, alen >= 0x18 && alen.is_multiple_of(8)) else {
+            bail!("{what}: attribute 0x{kind:x} at byte {pos} has a bad length {alen}");
+        };
+        let b = rec.get(pos..end).unwrap_or_default();
+        out.push(Attr {
+            kind,
+            name_len: b.get(9).copied().unwrap_or(0),
+            non_resident: b.get(8).copied().unwrap_or(0) != 0,
+            b,
+        });
+        pos = end;
+        if out.len() > 1024 {
+            bail!("{what}: too many attributes");
+        }
+    }
+    Ok(out)
+}
+
+/// Value of a resident attribute.
+fn resident_value<'a>(a: &Attr<'a>, what: &str) -> Result<&'a [u8]> {
+    let vlen = le::u32(a.b, 0x10) as usize;
+    let voff = usize::from(le::u16(a.b, 0x14));
+    a.b.get(voff..voff.saturating_add(vlen)).ok_or_else(|| {
+        anyhow!("{what}: resident value ({vlen} bytes at {voff}) overruns its attribute")
+    })
+}
+
+/// Decode the mapping pairs of a non-resident attribute.
+fn runlist(a: &Attr, clusters: u64, what: &str) -> Result<Vec<Run>> {
+    let mut vcn = le::u64(a.b, 0x10);
+    let mut pos = usize::from(le::u16(a.b, 0x20));
+    let mut lcn: i64 = 0;
+    let mut runs = Vec::new();
+    loop {
+        let h =
+            *a.b.get(pos)
+                .ok_or_else(|| anyhow!("{what}: runlist runs off the end of its attribute"))?;
+        if h == 0 {
+            break;
+        }
+        let (ls, os) = (usize::from(h & 0xF), usize::from(h >> 4));
+        if ls == 0 || ls > 8 || os > 8 {
+            bail!("{what}: runlist header 0x{h:02x} at attribute byte {pos} is invalid");
+        }
+        let field = |off: usize, n: usize| -> Result<[u8; 8]> {
+            let s =
+                a.b.get(off..off + n)
+                    .ok_or_else(|| anyhow!("{what}: runlist runs off the end of its attribute"))?;
+            let mut v = [0u8; 8];
+            v[..n].copy_from_slice(s);
+            // Sign-extend.
+            if n > 0 && n < 8 && s[n - 1] & 0x80 != 0 {
+                v[n..].fill(0xFF);
+            }
+            Ok(v)
+        };
+        let length = i64::from_le_bytes(field(pos + 1, ls)?);
+        if length <= 0 {
+            bail!("{what}: run of {length} clusters at VCN {vcn}");
+        }
+        let length = length as u64;
+        let run_lcn = if os == 0 {
+            None
+        } else {
+            let delta = i64::from_le_bytes(field(pos + 1 + ls, os)?);
+            lcn = lcn
+                .checked_add(delta)
+                .filter(|&l| l >= 0)
+                .ok_or_else(|| anyhow!("{what}: run at VCN {vcn} has a negative cluster number"))?;
+            let l = lcn as u64;
+            if l.checked_add(length).is_none_or(|e| e > clusters) {
+                bail!(
+                    "{what}: run at VCN {vcn} (clusters {l}..+{length}) lies outside the volume's \
+                     {clusters} clusters"
+                );
+            }
+            Some(l)
+        };
+        runs.push(Run {
+            vcn,
+            len: length,
+            lcn: run_lcn,
+        });
+        vcn = vcn
+            .checked_add(length)
+            .ok_or_else(|| anyhow!("{what}: VCN overflow"))?;
+        pos += 1 + ls + os;
+        if runs.len() > 1 << 20 {
+            bail!("{what}: runlist too long");
+        }
+    }
+    Ok(runs)
+}
+
+impl Volume<'_> {
+    /// Read `len` bytes at byte `off` of a stream described by `runs` (sparse runs read as zero).
+    fn read_stream(&self, runs: &[Run], off: u64, out: &mut [u8], what: &str) -> Result<()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = off + done as u64;
+            let vcn = pos / self.cluster;
+            let run = runs
+                .iter()
+                .find(|r| r.vcn <= vcn && vcn < r.vcn + r.len)
+                .ok_or_else(|| {
+                    anyhow!("{what}: byte {pos} of the stream is not mapped by its runlist")
+                })?;
+            let run_end = (run.vcn + run.len).saturating_mul(self.cluster);
+            let n = usize::try_from(run_end - pos)
+                .unwrap_or(usize::MAX)
+                .min(out.len() - done);
+            let dst = &mut out[done..done + n];
+            match run.lcn {
+                None => dst.fill(0),
+                Some(l) => {
+                    let at = l * self.cluster + (pos - run.vcn * self.cluster);
+                    self.part.read(at, dst, what)?;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn record(&self, n: u64, what: &str) -> Result<Vec<u8>> {
+        let mut rec = vec![0u8; self.record_size as usize];
+        self.read_stream(&self.mft_runs, n * self.record_size, &mut rec, what)?;
+        fixup(&mut rec, what)?;
+        if le::u16(&rec, 0x16) & 1 == 0 {
+            bail!("{what}: record is not in use");
+        }
+        Ok(rec)
+    }
+}
+
+/// The runlist of the unnamed `$DATA` of a record, with its data size.
+fn data_runs(rec: &[u8], clusters: u64, what: &str) -> Result<(Vec<Run>, u64)> {
+    let attrs = attributes(rec, what)?;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut size = None;
+    for a in attrs
+        .iter()
+        .filter(|a| a.kind == AT_DATA && a.name_len == 0)
+    {
+        if !a.non_resident {
+            bail!("{what}: $DATA is resident");
+        }
+        if le::u64(a.b, 0x10) == 0 {
+            size = Some(le::u64(a.b, 0x30).min(le::u64(a.b, 0x38)));
+        }
+        runs.extend(runlist(a, clusters, what)?);
+    }
+    let Some(size) = size else {
+        if attrs.iter().any(|a| a.kind == AT_ATTRIBUTE_LIST) {
+            bail!("{what}: $DATA lives in extension records (attribute list); not supported");
+        }
+        bail!("{what}: no unnamed $DATA attribute");
+    };
+    Ok((runs, size))
+}
+
+fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
+    let (cluster, clusters, size, record_size, mft_lcn) = geometry(bs, part.len)?;
+    let mut vol = Volume {
+        part,
+        cluster,
+        record_size,
+        mft_runs: vec![Run {
+            vcn: 0,
+            len: record_size.div_ceil(cluster),
+            lcn: Some(mft_lcn),
+        }],
+    };
+    let rec0 = vol
+        .record(0, &format!("MFT record 0 ($MFT) at cluster {mft_lcn}"))
+        .context("NTFS")?;
+    let (mft_runs, _) = data_runs(&rec0, clusters, "MFT record 0 ($MFT)").context("NTFS")?;
+    vol.mft_runs = mft_runs;
+    let rec6 = vol.record(6, "MFT record 6 ($Bitmap)").context("NTFS")?;
+    let (bm_runs, bm_size) =
+        data_runs(&rec6, clusters, "MFT record 6 ($Bitmap)").context("NTFS")?;
+    let bm_bytes = clusters.div_ceil(8);
+    if bm_size < bm_bytes {
+        bail!(
+            "NTFS: $Bitmap holds {bm_size} bytes, too few for {clusters} clusters ({bm_bytes} bytes)"
+        );
+    }
+    let mut used: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    let mut buf = Vec::new();
+    while off < bm_bytes {
+        let n = (bm_bytes - off).min(BITMAP_CHUNK);
+        buf.resize(n as usize, 0);
+        vol.read_stream(&bm_runs, off, &mut buf, "NTFS $Bitmap")?;
+        let base = off * 8;
+        let nbits = (clusters - base).min(n * 8);
+        bit_runs(&buf, nbits, |s, e| {
+            used.push(((base + s) * cluster, (base + e) * cluster));
+        });
+        off += n;
+    }
+    // Past the last whole cluster: the rest of the volume and the backup boot sector.
+    used.push((clusters * cluster, part.len));
+    let used = extents_from(used);
+    let label = vol
+        .record(3, "MFT record 3 ($Volume)")
+        .ok()
+        .and_then(|rec| volume_label(&rec));
+    Ok(Probe {
+        fs: Filesystem {
+            kind: FsKind::Ntfs,
+            uuid: Some(format!("{:016X}", le::u64(bs, 0x48))),
+            label,
+            block_size: cluster as u32,
+            size,
+            used: used.len(),
+        },
+        used,
+    })
+}
+
+fn volume_label(rec: &[u8]) -> Option<String> {
+    let attrs = attributes(rec, "$Volume").ok()?;
+    let a = attrs
+        .iter()
+        .find(|a| a.kind == AT_VOLUME_NAME && !a.non_resident)?;
+    let v = resident_value(a, "$Volume name").ok()?;
+    let units: Vec<u16> = v
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let s = String::from_utf16_lossy(&units);
+    (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr_with_runs(pairs: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 0x40];
+        le::put32(&mut b, 0, AT_DATA);
+        b[8] = 1;
+        le::put16(&mut b, 0x20, 0x40);
+        b.extend_from_slice(pairs);
+        b.resize(b.len().div_ceil(8) * 8, 0);
+        let n = b.len() as u32;
+        le::put32(&mut b, 4, n);
+        b
+    }
+
+    fn runs(pairs: &[u8], clusters: u64) -> Result<Vec<(u64, u64, Option<u64>)>> {
+        let b = attr_with_runs(pairs);
+        let a = Attr {
+            kind: AT_DATA,
+            name_len: 0,
+            non_resident: true,
+            b: &b,
+        };
+        Ok(runlist(&a, clusters, "test")?
+            .into_iter()
+            .map(|r| (r.vcn, r.len, r.lcn))
+            .collect())
+    }
+
+    #[test]
+    fn runlist_sparse_and_negative_deltas() {
+        let pairs = [
+            0x21, 0x10, 0x00, 0x01, // 16 clusters at 256
+            0x11, 0x08, 0xF0, // 8 clusters at 256 - 16 = 240
+            0x01, 0x04, // 4 sparse clusters
+            0x11, 0x02, 0x20, // 2 clusters at 240 + 32 = 272
+            0x00,
+        ];
+        assert_eq!(
+            runs(&pairs, 1000).unwrap(),
+            vec![
+                (0, 16, Some(256)),
+                (16, 8, Some(240)),
+                (24, 4, None),
+                (28, 2, Some(272))
+            ]
+        );
+        // Outside the volume, negative LCN, truncated, bad header: errors.
+        assert!(runs(&pairs, 260).is_err());
+        assert!(runs(&[0x11, 0x01, 0x80, 0x00], 1000).is_err());
+        assert!(runs(&[0x88, 1, 2, 3, 4, 5, 6, 7], 1000).is_err());
+        assert!(runs(&[0x90, 0x00], 1000).is_err());
+        assert!(runs(&[0x11, 0x00, 0x05, 0x00], 1000).is_err());
+    }
+
+    #[test]
+    fn cluster_and_record_size_encodings() {
+        let mut bs = [0u8; 512];
+        bs[3..11].copy_from_slice(b"NTFS    ");
+        le::put16(&mut bs, 0x0B, 512);
+        bs[0x0D] = 0xF4; // 2^12 sectors per cluster
+        le::put64(&mut bs, 0x28, 1 << 24);
+        le::put64(&mut bs, 0x30, 2);
+        bs[0x40] = 0xF6; // -10: 1024-byte records
+        let (cluster, clusters, size, rec, lcn) = geometry(&bs, 1 << 33).unwrap();
+        assert_eq!(
+            (cluster, clusters, size, rec, lcn),
+            (2 << 20, 4096, 1 << 33, 1024, 2)
+        );
+        bs[0x0D] = 8;
+        bs[0x40] = 1; // one cluster per record
+        let (cluster, _, _, rec, _) = geometry(&bs, 1 << 33).unwrap();
+        assert_eq!((cluster, rec), (4096, 4096));
+        bs[0x40] = 0x80;
+        assert!(geometry(&bs, 1 << 33).is_err());
+        assert!(geometry(&bs, 1 << 20).is_err());
+    }
 }

@@ -1,0 +1,227 @@
+//! NTFS used-cluster maps against ntfs-3g's tools: an image holding only the used ranges passes
+//! ntfsfix -n, and ntfscat reads back every file unchanged.
+
+mod common;
+
+use common::*;
+use snapshot::fs::{self, Found, FsKind, Probe};
+use snapshot::DiskSource;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
+
+fn blkid(img: &Path) -> HashMap<String, String> {
+    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
+        .collect()
+}
+
+fn probe_at(img: &Path, offset: u64, len: u64) -> Found {
+    fs::probe(&DiskSource::open(img).unwrap(), offset, len)
+}
+
+/// The files of `tree`, flattened to names in the root directory (ntfscp cannot make
+/// directories).
+fn flat(tree: &Path) -> Vec<(PathBuf, String)> {
+    list_files(tree)
+        .into_iter()
+        .map(|f| {
+            let name = f.to_str().unwrap().replace('/', "_");
+            (tree.join(f), name)
+        })
+        .collect()
+}
+
+fn fill(img: &Path, tree: &Path) {
+    for (src, name) in flat(tree) {
+        run(cmd("ntfscp").arg("-f").arg(img).arg(&src).arg(&name));
+    }
+}
+
+/// Free bytes as ntfscluster counts them from $Bitmap.
+fn ntfs_free_bytes(img: &Path) -> u64 {
+    let out = run(cmd("ntfscluster").arg("-i").arg(img));
+    out.lines()
+        .find_map(|l| l.strip_prefix("bytes of free space"))
+        .map(|v| v.trim_start_matches([' ', ':']).trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("ntfscluster -i:\n{out}"))
+}
+
+fn check(img: &Path, tree: &Path, label: Option<&str>, work: &Path) -> Probe {
+    let len = std::fs::metadata(img).unwrap().len();
+    let p = match probe_at(img, 0, len) {
+        Found::Known(p) => p,
+        o => panic!("{}: {o:?}", img.display()),
+    };
+    assert_eq!(p.fs.kind, FsKind::Ntfs);
+    let id = blkid(img);
+    assert_eq!(p.fs.uuid.as_deref(), id.get("UUID").map(String::as_str));
+    let ntfslabel = run(cmd("ntfslabel").arg(img));
+    let ntfslabel = ntfslabel.trim_end_matches('\n');
+    assert_eq!(p.fs.label.as_deref().unwrap_or(""), ntfslabel);
+    assert_eq!(p.fs.label.as_deref(), label);
+    let cluster = u64::from(p.fs.block_size);
+    let clusters = (p.fs.size / 512 * 512) / cluster;
+    // Used clusters inside the volume vs ntfscluster's free space.
+    let in_volume: u64 = p
+        .used
+        .within(0, clusters * cluster)
+        .map(|(a, b)| b - a)
+        .sum();
+    assert_eq!(
+        clusters * cluster - in_volume,
+        ntfs_free_bytes(img),
+        "free bytes vs ntfscluster"
+    );
+    // The backup boot sector (last sector) is kept.
+    assert!(p.used.within(len - 512, len).count() == 1);
+    assert_eq!(p.fs.used, p.used.len());
+
+    let copy = work.join("copy.img");
+    copy_used(img, &copy, &p.used, 0);
+    let (code, out, err) = run_status(cmd("ntfsfix").arg("-n").arg(&copy), None);
+    assert_eq!(code, Some(0), "ntfsfix -n on the copy:\n{out}\n{err}");
+    assert!(out.contains("processed successfully"), "{out}");
+    for (src, name) in flat(tree) {
+        let want = std::fs::read(&src).unwrap();
+        let got = std::process::Command::new(tool("ntfscat"))
+            .arg(&copy)
+            .arg(&name)
+            .output()
+            .unwrap();
+        assert!(got.status.success(), "ntfscat {name}");
+        assert!(
+            got.stdout == want,
+            "{}: {name} differs in the copy",
+            img.display()
+        );
+    }
+    assert_eq!(ntfs_free_bytes(&copy), ntfs_free_bytes(img));
+    p
+}
+
+#[test]
+fn ntfs_variants_copy_cleanly() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 1);
+    let img = d.path().join("ntfs.img");
+    let cases: &[(u64, &[&str], Option<&str>)] = &[
+        (
+            64 * MIB,
+            &["-s", "512", "-c", "4096", "-L", "Data Vol"],
+            Some("Data Vol"),
+        ),
+        (64 * MIB + 3 * 512, &["-s", "512", "-c", "512"], None),
+        (
+            96 * MIB,
+            &["-s", "4096", "-c", "4096", "-L", "four k"],
+            Some("four k"),
+        ),
+        (128 * MIB, &["-s", "512", "-c", "65536"], None),
+        (
+            64 * MIB,
+            &["-s", "512", "-c", "2048", "-L", "ünï"],
+            Some("ünï"),
+        ),
+    ];
+    for (size, args, label) in cases {
+        sparse(&img, *size);
+        run(cmd("mkntfs").args(["-F", "-Q"]).args(*args).arg(&img));
+        fill(&img, &tree);
+        let p = check(&img, &tree, *label, d.path());
+        eprintln!("mkntfs {args:?}: {} of {} bytes used", p.fs.used, p.fs.size);
+    }
+}
+
+#[test]
+fn ntfs_inside_a_partition() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 1);
+    let fsimg = d.path().join("fs.img");
+    sparse(&fsimg, 48 * MIB);
+    run(cmd("mkntfs").args(["-F", "-Q"]).arg(&fsimg));
+    fill(&fsimg, &tree);
+    let whole = match probe_at(&fsimg, 0, 48 * MIB) {
+        Found::Known(p) => p,
+        o => panic!("{o:?}"),
+    };
+    let disk = d.path().join("disk.img");
+    sparse(&disk, 64 * MIB);
+    apply(&disk, &[(MIB, std::fs::read(&fsimg).unwrap())]);
+    let p = match probe_at(&disk, MIB, 56 * MIB) {
+        Found::Known(p) => p,
+        o => panic!("{o:?}"),
+    };
+    let mut expect = whole.used.clone();
+    expect.add(48 * MIB - 4096, 56 * MIB);
+    assert_eq!(p.used, expect);
+}
+
+#[test]
+fn ntfs_damage_gives_errors_not_panics() {
+    let d = tmp();
+    let pristine = d.path().join("p.img");
+    sparse(&pristine, 32 * MIB);
+    run(cmd("mkntfs")
+        .args(["-F", "-Q", "-c", "4096"])
+        .arg(&pristine));
+    let img = d.path().join("w.img");
+    let fresh = || std::fs::copy(&pristine, &img).unwrap();
+    let damaged = |len: u64, what: &str| match probe_at(&img, 0, len) {
+        Found::Damaged { reason, .. } => assert!(reason.contains(what), "{reason}"),
+        o => panic!("expected damage mentioning {what:?}: {o:?}"),
+    };
+    let b = std::fs::read(&pristine).unwrap();
+    let mft_lcn = u64::from_le_bytes(b[0x30..0x38].try_into().unwrap());
+    let mft = mft_lcn * 4096;
+
+    fresh();
+    damaged(16 * MIB, "truncated");
+    fresh();
+    apply(&img, &[(0x0B, 3u16.to_le_bytes().to_vec())]);
+    damaged(32 * MIB, "bytes per sector");
+    fresh();
+    apply(&img, &[(0x30, (1u64 << 40).to_le_bytes().to_vec())]);
+    damaged(32 * MIB, "MFT cluster");
+    // $Bitmap's record: wrong magic, then a torn write (fixup mismatch).
+    fresh();
+    apply(&img, &[(mft + 6 * 1024, b"BAAD".to_vec())]);
+    damaged(32 * MIB, "MFT record 6 ($Bitmap)");
+    fresh();
+    apply(&img, &[(mft + 6 * 1024 + 510, vec![0x12, 0x34])]);
+    damaged(32 * MIB, "update sequence mismatch");
+    // $MFT record itself.
+    fresh();
+    apply(&img, &[(mft, b"XXXX".to_vec())]);
+    damaged(32 * MIB, "MFT record 0");
+    // Not NTFS.
+    fresh();
+    apply(&img, &[(3, b"XXXX    ".to_vec())]);
+    assert!(matches!(probe_at(&img, 0, 32 * MIB), Found::Unknown));
+
+    // Random bit flips in the boot sector and the first MFT records never panic.
+    let base = b.clone();
+    let spots: Vec<usize> = (0..512)
+        .chain(mft as usize..mft as usize + 8 * 1024)
+        .collect();
+    let rnd = pseudo_random(11, 12_000);
+    let mut w = base.clone();
+    for i in 0..4000 {
+        let mut flipped = Vec::new();
+        for k in 0..3 {
+            let r = rnd[3 * i + k] as usize;
+            let pos = spots[(r * 7919 + i * 104_729) % spots.len()];
+            w[pos] ^= 1 << (r % 8);
+            flipped.push(pos);
+        }
+        let _ = snapshot::fs::ntfs::probe(&Bytes(&w), 0, w.len() as u64);
+        for pos in flipped {
+            w[pos] = base[pos];
+        }
+    }
+}
