@@ -25,6 +25,10 @@ const MAX_CHUNK_LINE: usize = 4096;
 /// An unread rest of a body up to this size is read and dropped to keep the connection;
 /// beyond it the connection is closed after the response.
 const DRAIN_LIMIT: u64 = 64 << 10;
+/// Longest time spent draining such a rest.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// Longest time one request body may take, however steadily it trickles in.
+const BODY_TIME: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone)]
 pub struct Timeouts {
@@ -40,7 +44,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             head: Duration::from_secs(30),
-            idle: Duration::from_secs(15),
+            idle: Duration::from_secs(5),
             io: Duration::from_secs(60),
         }
     }
@@ -124,14 +128,23 @@ struct BodyReader<'c> {
     expect_continue: bool,
     started: bool,
     io_timeout: Duration,
+    /// Reading fails with TimedOut after this instant (set when reading starts).
+    deadline: Option<Instant>,
 }
 
 impl BodyReader<'_> {
     fn start(&mut self) -> io::Result<()> {
         if self.started {
+            if self.deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the request body took too long",
+                ));
+            }
             return Ok(());
         }
         self.started = true;
+        self.deadline = Some(Instant::now() + BODY_TIME);
         let s = self.conn.get_ref();
         s.set_read_timeout(Some(self.io_timeout))?;
         if self.expect_continue && !self.is_done() {
@@ -166,6 +179,19 @@ impl BodyReader<'_> {
         }
         let mut sink = [0u8; 8192];
         let mut drained = 0u64;
+        let until = Instant::now() + DRAIN_TIME;
+        if self.start().is_err() {
+            return false;
+        }
+        self.deadline = Some(self.deadline.map_or(until, |d| d.min(until)));
+        if self
+            .conn
+            .get_ref()
+            .set_read_timeout(Some(DRAIN_TIME))
+            .is_err()
+        {
+            return false;
+        }
         loop {
             match self.read(&mut sink) {
                 Ok(0) => return self.is_done(),
@@ -516,6 +542,7 @@ pub fn serve_connection(
                 expect_continue,
                 started: false,
                 io_timeout: t.io,
+                deadline: None,
             },
         };
         let resp = handler(&mut req);
