@@ -7,10 +7,12 @@
 //! - [`corrupt`]: controlled damage to images (GPT entries with valid CRCs, MBR entries).
 //! - [`prng`]: the seeded generator and the content kinds fixtures are filled with.
 
+pub mod boot;
 pub mod corrupt;
 pub mod fixtures;
 pub mod oracle;
 pub mod prng;
+pub mod qemu;
 pub mod util;
 
 pub use fixtures::{Fixture, FsKind};

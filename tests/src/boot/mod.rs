@@ -1,0 +1,467 @@
+//! Bootable sample servers and the boot image, for the QEMU end-to-end tests and the demo.
+//!
+//! A sample server is a [`crate::fixtures`] disk whose ext4 root holds a mini Linux: Debian's
+//! kernel (the boot image's, from `bootimg fetch-kernel`) and a small busybox initramfs that
+//! mounts the root filesystem by UUID, prints `BOOT-OK host=<name>` on the serial console and
+//! leaves a shell there for tests to drive. Variants: UEFI (GPT, FAT32 ESP with Microsoft-signed
+//! shim and Debian-signed GRUB, so it also boots with Secure Boot) and BIOS (GPT with a BIOS boot
+//! partition holding GRUB's i386-pc core image). Built without mounting anything, cached under
+//! `target/fixtures/`.
+
+mod grub_bios;
+
+use crate::fixtures::{self, DiskSpec, Entry, Fixture, FsKind, FsSpec, PartSpec, TableSpec};
+use crate::prng::Content;
+use crate::util::Workspace;
+use anyhow::{bail, Context, Result};
+use sha2::Digest as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What every sample server prints once its root filesystem is mounted.
+pub const BOOT_OK: &str = "BOOT-OK host=";
+
+const MIB: u64 = 1 << 20;
+const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const GPT_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+const GPT_LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+const ROOT_UUID: &str = "5a3e0b1e-0000-4b00-8000-00000000b007";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Firmware {
+    Uefi,
+    Bios,
+}
+
+/// A workspace binary next to the running test, built with `cargo build` if it is missing.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = Workspace::profile_dir().join(name);
+    if !p.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", name, "--bin", name])
+            .current_dir(Workspace::root());
+        if Workspace::profile_dir()
+            .file_name()
+            .is_some_and(|n| n == "release")
+        {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().context("running cargo build")?;
+        if !st.success() || !p.exists() {
+            bail!("cargo build -p {name} failed");
+        }
+    }
+    Ok(p)
+}
+
+/// The kernel of the boot image (the recipe's), unpacked in bootimg's cache.
+#[derive(serde::Deserialize, Debug, Clone)]
+pub struct Kernel {
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    pub modules: PathBuf,
+}
+
+pub fn kernel() -> Result<Kernel> {
+    let out = Command::new(bin("bootimg")?)
+        .args(["fetch-kernel", "--json"])
+        .output()
+        .context("running bootimg fetch-kernel")?;
+    if !out.status.success() {
+        bail!(
+            "bootimg fetch-kernel: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Drivers the sample server needs to find its root disk on our test machines' controllers.
+const SAMPLE_MODULES: &[&str] = &[
+    "nvme",
+    "virtio_blk",
+    "virtio_scsi",
+    "ahci",
+    "sd_mod",
+    "usb_storage",
+    "xhci_pci",
+    "ext4",
+];
+
+const SAMPLE_INIT: &str = r#"#!/bin/sh
+# Mini Linux of the sample servers: mount root by UUID, say BOOT-OK, give a shell.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/modules); do modprobe -q "$m"; done
+root=$(sed -n 's/.*root=\([^ ]*\).*/\1/p' /proc/cmdline)
+i=0
+until dev=$(findfs "$root" 2>/dev/null); do
+  i=$((i+1))
+  if [ $i -gt 150 ]; then echo "BOOT-FAIL root $root not found"; exec setsid cttyhack sh; fi
+  sleep 0.2
+done
+if ! mount -o ro "$dev" /mnt; then echo "BOOT-FAIL cannot mount $dev"; exec setsid cttyhack sh; fi
+echo "BOOT-OK host=$(cat /mnt/etc/hostname) root=$dev"
+exec setsid cttyhack sh
+"#;
+
+/// The sample servers' initramfs (busybox-static, the modules above, /init), cached.
+pub fn sample_initrd(k: &Kernel) -> Result<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        bail!("/bin/busybox missing: apt-get install busybox-static");
+    }
+    let mut h = sha2::Sha256::new();
+    h.update(SAMPLE_INIT);
+    h.update(k.release.as_bytes());
+    h.update(SAMPLE_MODULES.join(",").as_bytes());
+    h.update(std::fs::read(busybox)?);
+    let key = hex::encode(&h.finalize()[..8]);
+    let dir = fixtures::cache_dir().join("boot");
+    let out = dir.join(format!("sample-initrd-{key}.img"));
+    if out.exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let work = tempfile::tempdir_in(&dir)?;
+    let root = work.path().join("root");
+    for d in ["bin", "proc", "sys", "dev", "mnt", "etc", "lib/modules"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    let list = Command::new(busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+        }
+    }
+    std::fs::write(root.join("init"), SAMPLE_INIT)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(root.join("etc/modules"), SAMPLE_MODULES.join("\n") + "\n")?;
+    copy_modules(k, SAMPLE_MODULES, &root)?;
+    run(Command::new("depmod").arg("-b").arg(&root).arg(&k.release))?;
+    let cpio = work.path().join("initrd.cpio");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . -print0 | LC_ALL=C sort -z | cpio --null --quiet -o -H newc --reproducible -R 0:0 > '{}'",
+        root.display(),
+        cpio.display()
+    )))?;
+    let tmp = work.path().join("initrd.img");
+    run(Command::new("zstd")
+        .args(["-q", "-10", "-o"])
+        .arg(&tmp)
+        .arg(&cpio))?;
+    std::fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// Copies `names` and their dependencies (modules.dep of the unpacked kernel), decompressed.
+fn copy_modules(k: &Kernel, names: &[&str], root: &Path) -> Result<()> {
+    let dep = std::fs::read_to_string(k.modules.join("modules.dep"))?;
+    let name_of = |p: &str| {
+        let b = p.rsplit('/').next().unwrap_or(p);
+        b.split(".ko").next().unwrap_or(b).replace('-', "_")
+    };
+    let table: std::collections::HashMap<String, (String, Vec<String>)> = dep
+        .lines()
+        .filter_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            Some((
+                name_of(m),
+                (
+                    m.to_string(),
+                    d.split_whitespace().map(String::from).collect(),
+                ),
+            ))
+        })
+        .collect();
+    let mut want: Vec<String> = Vec::new();
+    for n in names {
+        if let Some((p, d)) = table.get(&n.replace('-', "_")) {
+            want.push(p.clone());
+            want.extend(d.iter().cloned());
+        }
+    }
+    want.sort();
+    want.dedup();
+    let dest = root.join("lib/modules").join(&k.release);
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        std::fs::create_dir_all(&dest)?;
+        std::fs::copy(k.modules.join(f), dest.join(f))?;
+    }
+    for rel in want {
+        let out_rel = rel.strip_suffix(".xz").unwrap_or(&rel);
+        let p = dest.join(out_rel);
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        if rel.ends_with(".xz") {
+            let o = Command::new("xz")
+                .arg("-dc")
+                .arg(k.modules.join(&rel))
+                .output()?;
+            if !o.status.success() {
+                bail!("xz -dc {rel} failed");
+            }
+            std::fs::write(&p, o.stdout)?;
+        } else {
+            std::fs::copy(k.modules.join(&rel), &p)?;
+        }
+    }
+    Ok(())
+}
+
+fn lit(path: &str, text: String) -> Entry {
+    Entry {
+        path: path.into(),
+        content: Content::Literal { text },
+    }
+}
+
+fn copy(path: &str, src: &Path) -> Entry {
+    Entry {
+        path: path.into(),
+        content: Content::Copy {
+            src: src.display().to_string(),
+        },
+    }
+}
+
+/// The kernel command line of the sample servers.
+pub fn sample_cmdline() -> String {
+    format!("root=UUID={ROOT_UUID} console=tty0 console=ttyS0,115200n8")
+}
+
+fn root_part(
+    number: u32,
+    start: u64,
+    host: &str,
+    k: &Kernel,
+    initrd: &Path,
+    extra: Vec<Entry>,
+) -> PartSpec {
+    let mut tree = vec![
+        lit("etc/hostname", format!("{host}\n")),
+        lit("etc/fstab", format!("UUID={ROOT_UUID} / ext4 ro 0 1\n")),
+        copy("boot/vmlinuz", &k.vmlinuz),
+        copy("boot/initrd.img", initrd),
+        Entry {
+            path: "srv/data.bin".into(),
+            content: Content::Binary {
+                seed: 4242,
+                len: 8 * MIB,
+            },
+        },
+    ];
+    tree.extend(extra);
+    PartSpec {
+        number,
+        start,
+        sectors: 160 * MIB / 512,
+        gpt_type: Some(GPT_LINUX_ROOT_X86_64.into()),
+        uuid: Some(format!("5A3E0B1E-000{number}-4B00-8000-00000000B007")),
+        name: Some("root".into()),
+        attrs: None,
+        mbr_type: None,
+        bootable: false,
+        fs: Some(FsSpec::Ext {
+            kind: FsKind::Ext4,
+            block_size: 4096,
+            uuid: ROOT_UUID.into(),
+            label: "root".into(),
+            features: vec![],
+            tree,
+            deleted: None,
+        }),
+    }
+}
+
+fn grub_entry() -> String {
+    format!(
+        "set timeout=0\n\
+         search --no-floppy --fs-uuid --set=root {ROOT_UUID}\n\
+         echo \"Booting the sample server...\"\n\
+         linux /boot/vmlinuz {}\n\
+         initrd /boot/initrd.img\n\
+         boot\n",
+        sample_cmdline()
+    )
+}
+
+/// The disk of a sample server named `host`. UEFI: 256 MiB GPT, ESP (64 MiB) + ext4 root.
+/// BIOS: 256 MiB GPT, BIOS boot partition (1 MiB) + ext4 root, GRUB i386-pc in the MBR.
+pub fn sample_server(host: &str, fw: Firmware) -> Result<Fixture> {
+    let k = kernel()?;
+    let initrd = sample_initrd(&k)?;
+    let spec = match fw {
+        Firmware::Uefi => {
+            let shim = Path::new("/usr/lib/shim/shimx64.efi.signed");
+            let grub = Path::new("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed");
+            for (f, pkg) in [(shim, "shim-signed"), (grub, "grub-efi-amd64-signed")] {
+                if !f.exists() {
+                    bail!("{} missing: apt-get install {pkg}", f.display());
+                }
+            }
+            DiskSpec {
+                name: format!("sample_uefi_{host}"),
+                sector_size: 512,
+                size: 256 * MIB,
+                table: TableSpec::Gpt {
+                    disk_guid: "5A3E0B1E-0000-4B00-8000-0000000000EF".into(),
+                },
+                parts: vec![
+                    PartSpec {
+                        number: 1,
+                        start: 2048,
+                        sectors: 64 * MIB / 512,
+                        gpt_type: Some(GPT_ESP.into()),
+                        uuid: Some("5A3E0B1E-0001-4B00-8000-0000000000EF".into()),
+                        name: Some("EFI System Partition".into()),
+                        attrs: None,
+                        mbr_type: None,
+                        bootable: false,
+                        fs: Some(FsSpec::Fat {
+                            bits: 32,
+                            sector_size: 512,
+                            cluster_sectors: 1,
+                            label: "ESP".into(),
+                            volume_id: 0x5A3E_0B1E,
+                            tree: vec![
+                                copy("EFI/BOOT/BOOTX64.EFI", shim),
+                                copy("EFI/BOOT/grubx64.efi", grub),
+                                lit("EFI/debian/grub.cfg", grub_entry()),
+                            ],
+                        }),
+                    },
+                    root_part(2, 2048 + 64 * MIB / 512, host, &k, &initrd, vec![]),
+                ],
+            }
+        }
+        Firmware::Bios => DiskSpec {
+            name: format!("sample_bios_{host}"),
+            sector_size: 512,
+            size: 256 * MIB,
+            table: TableSpec::Gpt {
+                disk_guid: "5A3E0B1E-0000-4B00-8000-0000000000B1".into(),
+            },
+            parts: vec![
+                PartSpec {
+                    number: 1,
+                    start: 2048,
+                    sectors: MIB / 512,
+                    gpt_type: Some(GPT_BIOS_BOOT.into()),
+                    uuid: Some("5A3E0B1E-0001-4B00-8000-0000000000B1".into()),
+                    name: Some("BIOS boot".into()),
+                    attrs: None,
+                    mbr_type: None,
+                    bootable: false,
+                    fs: None,
+                },
+                root_part(2, 4096, host, &k, &initrd, vec![]),
+            ],
+        },
+    };
+    let fixture = fixtures::build(&spec)?;
+    if fw == Firmware::Bios {
+        grub_bios::install(&fixture, 2048, &grub_entry())?;
+    }
+    Ok(fixture)
+}
+
+/// A built boot image (`bootimg build` output directory).
+pub struct BootImage {
+    pub dir: PathBuf,
+    /// bootimg's JSON summary (sizes, kernel, cmdline).
+    pub summary: serde_json::Value,
+}
+
+impl BootImage {
+    pub fn pxe(&self) -> PathBuf {
+        self.dir.join("pxe")
+    }
+    pub fn usb(&self) -> PathBuf {
+        self.dir.join("usb.img")
+    }
+    pub fn iso(&self) -> PathBuf {
+        self.dir.join("restore.iso")
+    }
+}
+
+/// `bootimg build` with the workspace's restorer, cached by its inputs under
+/// `target/fixtures/bootimg-<hash>/`.
+pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> Result<BootImage> {
+    let bootimg = bin("bootimg")?;
+    let restorer = std::env::var_os("BMR_RESTORER")
+        .map(PathBuf::from)
+        .map_or_else(|| bin("restorer"), Ok)?;
+    let mut h = sha2::Sha256::new();
+    for f in [&bootimg, &restorer] {
+        h.update(std::fs::read(f)?);
+    }
+    h.update(format!("{appliance_url:?}|{cmdline}|{formats}"));
+    hash_tree(&Workspace::root().join("buildroot"), &mut h)?;
+    let key = hex::encode(&h.finalize()[..8]);
+    let dir = fixtures::cache_dir().join(format!("bootimg-{key}"));
+    let summary_path = dir.join("summary.json");
+    if let Ok(s) = std::fs::read(&summary_path) {
+        return Ok(BootImage {
+            dir,
+            summary: serde_json::from_slice(&s)?,
+        });
+    }
+    let mut cmd = Command::new(&bootimg);
+    cmd.args(["build", "--json", "--out"])
+        .arg(&dir)
+        .arg("--restorer")
+        .arg(&restorer);
+    if let Some(u) = appliance_url {
+        cmd.args(["--appliance-url", u]);
+    }
+    cmd.args(["--cmdline", cmdline, "--format", formats]);
+    let out = cmd.output().context("running bootimg build")?;
+    if !out.status.success() {
+        bail!(
+            "bootimg build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write(&summary_path, &out.stdout)?;
+    Ok(BootImage {
+        dir,
+        summary: serde_json::from_slice(&out.stdout)?,
+    })
+}
+
+fn hash_tree(dir: &Path, h: &mut sha2::Sha256) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        h.update(p.to_string_lossy().as_bytes());
+        if p.is_dir() {
+            hash_tree(&p, h)?;
+        } else {
+            h.update(std::fs::read(&p)?);
+        }
+    }
+    Ok(())
+}
