@@ -379,8 +379,9 @@ impl Response {
     }
 }
 
+/// Compact JSON on one line (clients such as `HttpStore` quote the first line of an error body).
 pub fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
-    let mut b = serde_json::to_vec_pretty(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut b = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     b.push(b'\n');
     b
 }
