@@ -140,13 +140,20 @@ fn list_hosts(app: &App, who: &Who) -> Answer {
         .map_err(|e| internal("listing hosts", e))?;
     let mut out = Vec::new();
     for h in hosts {
-        if check_name(&h, "host").is_err() || !who.may_read(&h) {
+        if check_name(&h, "host").is_err()
+            || !who.may_read(&h)
+            || !app.store.root().join("hosts").join(&h).is_dir()
+        {
             continue;
         }
-        let snapshots = app
-            .store
-            .snapshots(&h)
-            .map_err(|e| internal(&format!("listing snapshots of {h}"), e))?;
+        let snapshots = match app.store.snapshots(&h) {
+            Ok(v) => v,
+            Err(e) => {
+                // One unreadable host must not hide the others.
+                eprintln!("appliance serve: error: listing snapshots of {h}: {e:#}");
+                continue;
+            }
+        };
         out.push(json!({
             "host": h,
             "latest": latest(app, &h),
