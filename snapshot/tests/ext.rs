@@ -363,12 +363,14 @@ fn ext_damage_gives_errors_not_panics() {
     apply(&img, &[(4096, 0x7fff_fff0u32.to_le_bytes().to_vec())]);
     expect_damaged(&img, len, &["group descriptor 0", "block bitmap"]);
 
-    // A journal that needs recovery.
+    // A journal that needs recovery but whose superblock is garbage.
     fresh();
     run(cmd("debugfs")
         .args(["-w", "-R", "feature needs_recovery"])
         .arg(&img));
-    expect_damaged(&img, len, &["journal needs recovery"]);
+    let jblock = journal_first_block(&img);
+    apply(&img, &[(jblock * 4096, vec![0xAA; 64])]);
+    expect_damaged(&img, len, &["journal", "superblock"]);
 
     // No magic: not ext.
     fresh();
@@ -398,6 +400,43 @@ fn ext_damage_gives_errors_not_panics() {
             b[pos] = base[pos];
         }
     }
+    // The same for the journal of a filesystem that needs recovery: its superblock, the first
+    // transaction blocks and the journal inode.
+    let script = d.path().join("jcmds");
+    let bm = d.path().join("bm.bin");
+    std::fs::write(&bm, vec![0xFFu8; 1024]).unwrap();
+    std::fs::write(&script, format!("jo -c\njw -b 3 {}\njc\n", bm.display())).unwrap();
+    run(cmd("debugfs").arg("-w").arg("-f").arg(&script).arg(&small));
+    let base = std::fs::read(&small).unwrap();
+    assert!(matches!(
+        snapshot::fs::ext::probe(&Bytes(&base), 0, base.len() as u64),
+        Some(Ok(_))
+    ));
+    let j0 = journal_first_block(&small) as usize * 1024;
+    let itable: usize = run(cmd("debugfs").args(["-R", "imap <8>"]).arg(&small))
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("located at block "))
+        .and_then(|r| r.split(',').next())
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()
+        * 1024;
+    let spots: Vec<usize> = (j0..j0 + 4 * 1024).chain(itable..itable + 1024).collect();
+    let mut b = base.clone();
+    for i in 0..3000 {
+        let mut flipped = Vec::new();
+        for k in 0..2 {
+            let r = rnd[(2 * i + k) % rnd.len()] as usize;
+            let pos = spots[(r * 7919 + i * 104_729) % spots.len()];
+            b[pos] ^= 1 << (r % 8);
+            flipped.push(pos);
+        }
+        let _ = snapshot::fs::ext::probe(&Bytes(&b), 0, b.len() as u64);
+        for pos in flipped {
+            b[pos] = base[pos];
+        }
+    }
+
     // Garbage with the magic.
     let mut g = pseudo_random(9, 4 * MIB as usize);
     g[1024 + 0x38] = 0x53;
@@ -406,4 +445,181 @@ fn ext_damage_gives_errors_not_panics() {
         snapshot::fs::ext::probe(&Bytes(&g), 0, g.len() as u64),
         Some(Err(_))
     ));
+}
+
+/// Physical block of the journal inode's first block.
+fn journal_first_block(img: &Path) -> u64 {
+    let out = run(cmd("debugfs").args(["-R", "bmap <8> 0"]).arg(img));
+    out.trim().parse().unwrap()
+}
+
+struct GroupInfo {
+    first: u64,
+    bitmap: u64,
+    block_uninit: bool,
+    /// Largest free range.
+    free: Option<(u64, u64)>,
+}
+
+/// Every group's first block, block bitmap location, flags and largest free range (dumpe2fs).
+fn groups(img: &Path) -> Vec<GroupInfo> {
+    let out = run(cmd("dumpe2fs").arg(img));
+    let mut v: Vec<GroupInfo> = Vec::new();
+    for l in out.lines() {
+        if let Some(rest) = l.strip_prefix("Group ") {
+            if let Some((_, r)) = rest.split_once("(Blocks ") {
+                v.push(GroupInfo {
+                    first: r.split('-').next().unwrap().parse().unwrap(),
+                    bitmap: 0,
+                    block_uninit: l.contains("BLOCK_UNINIT"),
+                    free: None,
+                });
+            }
+        } else if let Some(g) = v.last_mut() {
+            if let Some(r) = l.trim().strip_prefix("Block bitmap at ") {
+                g.bitmap = r.split(' ').next().unwrap().parse().unwrap();
+            } else if let Some(r) = l.trim().strip_prefix("Free blocks: ") {
+                g.free = parse_ranges(r).into_iter().max_by_key(|(a, b)| b - a);
+            }
+        }
+    }
+    v
+}
+
+/// Write `bitmap` as block `bb` in a journal transaction (debugfs, not replayed).
+fn journal_write(img: &Path, work: &Path, jo: &str, bb: u64, bitmap: &[u8]) {
+    let bm_file = work.join("bitmap.bin");
+    std::fs::write(&bm_file, bitmap).unwrap();
+    let script = work.join("cmds");
+    std::fs::write(
+        &script,
+        format!("{jo}\njw -b {bb} {}\njc\n", bm_file.display()),
+    )
+    .unwrap();
+    run(cmd("debugfs").arg("-w").arg("-f").arg(&script).arg(img));
+    let h = run(cmd("dumpe2fs").arg("-h").arg(img));
+    assert!(h.contains("needs_recovery"), "{h}");
+}
+
+fn set_bits(bitmap: &mut [u8], from: u64, to: u64) {
+    for bit in from..to {
+        bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+    }
+}
+
+/// A transaction in the journal (written by debugfs, not replayed) allocates blocks that the
+/// on-disk bitmap still shows free, and ordered-mode data is already in them. The map must keep
+/// them, and a copy of only the used blocks must replay to the same bitmap and data.
+#[test]
+fn ext_journal_needing_recovery_is_read() {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, 1);
+    let img = d.path().join("j.img");
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("mkfs.ext4", &["-b", "4096", "-g", "4096"], "jo"),
+        ("mkfs.ext4", &["-b", "4096", "-g", "4096"], "jo -c"),
+        ("mkfs.ext4", &["-b", "1024", "-O", "^64bit"], "jo -c -v 2"),
+        ("mkfs.ext3", &["-b", "4096", "-g", "4096"], "jo"),
+        ("mkfs.ext3", &["-b", "1024"], "jo -c"),
+    ];
+    for (prog, args, jo) in cases {
+        let what = format!("{prog} {args:?} {jo}");
+        mkfs(prog, &img, 64 * MIB, args, &tree);
+        let before = known(&img);
+        let bs = u64::from(before.fs.block_size);
+        // An initialised group with room: its bitmap is on disk; the journal has a newer one.
+        let g = groups(&img)
+            .into_iter()
+            .find(|g| !g.block_uninit && g.free.is_some_and(|(a, b)| b - a >= 300))
+            .unwrap_or_else(|| panic!("{what}: no initialised group with free space"));
+        let (group_first, bb, (fa, fb)) = (g.first, g.bitmap, g.free.unwrap());
+        let (a, b) = (fa + (fb - fa) / 3, fa + (fb - fa) / 3 + 100);
+        let mut bitmap = read_range(&img, bb * bs, bs as usize);
+        set_bits(&mut bitmap, a - group_first, b - group_first);
+        let data = pseudo_random(a, ((b - a) * bs) as usize);
+        apply(&img, &[(a * bs, data.clone())]);
+        journal_write(&img, d.path(), jo, bb, &bitmap);
+
+        let p = known(&img);
+        assert!(
+            p.used.within(a * bs, b * bs).eq([(a * bs, b * bs)]),
+            "{what}: journaled allocation {a}..{b} not kept"
+        );
+        let mut expect = before.used.clone();
+        expect.add(a * bs, b * bs);
+        assert_eq!(p.used, expect, "{what}");
+
+        // Replay a copy holding only the used blocks: same bitmap, same data, files intact.
+        let copy = d.path().join("copy.img");
+        copy_used(&img, &copy, &p.used, 0);
+        run(cmd("debugfs").args(["-w", "-R", "jr"]).arg(&copy));
+        let h = run(cmd("dumpe2fs").arg("-h").arg(&copy));
+        assert!(!h.contains("needs_recovery"), "{what}: {h}");
+        assert!(read_range(&copy, bb * bs, bs as usize) == bitmap, "{what}");
+        assert!(read_range(&copy, a * bs, data.len()) == data, "{what}");
+        let tested = run(cmd("debugfs")
+            .args(["-n", "-R", &format!("testb {a} {}", b - a)])
+            .arg(&copy));
+        assert_eq!(
+            tested.matches("marked in use").count() as u64,
+            b - a,
+            "{what}: {tested}"
+        );
+        let dump = d.path().join("dump");
+        let _ = std::fs::remove_dir_all(&dump);
+        std::fs::create_dir_all(&dump).unwrap();
+        run(cmd("debugfs")
+            .arg("-n")
+            .arg("-R")
+            .arg(format!("rdump / {}", dump.display()))
+            .arg(&copy));
+        for f in list_files(&tree) {
+            assert!(
+                std::fs::read(tree.join(&f)).unwrap() == std::fs::read(dump.join(&f)).unwrap(),
+                "{what}: {}",
+                f.display()
+            );
+        }
+    }
+
+    // An uninitialised group (no bitmap on disk) that the journal initialises.
+    mkfs(
+        "mkfs.ext4",
+        &img,
+        64 * MIB,
+        &["-b", "4096", "-g", "4096"],
+        &tree,
+    );
+    let before = known(&img);
+    let gs = groups(&img);
+    let gu = gs
+        .iter()
+        .rev()
+        .find(|g| g.block_uninit)
+        .expect("an uninitialised group");
+    let (bb, first) = (gu.bitmap, gu.first);
+    let mut bitmap = vec![0u8; 4096];
+    for (s, e) in before.used.within(first * 4096, (first + 4096) * 4096) {
+        set_bits(&mut bitmap, s / 4096 - first, e / 4096 - first);
+    }
+    set_bits(&mut bitmap, 1000, 1500);
+    journal_write(&img, d.path(), "jo -c", bb, &bitmap);
+    let p = known(&img);
+    let mut expect = before.used.clone();
+    expect.add((first + 1000) * 4096, (first + 1500) * 4096);
+    assert_eq!(p.used, expect);
+
+    // needs_recovery without a journal: a clear error.
+    mkfs(
+        "mkfs.ext4",
+        &img,
+        64 * MIB,
+        &["-b", "4096", "-O", "^has_journal"],
+        &tree,
+    );
+    run(cmd("debugfs")
+        .args(["-w", "-R", "feature needs_recovery"])
+        .arg(&img));
+    expect_damaged(&img, 64 * MIB, &["journal"]);
 }

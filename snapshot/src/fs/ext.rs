@@ -7,8 +7,12 @@
 //! blocks are what it uses). Every group's block bitmap, inode bitmap and inode table are marked
 //! used wherever they are, whatever the bitmaps say.
 //!
-//! A filesystem whose journal still needs recovery is refused: its on-disk bitmaps may miss
-//! blocks allocated by transactions that only the journal holds, so it must be copied whole.
+//! A filesystem whose journal still needs recovery (not cleanly unmounted, or a crash-consistent
+//! snapshot of a running system) may have on-disk bitmaps that miss blocks allocated by
+//! transactions only the journal holds. The journal (jbd2, internal, v1/v2, 32/64-bit tags,
+//! checksum v2/v3) is walked and every journaled copy of a block bitmap is ORed into the map: a
+//! superset of what the filesystem uses once the journal is replayed. Journals that cannot be
+//! read that way (external, fast commits, a pending resize) make the probe fail: copied whole.
 
 use super::{bit_runs, extents_from, le, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
@@ -66,6 +70,8 @@ struct Geometry {
     desc_blocks: u64,
     reserved_gdt: u64,
     inode_table_blocks: u64,
+    inode_size: u64,
+    inodes_per_group: u64,
     meta_bg: bool,
     first_meta_bg: u64,
     sparse_super: bool,
@@ -198,6 +204,8 @@ impl Geometry {
             desc_blocks,
             reserved_gdt: u64::from(le::u16(sb, 0xCE)),
             inode_table_blocks: (inodes_per_group * inode_size).div_ceil(bs),
+            inode_size,
+            inodes_per_group,
             meta_bg,
             first_meta_bg,
             sparse_super: ro & RO_COMPAT_SPARSE_SUPER != 0,
@@ -361,13 +369,15 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
     } else {
         FsKind::Ext2
     };
-    if incompat & INCOMPAT_RECOVER != 0 {
-        bail!(
-            "the journal needs recovery (the filesystem was not cleanly unmounted): its block \
-             bitmaps may miss blocks only the journal records; copied whole"
-        );
-    }
     let descs = read_descriptors(part, &geo)?;
+    // A journal that still needs recovery may hold newer copies of block bitmaps than the disk:
+    // the map is the union of both, a superset of what the filesystem uses after replay.
+    let journaled = if incompat & INCOMPAT_RECOVER != 0 {
+        journal::bitmaps(part, &geo, &descs, sb)
+            .context("the journal needs recovery, but reading it failed")?
+    } else {
+        Vec::new()
+    };
     let bs = geo.bs;
     // Used block ranges; sorted and merged at the end.
     let mut used: Vec<(u64, u64)> = Vec::new();
@@ -419,6 +429,18 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
         }
         i = j;
     }
+    for (g, bm) in &journaled {
+        let first = geo.group_first(*g);
+        let clusters = (geo.blocks - first)
+            .div_ceil(geo.ratio)
+            .min(geo.clusters_per_group);
+        bit_runs(bm, clusters, |s, e| {
+            used.push((
+                first + s * geo.ratio,
+                (first + e * geo.ratio).min(geo.blocks),
+            ));
+        });
+    }
     let mut bytes: Vec<(u64, u64)> = used.into_iter().map(|(s, e)| (s * bs, e * bs)).collect();
     let fs_size = geo.blocks * bs;
     bytes.push((fs_size, part.len));
@@ -450,4 +472,311 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
         },
         used,
     })
+}
+
+/// Just enough of jbd2 to find the block bitmaps a journal would replay.
+mod journal {
+    use super::{le, Desc, Geometry, Part};
+    use anyhow::{anyhow, bail, Context, Result};
+    use std::collections::HashMap;
+
+    const JBD2_MAGIC: u32 = 0xC03B_3998;
+    const BT_DESCRIPTOR: u32 = 1;
+    const BT_COMMIT: u32 = 2;
+    const BT_SB_V1: u32 = 3;
+    const BT_SB_V2: u32 = 4;
+    const BT_REVOKE: u32 = 5;
+    const INCOMPAT_64BIT: u32 = 0x2;
+    const INCOMPAT_CSUM_V2: u32 = 0x8;
+    const INCOMPAT_CSUM_V3: u32 = 0x10;
+    const INCOMPAT_FAST_COMMIT: u32 = 0x20;
+    const FLAG_ESCAPE: u32 = 1;
+    const FLAG_SAME_UUID: u32 = 2;
+    const FLAG_LAST_TAG: u32 = 8;
+    const EXTENTS_FL: u32 = 0x80000;
+    const EXTENT_MAGIC: u16 = 0xF30A;
+
+    fn be32(b: &[u8], off: usize) -> u32 {
+        u32::from_be_bytes(le::bytes(b, off))
+    }
+    fn be16(b: &[u8], off: usize) -> u16 {
+        u16::from_be_bytes(le::bytes(b, off))
+    }
+
+    /// Logical -> physical extents of a file: (logical block, physical block, count).
+    type Map = Vec<(u64, u64, u64)>;
+
+    fn read_inode(part: &Part, geo: &Geometry, descs: &[Desc], ino: u64) -> Result<Vec<u8>> {
+        let idx = ino
+            .checked_sub(1)
+            .ok_or_else(|| anyhow!("journal inode number 0"))?;
+        let g = idx / geo.inodes_per_group;
+        let d = descs
+            .get(g as usize)
+            .ok_or_else(|| anyhow!("journal inode {ino} is past the last group"))?;
+        let off = d.inode_table * geo.bs + (idx % geo.inodes_per_group) * geo.inode_size;
+        part.read_vec(off, geo.inode_size, &format!("journal inode {ino}"))
+    }
+
+    fn check_block(geo: &Geometry, b: u64, what: &str) -> Result<()> {
+        if b >= geo.blocks {
+            bail!("{what}: block {b} lies past the end of the filesystem");
+        }
+        Ok(())
+    }
+
+    fn extent_node(
+        part: &Part,
+        geo: &Geometry,
+        node: &[u8],
+        depth_left: u32,
+        out: &mut Map,
+        budget: &mut u32,
+    ) -> Result<()> {
+        *budget = budget
+            .checked_sub(1)
+            .ok_or_else(|| anyhow!("journal extent tree is too large"))?;
+        if le::u16(node, 0) != EXTENT_MAGIC {
+            bail!("journal extent tree: bad node magic");
+        }
+        let entries = usize::from(le::u16(node, 2));
+        let depth = u32::from(le::u16(node, 6));
+        if depth > depth_left || 12 + entries * 12 > node.len() {
+            bail!("journal extent tree: bad node header");
+        }
+        for i in 0..entries {
+            let e = node.get(12 + 12 * i..24 + 12 * i).unwrap_or_default();
+            if depth == 0 {
+                let lblk = u64::from(le::u32(e, 0));
+                let mut len = u64::from(le::u16(e, 4));
+                if len > 32768 {
+                    len -= 32768;
+                }
+                let start = u64::from(le::u16(e, 6)) << 32 | u64::from(le::u32(e, 8));
+                check_block(geo, start + len.saturating_sub(1), "journal extent")?;
+                out.push((lblk, start, len));
+            } else {
+                let leaf = u64::from(le::u32(e, 4)) | u64::from(le::u16(e, 8)) << 32;
+                check_block(geo, leaf, "journal extent index")?;
+                let child = part.read_vec(leaf * geo.bs, geo.bs, "journal extent tree node")?;
+                extent_node(part, geo, &child, depth - 1, out, budget)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Block-mapped (ext2/3 style) files: 12 direct pointers and three levels of indirection.
+    fn indirect(
+        part: &Part,
+        geo: &Geometry,
+        block: u64,
+        level: u32,
+        lblk: &mut u64,
+        out: &mut Map,
+        budget: &mut u32,
+    ) -> Result<()> {
+        let per = geo.bs / 4;
+        let span = per.pow(level);
+        if block == 0 {
+            *lblk += span;
+            return Ok(());
+        }
+        check_block(geo, block, "journal indirect block")?;
+        *budget = budget
+            .checked_sub(1)
+            .ok_or_else(|| anyhow!("journal block map is too large"))?;
+        let b = part.read_vec(block * geo.bs, geo.bs, "journal indirect block")?;
+        for i in 0..per as usize {
+            let p = u64::from(le::u32(&b, 4 * i));
+            if level == 1 {
+                if p != 0 {
+                    check_block(geo, p, "journal block")?;
+                    out.push((*lblk, p, 1));
+                }
+                *lblk += 1;
+            } else {
+                indirect(part, geo, p, level - 1, lblk, out, budget)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn file_map(part: &Part, geo: &Geometry, inode: &[u8]) -> Result<Map> {
+        let iblock = inode.get(0x28..0x28 + 60).unwrap_or_default();
+        let mut out = Map::new();
+        let mut budget = 100_000;
+        if le::u32(inode, 0x20) & EXTENTS_FL != 0 {
+            extent_node(part, geo, iblock, 5, &mut out, &mut budget)?;
+        } else {
+            let mut lblk = 0;
+            for i in 0..12 {
+                let p = u64::from(le::u32(iblock, 4 * i));
+                if p != 0 {
+                    check_block(geo, p, "journal block")?;
+                    out.push((lblk, p, 1));
+                }
+                lblk += 1;
+            }
+            for (i, level) in [(12, 1), (13, 2), (14, 3)] {
+                let p = u64::from(le::u32(iblock, 4 * i));
+                indirect(part, geo, p, level, &mut lblk, &mut out, &mut budget)?;
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    struct Journal<'a> {
+        part: &'a Part<'a>,
+        bs: u64,
+        map: Map,
+    }
+
+    impl Journal<'_> {
+        fn read(&self, j: u64) -> Result<Vec<u8>> {
+            let i = self.map.partition_point(|&(l, _, _)| l <= j);
+            let (l, p, _) = i
+                .checked_sub(1)
+                .and_then(|i| self.map.get(i))
+                .copied()
+                .filter(|&(l, _, n)| j < l + n)
+                .ok_or_else(|| anyhow!("journal block {j} is not mapped"))?;
+            let fs_block = p + (j - l);
+            self.part
+                .read_vec(fs_block * self.bs, self.bs, &format!("journal block {j}"))
+        }
+    }
+
+    /// Every block-bitmap copy the journal holds (group, bitmap bytes), in journal order.
+    pub(super) fn bitmaps(
+        part: &Part,
+        geo: &Geometry,
+        descs: &[Desc],
+        sb: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let ino = u64::from(le::u32(sb, 0xE0));
+        if ino == 0 || le::u32(sb, 0xE4) != 0 {
+            bail!("the journal is on an external device");
+        }
+        let inode = read_inode(part, geo, descs, ino)?;
+        let map = file_map(part, geo, &inode).context("mapping the journal inode")?;
+        let j = Journal {
+            part,
+            bs: geo.bs,
+            map,
+        };
+        let jsb = j.read(0).context("journal superblock")?;
+        let btype = be32(&jsb, 4);
+        if be32(&jsb, 0) != JBD2_MAGIC || !matches!(btype, BT_SB_V1 | BT_SB_V2) {
+            bail!("journal superblock: bad magic or type");
+        }
+        if u64::from(be32(&jsb, 0xC)) != geo.bs {
+            bail!("journal block size differs from the filesystem's");
+        }
+        let maxlen = u64::from(be32(&jsb, 0x10));
+        let first = u64::from(be32(&jsb, 0x14));
+        let mut seq = be32(&jsb, 0x18);
+        let start = u64::from(be32(&jsb, 0x1C));
+        if start == 0 {
+            return Ok(Vec::new());
+        }
+        if first == 0 || first >= maxlen || start < first || start >= maxlen {
+            bail!("journal superblock: first {first}, start {start}, length {maxlen} are inconsistent");
+        }
+        let incompat = if btype == BT_SB_V2 {
+            be32(&jsb, 0x28)
+        } else {
+            0
+        };
+        if incompat & INCOMPAT_FAST_COMMIT != 0 {
+            bail!("the journal uses fast commits, which record allocations outside the bitmaps");
+        }
+        let csum3 = incompat & INCOMPAT_CSUM_V3 != 0;
+        let csum2 = incompat & INCOMPAT_CSUM_V2 != 0;
+        let b64 = incompat & INCOMPAT_64BIT != 0;
+        let tag_bytes: usize = if csum3 {
+            16
+        } else {
+            let sz = 12 + if csum2 { 2 } else { 0 };
+            if b64 {
+                sz
+            } else {
+                sz - 4
+            }
+        };
+        let tail = if csum2 || csum3 { 4 } else { 0 };
+        let bs = geo.bs as usize;
+        let wrap = |b: u64| if b >= maxlen { b - maxlen + first } else { b };
+        let bitmap_of: HashMap<u64, u64> = descs
+            .iter()
+            .enumerate()
+            .map(|(g, d)| (d.block_bitmap, g as u64))
+            .collect();
+        let sb_block = geo.first_data_block;
+        let mut out = Vec::new();
+        let mut blk = start;
+        let mut steps = 0u64;
+        loop {
+            steps += 1;
+            if steps > 2 * maxlen {
+                bail!("the journal does not end");
+            }
+            let b = j.read(blk)?;
+            if be32(&b, 0) != JBD2_MAGIC || be32(&b, 8) != seq {
+                break;
+            }
+            match be32(&b, 4) {
+                BT_DESCRIPTOR => {
+                    let mut next = wrap(blk + 1);
+                    let mut off = 12;
+                    while off + tag_bytes <= bs - tail {
+                        let lo = u64::from(be32(&b, off));
+                        let (flags, hi) = if csum3 {
+                            (be32(&b, off + 4), u64::from(be32(&b, off + 8)))
+                        } else {
+                            let hi = if b64 { u64::from(be32(&b, off + 8)) } else { 0 };
+                            (u32::from(be16(&b, off + 6)), hi)
+                        };
+                        let target = lo | if b64 { hi << 32 } else { 0 };
+                        if let Some(&g) = bitmap_of.get(&target) {
+                            let mut data = j.read(next)?;
+                            if flags & FLAG_ESCAPE != 0 {
+                                le::put(&mut data, 0, &JBD2_MAGIC.to_be_bytes());
+                            }
+                            out.push((g, data));
+                        } else if target == sb_block {
+                            let data = j.read(next)?;
+                            let at = if geo.bs == 1024 { 0 } else { 1024 };
+                            let lo = u64::from(le::u32(&data, at + 4));
+                            let hi = u64::from(le::u32(&data, at + 0x150));
+                            let blocks = if geo.has_64bit { lo | hi << 32 } else { lo };
+                            if le::u16(&data, at + 0x38) == 0xEF53 && blocks != geo.blocks {
+                                bail!(
+                                    "the journal holds a superblock with {blocks} blocks (the disk \
+                                     says {}): a resize is pending",
+                                    geo.blocks
+                                );
+                            }
+                        }
+                        next = wrap(next + 1);
+                        off += tag_bytes;
+                        if flags & FLAG_SAME_UUID == 0 {
+                            off += 16;
+                        }
+                        if flags & FLAG_LAST_TAG != 0 {
+                            break;
+                        }
+                    }
+                    blk = next;
+                }
+                BT_COMMIT => {
+                    seq = seq.wrapping_add(1);
+                    blk = wrap(blk + 1);
+                }
+                BT_REVOKE => blk = wrap(blk + 1),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
 }
