@@ -14,6 +14,10 @@
 //! place (image first, description last) under a per-fixture `flock`, so concurrent tests and
 //! processes are safe and a crashed build leaves no half image behind.
 //!
+//! Free space is not zeros: each filesystem's partition is filled with binary-like garbage
+//! before `mkfs`, so the free blocks of every fixture hold old-looking data, as on a used disk
+//! (and so do ext4's uninitialised bitmaps of `BLOCK_UNINIT` groups).
+//!
 //! Determinism: fixed UUIDs, labels, volume ids and hash seeds; `E2FSPROGS_FAKE_TIME` and
 //! `SOURCE_DATE_EPOCH` for tool timestamps; file contents from a seeded generator. ext4 inode
 //! generation numbers and NTFS timestamps still vary between builds: the file contents, layout and
@@ -31,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Bump when the builder's output changes for the same recipe: old cache entries are ignored.
-pub const BUILDER_VERSION: u32 = 2;
+pub const BUILDER_VERSION: u32 = 3;
 
 /// The timestamp every fixture file and filesystem carries (2023-11-14T22:13:20Z).
 pub const EPOCH: u64 = 1_700_000_000;
@@ -1185,6 +1189,31 @@ fn set_dir_times(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Seed of the garbage in filesystems' free space (plus the partition number).
+pub const FREE_GARBAGE_SEED: u64 = 0xF2EE_0000;
+
+/// Fill the whole file with binary-like garbage (compresses about 2x, like old file data).
+fn write_garbage(path: &Path, seed: u64) -> Result<()> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut pos = 0u64;
+    Content::Binary { seed, len }
+        .generate(
+            &mut |b| {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(b, pos)?;
+                pos += b.len() as u64;
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .with_context(|| format!("filling {}", path.display()))?;
+    Ok(())
+}
+
 fn new_sparse(path: &Path, len: u64) -> Result<()> {
     File::create(path)
         .and_then(|f| f.set_len(len))
@@ -1371,6 +1400,13 @@ fn build_fs(
     deleted: &mut Option<DeletedInfo>,
 ) -> Result<()> {
     use std::process::Command;
+    if !matches!(fsspec, FsSpec::Swap { .. }) {
+        // A used disk's free space holds old data, not zeros: fill the partition with garbage
+        // before making the filesystem (mkfs does not clear data blocks), so a snapshot that
+        // stores free space, or a used-block map read wrong (uninitialised ext4 bitmaps of
+        // BLOCK_UNINIT groups hold this garbage too), shows.
+        write_garbage(fsimg, FREE_GARBAGE_SEED + p.number as u64)?;
+    }
     match fsspec {
         FsSpec::Ext {
             kind,
@@ -1396,7 +1432,9 @@ fn build_fs(
                 .arg("-L")
                 .arg(label)
                 .arg("-E")
-                .arg(format!("hash_seed={uuid},root_owner=0:0"))
+                .arg(format!(
+                    "hash_seed={uuid},root_owner=0:0,nodiscard,lazy_itable_init=0"
+                ))
                 .arg("-d")
                 .arg(&root);
             if !features.is_empty() {

@@ -536,3 +536,45 @@ pub fn ideal_copy(fx: &Fixture, dst: &Path, scratch: &Path) -> Result<()> {
     out.sync_all()?;
     Ok(())
 }
+
+/// Free space of each filesystem (by the source's own allocation data) that does not read as
+/// zeros in `copy`: `(partition, non-zero bytes counted in 512-byte sectors, free bytes)` for
+/// every ext/FAT/NTFS partition. A snapshot zeroes free blocks, so all counts should be 0.
+pub fn free_not_zeroed(
+    fx: &Fixture,
+    source: &Path,
+    copy: &Path,
+    scratch: &Path,
+) -> Result<Vec<(u32, u64, u64)>> {
+    std::fs::create_dir_all(scratch)?;
+    let f = File::open(copy).with_context(|| format!("opening {}", copy.display()))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in fx.partitions.iter().filter(|p| !p.extended) {
+        let Some(kind) = p.fs.filter(|k| *k != FsKind::Swap) else {
+            continue;
+        };
+        let part = scratch.join(format!("free-part{}.img", p.number));
+        extract(source, p.offset, p.size, &part)?;
+        let free = free_ranges(kind, &part)?;
+        let _ = std::fs::remove_file(&part);
+        let mut nonzero = 0u64;
+        for &(s, e) in &free {
+            let mut off = s;
+            while off < e {
+                let n = ((e - off) as usize).min(buf.len());
+                f.read_exact_at(&mut buf[..n], p.offset + off)?;
+                if !crate::util::is_zero(&buf[..n]) {
+                    nonzero += buf[..n]
+                        .chunks(512)
+                        .filter(|c| !crate::util::is_zero(c))
+                        .map(|c| c.len() as u64)
+                        .sum::<u64>();
+                }
+                off += n as u64;
+            }
+        }
+        out.push((p.number, nonzero, total(&free)));
+    }
+    Ok(out)
+}

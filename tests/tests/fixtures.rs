@@ -123,6 +123,27 @@ fn oracle_passes_ideal_copy_and_catches_damage() {
         )
         .unwrap_or_else(|e| panic!("{}: ideal copy refused: {e:#}", fx.name));
 
+        // free space: garbage in the source, zeros in the ideal copy
+        for (n, nonzero, free) in
+            oracle::free_not_zeroed(&fx, &fx.image, &ideal, &s.path().join("w")).unwrap()
+        {
+            assert_eq!(
+                nonzero, 0,
+                "{} partition {n}: ideal copy has non-zero free bytes",
+                fx.name
+            );
+            assert!(free > 0);
+        }
+        for (n, nonzero, free) in
+            oracle::free_not_zeroed(&fx, &fx.image, &fx.image, &s.path().join("w")).unwrap()
+        {
+            assert!(
+                nonzero > free / 2,
+                "{} partition {n}: free space is not garbage ({nonzero} of {free} non-zero)",
+                fx.name
+            );
+        }
+
         // the source itself still holds the deleted file and the swap garbage
         if fx.deleted.is_some() {
             let e = oracle::compare_disk(
