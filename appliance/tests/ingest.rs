@@ -402,6 +402,25 @@ fn reingest_after_1mb_change_and_dedupe_across_hosts() {
 
     env.ingest_ok("web1", "s2", &[&img]);
     let after_second = env.chunk_files();
+    let latest = std::fs::read_to_string(env.store.join("hosts/web1/latest")).unwrap();
+    assert_eq!(latest.trim(), "s2", "latest moves to the new snapshot");
+    let list = env.list_json();
+    let rows: Vec<(String, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["snapshot"].as_str().unwrap().to_string(),
+                r["latest"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [("s1".to_string(), false), ("s2".to_string(), true)],
+        "{list}"
+    );
     let new_chunks = after_second.difference(&after_first).count();
     assert!(
         (1..=3).contains(&new_chunks),
@@ -686,6 +705,49 @@ fn killed_ingest_leaves_a_verifiable_store_and_gc_cleans_up() {
     // the victim can be ingested again, reusing nothing broken
     env.ingest_ok("victim", "s1", &[&small.image]);
     env.verify(&[]).ok();
+}
+
+/// gc while an ingest is writing: gc refuses (the writer holds the store) or removes nothing the
+/// ingest goes on to reference; either way the committed snapshot verifies afterwards.
+#[test]
+fn gc_during_ingest_never_removes_what_the_ingest_references() {
+    let big = fixtures::big_mixed(1 << 30, 0.45).unwrap();
+    let env = Env::new("gc_during_ingest");
+    let before = env.chunk_files().len();
+    let mut ingest = bmr_tests::Cmd::new(BIN)
+        .arg("ingest")
+        .arg("--store")
+        .arg(&env.store)
+        .args(["--host", "busy", "--snapshot", "s1"])
+        .arg(&big.image)
+        .spawn(&env.logs, "busy-ingest")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline
+        && ingest.try_status().is_none()
+        && env.chunk_files().len() < before + 3
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        ingest.try_status().is_none(),
+        "the ingest finished before gc could run; the fixture is too small\n{}",
+        ingest.describe()
+    );
+    let gc = env.gc(false);
+    let (status, timed_out) = ingest.wait(Duration::from_secs(600)).unwrap();
+    assert!(
+        status.success() && !timed_out,
+        "the ingest failed while gc ran\n{}\n{}",
+        ingest.describe(),
+        gc.describe()
+    );
+    if !gc.success() {
+        let last = gc.stderr.lines().last().unwrap_or("");
+        assert!(last.starts_with("appliance: error:"), "{}", gc.describe());
+    }
+    env.verify(&[]).ok();
+    assert_eq!(env.chunk_files(), env.referenced(None));
 }
 
 #[test]
