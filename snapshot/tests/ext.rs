@@ -333,11 +333,42 @@ fn ext_damage_gives_errors_not_panics() {
     let d = tmp();
     let tree = d.path().join("tree");
     make_tree(&tree, 1);
-    let pristine = d.path().join("pristine.img");
-    mkfs("mkfs.ext4", &pristine, 64 * MIB, &["-b", "4096"], &tree);
+    // Checksums first (the default metadata_csum): the kernel refuses these, and so do we.
     let img = d.path().join("work.img");
-    let fresh = || std::fs::copy(&pristine, &img).unwrap();
     let len = 64 * MIB;
+    mkfs("mkfs.ext4", &img, len, &["-b", "4096"], &tree);
+    let csummed = std::fs::read(&img).unwrap();
+    let restore = || std::fs::write(&img, &csummed).unwrap();
+    apply(&img, &[(1024 + 0x2C, vec![0x55])]); // s_mtime: harmless but checksummed
+    expect_damaged(&img, len, &["superblock checksum mismatch"]);
+    restore();
+    apply(&img, &[(4096 + 0x12, vec![0x02])]); // group 0 flags: BLOCK_UNINIT
+    expect_damaged(&img, len, &["group descriptor 0", "checksum mismatch"]);
+    restore();
+    let g0 = &groups(&img)[0];
+    apply(&img, &[(g0.bitmap * 4096 + 100, vec![0x00])]);
+    expect_damaged(&img, len, &["block bitmap of group 0", "checksum mismatch"]);
+    // The same damage to a gdt_csum (uninit_bg) filesystem.
+    mkfs(
+        "mkfs.ext4",
+        &img,
+        len,
+        &["-b", "4096", "-O", "^metadata_csum,uninit_bg"],
+        &tree,
+    );
+    apply(&img, &[(4096 + 0x12, vec![0x02])]);
+    expect_damaged(&img, len, &["group descriptor 0", "checksum mismatch"]);
+
+    // Structure, without checksums in the way.
+    let pristine = d.path().join("pristine.img");
+    mkfs(
+        "mkfs.ext4",
+        &pristine,
+        64 * MIB,
+        &["-b", "4096", "-O", "^metadata_csum"],
+        &tree,
+    );
+    let fresh = || std::fs::copy(&pristine, &img).unwrap();
 
     // Truncated image: the partition is shorter than the filesystem.
     fresh();
@@ -346,7 +377,7 @@ fn ext_damage_gives_errors_not_panics() {
     // Block count beyond the partition.
     fresh();
     apply(&img, &[(1024 + 4, (1u32 << 30).to_le_bytes().to_vec())]);
-    expect_damaged(&img, len, &["superblock", "block"]);
+    expect_damaged(&img, len, &["superblock", "1073741824 blocks"]);
 
     // Nonsense block size.
     fresh();
@@ -381,7 +412,16 @@ fn ext_damage_gives_errors_not_panics() {
     let small = d.path().join("small.img");
     sparse(&small, 4 * MIB);
     run(cmd("mkfs.ext4")
-        .args(["-q", "-F", "-b", "1024", "-g", "1024"])
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "1024",
+            "-g",
+            "1024",
+            "-O",
+            "^metadata_csum",
+        ])
         .arg(&small));
     let base = std::fs::read(&small).unwrap();
     let rnd = pseudo_random(5, 9000);

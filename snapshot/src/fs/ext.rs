@@ -7,6 +7,11 @@
 //! blocks are what it uses). Every group's block bitmap, inode bitmap and inode table are marked
 //! used wherever they are, whatever the bitmaps say.
 //!
+//! Checksums are verified as the kernel does before it trusts them: the superblock and block
+//! bitmaps (metadata_csum, CRC32C) and every group descriptor (metadata_csum or uninit_bg CRC16).
+//! A mismatch is damage: a flipped BLOCK_UNINIT flag or a cleared bitmap bit would otherwise drop
+//! data from the map silently.
+//!
 //! A filesystem whose journal still needs recovery (not cleanly unmounted, or a crash-consistent
 //! snapshot of a running system) may have on-disk bitmaps that miss blocks allocated by
 //! transactions only the journal holds. The journal (jbd2, internal, v1/v2, 32/64-bit tags,
@@ -37,7 +42,11 @@ const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const EXT3_INCOMPAT_SUPP: u32 = 0x2 | 0x4 | 0x10;
 const EXT3_RO_COMPAT_SUPP: u32 = 0x1 | 0x2 | 0x4;
 
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
+
 const BG_BLOCK_UNINIT: u16 = 0x2;
+/// Descriptors at least this long carry the high half of the block bitmap checksum.
+const BG_BLOCK_BITMAP_CSUM_HI_END: u64 = 0x3A;
 
 /// Largest single read of bitmap blocks.
 const MAX_READ: u64 = 8 << 20;
@@ -78,6 +87,16 @@ struct Geometry {
     sparse_super2: Option<[u64; 2]>,
     has_64bit: bool,
     csum: bool,
+    checksum: Checksum,
+}
+
+/// How group descriptors (and bitmaps) are checksummed.
+enum Checksum {
+    None,
+    /// uninit_bg: CRC16 over the UUID, group number and descriptor.
+    Gdt([u8; 16]),
+    /// metadata_csum: CRC32C from this seed.
+    Meta(u32),
 }
 
 impl Geometry {
@@ -212,6 +231,24 @@ impl Geometry {
             sparse_super2,
             has_64bit,
             csum: ro & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM) != 0,
+            checksum: if ro & RO_COMPAT_METADATA_CSUM != 0 {
+                let stored = le::u32(sb, 0x3FC);
+                let computed = crc32c(!0, sb.get(..0x3FC).unwrap_or_default());
+                if stored != computed {
+                    bail!(
+                        "superblock checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+                    );
+                }
+                Checksum::Meta(if incompat & INCOMPAT_CSUM_SEED != 0 {
+                    le::u32(sb, 0x270)
+                } else {
+                    crc32c(!0, &le::bytes::<16>(sb, 0x68))
+                })
+            } else if ro & RO_COMPAT_GDT_CSUM != 0 {
+                Checksum::Gdt(le::bytes(sb, 0x68))
+            } else {
+                Checksum::None
+            },
         })
     }
 
@@ -285,6 +322,8 @@ impl Geometry {
 }
 
 struct Desc {
+    /// Stored checksum of the block bitmap (metadata_csum; 16 or 32 bits).
+    bitmap_csum: u32,
     block_bitmap: u64,
     inode_bitmap: u64,
     inode_table: u64,
@@ -330,7 +369,41 @@ fn read_descriptors(part: &Part, geo: &Geometry) -> Result<Vec<Desc>> {
                 0
             }
         };
+        let stored = le::u16(d, 0x1E);
+        let computed = match &geo.checksum {
+            Checksum::None => stored,
+            Checksum::Gdt(uuid) => {
+                let mut c = crc16(0xFFFF, uuid);
+                c = crc16(c, &(g as u32).to_le_bytes());
+                c = crc16(c, d.get(..0x1E).unwrap_or_default());
+                if geo.has_64bit {
+                    c = crc16(c, d.get(0x20..).unwrap_or_default());
+                }
+                c
+            }
+            Checksum::Meta(seed) => {
+                let mut c = crc32c(*seed, &(g as u32).to_le_bytes());
+                c = crc32c(c, d.get(..0x1E).unwrap_or_default());
+                c = crc32c(c, &[0, 0]);
+                c = crc32c(c, d.get(0x20..).unwrap_or_default());
+                (c & 0xFFFF) as u16
+            }
+        };
+        if stored != computed {
+            bail!(
+                "group descriptor {g} (descriptor block {}, block {}): checksum mismatch (stored \
+                 {stored:04x}, computed {computed:04x})",
+                g / geo.desc_per_block,
+                geo.desc_block(g / geo.desc_per_block)
+            );
+        }
         let desc = Desc {
+            bitmap_csum: u32::from(le::u16(d, 0x18))
+                | if geo.desc_size >= BG_BLOCK_BITMAP_CSUM_HI_END {
+                    u32::from(le::u16(d, 0x38)) << 16
+                } else {
+                    0
+                },
             block_bitmap: u64::from(le::u32(d, 0x0)) | hi(0x20),
             inode_bitmap: u64::from(le::u32(d, 0x4)) | hi(0x24),
             inode_table: u64::from(le::u32(d, 0x8)) | hi(0x28),
@@ -372,7 +445,9 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
     let descs = read_descriptors(part, &geo)?;
     // A journal that still needs recovery may hold newer copies of block bitmaps than the disk:
     // the map is the union of both, a superset of what the filesystem uses after replay.
-    let journaled = if incompat & INCOMPAT_RECOVER != 0 {
+    // Until the journal is replayed, a bitmap and its descriptor's checksum may disagree.
+    let recovering = incompat & INCOMPAT_RECOVER != 0;
+    let journaled = if recovering {
         journal::bitmaps(part, &geo, &descs, sb)
             .context("the journal needs recovery, but reading it failed")?
     } else {
@@ -412,10 +487,27 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
             n * bs,
             &format!("block bitmap of group {} (block {start})", to_read[i].1),
         )?;
-        for (k, &(_, g)) in to_read[i..j].iter().enumerate() {
+        for (k, &(bb, g)) in to_read[i..j].iter().enumerate() {
             let bm = buf
                 .get(k * bs as usize..(k + 1) * bs as usize)
                 .unwrap_or_default();
+            if let (Checksum::Meta(seed), false) = (&geo.checksum, recovering) {
+                let mut c = crc32c(
+                    *seed,
+                    bm.get(..(geo.clusters_per_group / 8) as usize)
+                        .unwrap_or_default(),
+                );
+                if geo.desc_size < BG_BLOCK_BITMAP_CSUM_HI_END {
+                    c &= 0xFFFF;
+                }
+                let stored = descs.get(g as usize).map_or(0, |d| d.bitmap_csum);
+                if c != stored {
+                    bail!(
+                        "block bitmap of group {g} (block {bb}): checksum mismatch (stored \
+                         {stored:08x}, computed {c:08x})"
+                    );
+                }
+            }
             let first = geo.group_first(g);
             let clusters = (geo.blocks - first)
                 .div_ceil(geo.ratio)
@@ -778,5 +870,60 @@ mod journal {
             }
         }
         Ok(out)
+    }
+}
+
+/// CRC32C (Castagnoli), without the final inversion, as ext4 chains it.
+fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    for &b in data {
+        crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+    }
+    crc
+}
+
+/// CRC16 (poly 0x8005, reflected), as Linux's crc16() for uninit_bg descriptor checksums.
+fn crc16(mut crc: u16, data: &[u8]) -> u16 {
+    for &b in data {
+        crc ^= u16::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc_references() {
+        // CRC-32C check value of "123456789" (with the usual inversions around it).
+        assert_eq!(!crc32c(!0, b"123456789"), 0xE306_9283);
+        // CRC-16/ARC check value.
+        assert_eq!(crc16(0, b"123456789"), 0xBB3D);
     }
 }
