@@ -225,3 +225,134 @@ fn ntfs_damage_gives_errors_not_panics() {
         }
     }
 }
+
+/// LCN of `$LogFile`'s first run, from ntfsinfo.
+fn logfile_lcn(img: &Path) -> u64 {
+    let out = run(cmd("ntfsinfo").args(["-i", "2", "-v"]).arg(img));
+    let mut lines = out.lines().skip_while(|l| !l.contains("Runlist:"));
+    let first = lines.nth(1).unwrap_or_else(|| panic!("ntfsinfo:\n{out}"));
+    let lcn = first.split_whitespace().nth(1).unwrap();
+    u64::from_str_radix(lcn.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// A valid 4096-byte restart page (as ntfs-3g checks it) for a 2 MiB log, with one client
+/// record and update-sequence protection.
+fn restart_page(lsn: u64, in_use: u16, flags: u16) -> Vec<u8> {
+    let put16 = |p: &mut Vec<u8>, o: usize, v: u16| p[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 = |p: &mut Vec<u8>, o: usize, v: u32| p[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |p: &mut Vec<u8>, o: usize, v: u64| p[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    let mut p = vec![0u8; 4096];
+    p[0..4].copy_from_slice(b"RSTR");
+    put16(&mut p, 4, 0x1E); // usa offset
+    put16(&mut p, 6, 9); // usa count
+    put32(&mut p, 0x10, 4096); // system page size
+    put32(&mut p, 0x14, 4096); // log page size
+    put16(&mut p, 0x18, 0x30); // restart area offset
+    put16(&mut p, 0x1A, 1);
+    put16(&mut p, 0x1C, 1);
+    let ra = 0x30;
+    let log_size: u64 = 2 << 20;
+    put64(&mut p, ra, lsn);
+    put16(&mut p, ra + 8, 1); // log clients
+    put16(&mut p, ra + 10, 0xFFFF); // free list
+    put16(&mut p, ra + 12, in_use);
+    put16(&mut p, ra + 14, flags);
+    put32(&mut p, ra + 16, 67 - (64 - log_size.leading_zeros())); // sequence number bits
+    put16(&mut p, ra + 20, 48 + 160); // restart area length
+    put16(&mut p, ra + 22, 48); // client array offset
+    put64(&mut p, ra + 24, log_size);
+    put16(&mut p, ra + 36, 48); // log record header length
+    put16(&mut p, ra + 38, 64); // log page data offset
+    let cr = ra + 48;
+    put64(&mut p, cr, lsn);
+    put64(&mut p, cr + 8, lsn);
+    put16(&mut p, cr + 16, 0xFFFF);
+    put16(&mut p, cr + 18, 0xFFFF);
+    put16(&mut p, cr + 20, 1);
+    put32(&mut p, cr + 32, 8);
+    for (i, u) in "NTFS".encode_utf16().enumerate() {
+        put16(&mut p, cr + 36 + 2 * i, u);
+    }
+    let usn = [0x07, 0x00];
+    p[0x1E..0x20].copy_from_slice(&usn);
+    for i in 1..9 {
+        let pos = i * 512 - 2;
+        let orig = [p[pos], p[pos + 1]];
+        p[0x1E + 2 * i..0x20 + 2 * i].copy_from_slice(&orig);
+        p[pos..pos + 2].copy_from_slice(&usn);
+    }
+    p
+}
+
+/// Whether ntfs-3g agrees to mount the volume read-write (ntfslabel writes the label).
+fn ntfs3g_mounts_rw(img: &Path) -> bool {
+    let (code, _, err) = run_status(cmd("ntfslabel").arg(img).arg("probe"), None);
+    match code {
+        Some(0) => true,
+        _ => {
+            assert!(err.contains("unclean"), "ntfslabel failed otherwise: {err}");
+            false
+        }
+    }
+}
+
+#[test]
+fn ntfs_unclean_logfile_is_refused() {
+    let d = tmp();
+    let pristine = d.path().join("p.img");
+    sparse(&pristine, 32 * MIB);
+    run(cmd("mkntfs")
+        .args(["-F", "-Q", "-s", "512", "-c", "4096"])
+        .arg(&pristine));
+    let at = logfile_lcn(&pristine) * 4096;
+    let img = d.path().join("w.img");
+    let scratch = d.path().join("s.img");
+    let with = |pages: &[(u64, Vec<u8>)]| {
+        std::fs::copy(&pristine, &img).unwrap();
+        let p: Vec<(u64, Vec<u8>)> = pages.iter().map(|(o, b)| (at + o, b.clone())).collect();
+        apply(&img, &p);
+        std::fs::copy(&img, &scratch).unwrap();
+        (probe_at(&img, 0, 32 * MIB), ntfs3g_mounts_rw(&scratch))
+    };
+    // Windows running or crashed: a client in use and no clean flag. ntfs-3g refuses too.
+    match with(&[(0, restart_page(100, 0, 0)), (4096, restart_page(90, 0, 0))]) {
+        (Found::Damaged { reason, .. }, false) => {
+            assert!(reason.contains("not cleanly unmounted"), "{reason}")
+        }
+        o => panic!("{o:?}"),
+    }
+    // Cleanly shut down, or no client in use: both accept.
+    for (in_use, flags) in [(0, 2), (0xFFFF, 0), (0xFFFF, 2)] {
+        match with(&[
+            (0, restart_page(100, in_use, flags)),
+            (4096, restart_page(90, in_use, flags)),
+        ]) {
+            (Found::Known(_), true) => {}
+            o => panic!("in use {in_use:x} flags {flags}: {o:?}"),
+        }
+    }
+    // The newer of the two restart pages decides.
+    assert!(matches!(
+        with(&[
+            (0, restart_page(100, 0, 2)),
+            (4096, restart_page(120, 0, 0))
+        ])
+        .0,
+        Found::Damaged { .. }
+    ));
+    assert!(matches!(
+        with(&[
+            (0, restart_page(100, 0, 0)),
+            (4096, restart_page(120, 0, 2))
+        ])
+        .0,
+        Found::Known(_)
+    ));
+    // A torn restart page is ignored; with no valid page left, the log is refused.
+    let mut torn = restart_page(100, 0xFFFF, 2);
+    torn[1022] ^= 0xFF;
+    match with(&[(0, torn), (4096, vec![0u8; 4096])]).0 {
+        Found::Damaged { reason, .. } => assert!(reason.contains("restart page"), "{reason}"),
+        o => panic!("{o:?}"),
+    }
+}

@@ -5,6 +5,10 @@
 //! are read. Records are checked ("FILE", update-sequence fixups) before use; runlists are decoded
 //! with sparse runs and signed LCN deltas, every run checked against the volume. The partition
 //! past the last whole cluster (which holds the backup boot sector) is used.
+//!
+//! A volume whose `$LogFile` is not clean (Windows was running or crashed) is refused, as ntfs-3g
+//! refuses to mount it: the log may hold `$Bitmap` updates the disk does not have yet, so the
+//! partition is copied whole.
 
 use super::{bit_runs, extents_from, le, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
@@ -15,6 +19,8 @@ const AT_DATA: u32 = 0x80;
 const AT_ATTRIBUTE_LIST: u32 = 0x20;
 const AT_END: u32 = 0xFFFF_FFFF;
 const FIXUP_STRIDE: usize = 512;
+const LOGFILE_NO_CLIENT: u16 = 0xFFFF;
+const RESTART_VOLUME_IS_CLEAN: u16 = 0x0002;
 /// Bitmap bytes processed per read.
 const BITMAP_CHUNK: u64 = 8 << 20;
 
@@ -328,6 +334,10 @@ fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
         .context("NTFS")?;
     let (mft_runs, _) = data_runs(&rec0, clusters, "MFT record 0 ($MFT)").context("NTFS")?;
     vol.mft_runs = mft_runs;
+    let rec2 = vol.record(2, "MFT record 2 ($LogFile)").context("NTFS")?;
+    let (log_runs, log_size) =
+        data_runs(&rec2, clusters, "MFT record 2 ($LogFile)").context("NTFS")?;
+    check_logfile(&vol, &log_runs, log_size).context("NTFS $LogFile")?;
     let rec6 = vol.record(6, "MFT record 6 ($Bitmap)").context("NTFS")?;
     let (bm_runs, bm_size) =
         data_runs(&rec6, clusters, "MFT record 6 ($Bitmap)").context("NTFS")?;
@@ -369,6 +379,72 @@ fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
         },
         used,
     })
+}
+
+fn is_restart_page(p: &[u8]) -> bool {
+    matches!(p.get(0..4), Some(b"RSTR") | Some(b"CHKD"))
+}
+
+/// Refuse a log that is neither empty nor marked clean (what ntfs-3g checks before mounting).
+fn check_logfile(vol: &Volume, runs: &[Run], size: u64) -> Result<()> {
+    // The two restart pages: at 0 and at the system page size (4096 when the first is unreadable).
+    let mut first = vec![0u8; 4096.min(size) as usize];
+    vol.read_stream(runs, 0, &mut first, "$LogFile restart page")?;
+    if first.iter().all(|&b| b == 0xFF) {
+        return Ok(()); // Empty: freshly formatted or reset by ntfsfix.
+    }
+    let page_size = match le::u32(&first, 0x10) {
+        p @ 512..=65536 if p.is_power_of_two() && is_restart_page(&first) => u64::from(p),
+        _ => 4096,
+    };
+    let mut best: Option<(u64, u16, u16)> = None; // (current LSN, in-use list, flags)
+    for off in [0, page_size] {
+        if off + page_size > size {
+            continue;
+        }
+        let mut page = vec![0u8; page_size as usize];
+        vol.read_stream(runs, off, &mut page, "$LogFile restart page")?;
+        if !is_restart_page(&page) || restart_fixup(&mut page).is_err() {
+            continue;
+        }
+        let ra = usize::from(le::u16(&page, 0x18));
+        if ra + 16 > page.len() {
+            continue;
+        }
+        let lsn = le::u64(&page, ra);
+        if best.is_none_or(|b| lsn >= b.0) {
+            best = Some((lsn, le::u16(&page, ra + 12), le::u16(&page, ra + 14)));
+        }
+    }
+    let Some((_, in_use, flags)) = best else {
+        bail!("no valid restart page: the log is damaged; copied whole");
+    };
+    if in_use != LOGFILE_NO_CLIENT && flags & RESTART_VOLUME_IS_CLEAN == 0 {
+        bail!(
+            "the volume was not cleanly unmounted (Windows was running, crashed or hibernated): \
+             its $Bitmap may miss clusters only the log records; copied whole"
+        );
+    }
+    Ok(())
+}
+
+/// Update-sequence fixups of a restart page (same scheme as MFT records, other magic).
+fn restart_fixup(page: &mut [u8]) -> Result<()> {
+    let usa_ofs = usize::from(le::u16(page, 4));
+    let usa_count = usize::from(le::u16(page, 6));
+    if usa_count != page.len() / FIXUP_STRIDE + 1 || usa_ofs + 2 * usa_count > page.len() {
+        bail!("bad update sequence array");
+    }
+    let usn: [u8; 2] = le::bytes(page, usa_ofs);
+    for i in 1..usa_count {
+        let pos = i * FIXUP_STRIDE - 2;
+        if le::bytes::<2>(page, pos) != usn {
+            bail!("update sequence mismatch");
+        }
+        let orig: [u8; 2] = le::bytes(page, usa_ofs + 2 * i);
+        le::put(page, pos, &orig);
+    }
+    Ok(())
 }
 
 fn volume_label(rec: &[u8]) -> Option<String> {
