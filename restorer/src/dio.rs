@@ -14,6 +14,9 @@ use std::path::Path;
 /// of every device we know).
 pub const MEM_ALIGN: usize = 4096;
 
+/// I/O granularity of direct I/O on files (the block size of every filesystem we write to).
+const FILE_ALIGN: u64 = 4096;
+
 /// A zeroed byte buffer whose start is aligned to [`MEM_ALIGN`], built from a plain `Vec` (no
 /// unsafe): the slice starts at the first aligned address inside a slightly larger allocation.
 pub struct AlignedBuf {
@@ -60,7 +63,26 @@ pub struct Disk {
 impl Disk {
     /// Open a target for writing. Block devices are opened O_DIRECT and O_EXCL: the kernel then
     /// refuses them while mounted or claimed, and nobody else can claim them while we write.
+    /// Files are opened O_DIRECT too when their filesystem supports it and their size is a whole
+    /// number of 4 KiB blocks (no page cache to fill and flush: several times faster on big
+    /// images), buffered otherwise.
     pub fn open(path: &Path, block: bool, align: u32, size: u64) -> Result<Disk> {
+        if !block && size.is_multiple_of(FILE_ALIGN) {
+            let direct = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path);
+            if let Ok(file) = direct {
+                return Ok(Disk {
+                    file,
+                    direct: true,
+                    align: FILE_ALIGN,
+                    size,
+                    name: path.display().to_string(),
+                });
+            }
+        }
         let mut o = OpenOptions::new();
         o.read(true).write(true);
         if block {
@@ -145,7 +167,16 @@ impl Disk {
         let mut pos = off;
         while pos < off + len {
             let n = (off + len - pos).min(zeros.len() as u64);
-            self.write_at(&zeros[..n as usize], pos)?;
+            if pos.is_multiple_of(self.align) && n.is_multiple_of(self.align) {
+                self.write_at(&zeros[..n as usize], pos)?;
+            } else {
+                // Direct I/O in whole blocks: read, zero the part, write back.
+                let (ws, wl) = self.widen(pos, n);
+                let mut buf = AlignedBuf::new(wl as usize);
+                self.read_at(&mut buf, ws)?;
+                buf[(pos - ws) as usize..(pos - ws + n) as usize].fill(0);
+                self.write_at(&buf, ws)?;
+            }
             pos += n;
         }
         Ok(())
