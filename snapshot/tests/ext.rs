@@ -359,6 +359,15 @@ fn ext_damage_gives_errors_not_panics() {
     apply(&img, &[(4096 + 0x12, vec![0x02])]);
     expect_damaged(&img, len, &["group descriptor 0", "checksum mismatch"]);
 
+    // Damage is reported with the variant the superblock announces.
+    for (prog, kind) in [("mkfs.ext2", FsKind::Ext2), ("mkfs.ext3", FsKind::Ext3)] {
+        mkfs(prog, &img, len, &[], &tree);
+        match probe_image(&img, 0, len / 2) {
+            Found::Damaged { kind: k, .. } => assert_eq!(k, kind),
+            o => panic!("{o:?}"),
+        }
+    }
+
     // Structure, without checksums in the way.
     let pristine = d.path().join("pristine.img");
     mkfs(

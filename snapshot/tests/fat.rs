@@ -273,6 +273,14 @@ fn fat_damage_gives_errors_not_panics() {
     apply(&img, &[(510, vec![0, 0])]);
     assert!(matches!(probe_at(&img, 0, 64 * MIB), Found::Unknown));
 
+    // Damage is reported with the FAT type the boot sector announces.
+    sparse(&img, 8 * MIB);
+    run(cmd("mkfs.fat").args(["-F", "12"]).arg(&img));
+    match probe_at(&img, 0, 4 * MIB) {
+        Found::Damaged { kind, .. } => assert_eq!(kind, FsKind::Fat12),
+        o => panic!("{o:?}"),
+    }
+
     // Bit flips in the boot sector never panic.
     let small = d.path().join("s.img");
     sparse(&small, 2 * MIB);

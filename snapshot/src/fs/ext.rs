@@ -430,18 +430,32 @@ fn read_descriptors(part: &Part, geo: &Geometry) -> Result<Vec<Desc>> {
     Ok(out)
 }
 
-fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
-    let geo = Geometry::from_superblock(sb, part.len).context("ext superblock at byte 1024")?;
+/// ext2, ext3 or ext4, decided from the feature flags as blkid does.
+fn kind_of(sb: &[u8]) -> FsKind {
     let incompat = le::u32(sb, 0x60);
     let ro = le::u32(sb, 0x64);
     let compat = le::u32(sb, 0x5C);
-    let kind = if incompat & !EXT3_INCOMPAT_SUPP != 0 || ro & !EXT3_RO_COMPAT_SUPP != 0 {
+    if incompat & !EXT3_INCOMPAT_SUPP != 0 || ro & !EXT3_RO_COMPAT_SUPP != 0 {
         FsKind::Ext4
     } else if compat & COMPAT_HAS_JOURNAL != 0 {
         FsKind::Ext3
     } else {
         FsKind::Ext2
-    };
+    }
+}
+
+/// Which ext variant the superblock announces (for reporting damage), if it has the magic.
+pub(crate) fn kind_hint(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<FsKind> {
+    let part = Part { dev, offset, len };
+    let mut sb = [0u8; 1024];
+    part.read(1024, &mut sb, "ext superblock").ok()?;
+    (le::u16(&sb, 0x38) == MAGIC).then(|| kind_of(&sb))
+}
+
+fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
+    let geo = Geometry::from_superblock(sb, part.len).context("ext superblock at byte 1024")?;
+    let incompat = le::u32(sb, 0x60);
+    let kind = kind_of(sb);
     let descs = read_descriptors(part, &geo)?;
     // A journal that still needs recovery may hold newer copies of block bitmaps than the disk:
     // the map is the union of both, a superset of what the filesystem uses after replay.

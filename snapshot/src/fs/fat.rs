@@ -45,6 +45,24 @@ fn is_fat(bs: &[u8; 512]) -> bool {
         && (bs[0x15] == 0xF0 || bs[0x15] >= 0xF8)
 }
 
+/// Which FAT the boot sector announces (for reporting damage): FAT32 when its 16-bit FAT size is
+/// zero, else the type string, else FAT16.
+pub(crate) fn kind_hint(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<FsKind> {
+    let part = Part { dev, offset, len };
+    let mut bs = [0u8; 512];
+    part.read(0, &mut bs, "FAT boot sector").ok()?;
+    if !is_fat(&bs) {
+        return None;
+    }
+    Some(if le::u16(&bs, 0x16) == 0 {
+        FsKind::Fat32
+    } else if bs[0x36..0x3B] == *b"FAT12" {
+        FsKind::Fat12
+    } else {
+        FsKind::Fat16
+    })
+}
+
 struct Layout {
     kind: FsKind,
     cluster: u64,

@@ -220,10 +220,16 @@ pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Found {
             None => continue,
             Some(Ok(probe)) => return Found::Known(probe),
             Some(Err(e)) => {
+                let kind = match kind {
+                    FsKind::Ext4 => ext::kind_hint(dev, offset, len),
+                    FsKind::Fat32 => fat::kind_hint(dev, offset, len),
+                    _ => None,
+                }
+                .unwrap_or(kind);
                 return Found::Damaged {
                     kind,
                     reason: format!("{e:#}"),
-                }
+                };
             }
         }
     }
