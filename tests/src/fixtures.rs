@@ -1045,6 +1045,12 @@ fn load_cached(img: &Path, json: &Path) -> Option<Fixture> {
         return None;
     }
     f.image = img.to_path_buf();
+    // descriptions written before FAT cluster sizes were recorded
+    for p in f.partitions.iter_mut() {
+        if p.fs.is_some_and(FsKind::is_fat) && p.block_size == 0 {
+            p.block_size = oracle::fat_geometry_at(img, p.offset).ok()?.cluster_bytes as u32;
+        }
+    }
     Some(f)
 }
 
@@ -1557,6 +1563,7 @@ fn build_fs(
                 volume_id & 0xffff
             ));
             info.label = Some(label.clone());
+            info.block_size = oracle::fat_geometry(fsimg)?.cluster_bytes as u32;
             info.files = files;
         }
         FsSpec::Ntfs {

@@ -157,9 +157,14 @@ pub struct FatGeometry {
 }
 
 pub fn fat_geometry(img: &Path) -> Result<FatGeometry> {
+    fat_geometry_at(img, 0)
+}
+
+/// [`fat_geometry`] of the FAT starting at byte `offset` of `img` (a partition of a disk image).
+pub fn fat_geometry_at(img: &Path, offset: u64) -> Result<FatGeometry> {
     let f = File::open(img)?;
     let mut b = [0u8; 512];
-    f.read_exact_at(&mut b, 0)?;
+    f.read_exact_at(&mut b, offset)?;
     let u16at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
     let u32at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) as u64;
     let bps = u16at(11);
