@@ -23,6 +23,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Upload this machine's disks to an appliance.
     Capture(CaptureArgs),
+    /// Bring a failover VM's disks back onto this machine: rounds, then cutover.
+    Failback(FailbackArgs),
     /// Run as PID 1 in the boot image.
     Init,
 }
@@ -148,4 +150,42 @@ pub struct CaptureArgs {
     /// Disks (block devices or image files), one per disk, in disk order.
     #[arg(required = true)]
     pub sources: Vec<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FailbackArgs {
+    /// Store base URL of the appliance (http://HOST:PORT/store).
+    #[arg(long)]
+    pub from: String,
+    /// API base URL (default: --from with /store replaced by /api/v1).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Failover VM to fail back.
+    #[arg(long)]
+    pub vm: String,
+    /// Target block devices or files, comma-separated, in the VM's disk order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub target: Vec<String>,
+    /// Cut over once a round fetched at most this many bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub threshold: u64,
+    /// Cut over after this many rounds at most (the final round not counted).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_rounds: u32,
+    /// Refuse rounds not signed by this key (hex file as `appliance pubkey` prints it).
+    #[arg(long)]
+    pub pubkey: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Chunk fetches in flight.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
+    /// How long the VM gets to power off at cutover before the appliance forces it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub stop_timeout: Duration,
+    /// After cutover, read back the whole target (`full`) or only the final delta (`delta`).
+    #[arg(long, value_parser = ["full", "delta"], default_value = "full")]
+    pub verify: String,
+    #[arg(long)]
+    pub json: bool,
 }

@@ -3,6 +3,7 @@
 mod capture;
 mod cli;
 mod dio;
+mod failback;
 mod init;
 mod marker;
 mod pipeline;
@@ -23,6 +24,7 @@ fn main() {
         Command::Restore(a) => restore::run(&a),
         Command::Verify(a) => verify::run(&a),
         Command::Capture(a) => capture::run(&a),
+        Command::Failback(a) => failback::run(&a),
         Command::Init => init::run(),
     };
     if let Err(e) = result {

@@ -23,6 +23,14 @@ pub fn handle(store: &LocalStore, method: &str, path: &str, body: &[u8]) -> Opti
         return None;
     }
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    // QEMU and the qcow2 backing chain get absolute paths whatever the server's --store was.
+    let absolute = match std::fs::canonicalize(store.root()).and_then(|root| {
+        LocalStore::open(&root).map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }) {
+        Ok(s) => s,
+        Err(e) => return Some(error(500, &format!("opening the store: {e}"))),
+    };
+    let store = &absolute;
     let params: serde_json::Value = if body.iter().all(|b| b.is_ascii_whitespace()) {
         serde_json::json!({})
     } else {

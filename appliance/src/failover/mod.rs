@@ -190,7 +190,16 @@ fn restart(store: &LocalStore, a: &cli::StartArgs) -> Result<()> {
 }
 
 fn launch(store: &LocalStore, st: &mut VmState) -> Result<()> {
-    let pid = vm::launch(st, &st.dir(store))?;
+    let pid = match vm::launch(st, &st.dir(store)) {
+        Ok(pid) => pid,
+        Err(e) if st.config.accel == "kvm" => {
+            eprintln!("QEMU failed with KVM ({e:#}); starting with TCG instead");
+            st.config.accel = "tcg".into();
+            let _ = fs::remove_file(store.root().join("private/failover/accel-probe"));
+            vm::launch(st, &st.dir(store))?
+        }
+        Err(e) => return Err(e),
+    };
     st.pid = Some(pid);
     st.phase = Phase::Running;
     st.started_at = Some(state::now_unix());
@@ -228,8 +237,8 @@ pub struct Status {
     pub state: String,
     pub pid: Option<u32>,
     pub uptime_seconds: Option<u64>,
-    /// Guest bytes written since start (allocated clusters of every overlay; the active
-    /// overlay of a running VM is read live, so this is an estimate).
+    /// Guest bytes written since start: allocated clusters of every overlay (QEMU's cache of the
+    /// active overlay is flushed first), so 64 KiB granular.
     pub changed_bytes: u64,
     /// 4 MiB slots those bytes touch.
     pub changed_slots: u64,
@@ -276,6 +285,18 @@ impl Status {
 pub fn status(store: &LocalStore, name: &str) -> Result<Status> {
     let st = VmState::load(store, name)?;
     let observed = vm::observe(&st);
+    if matches!(observed, Observed::Up(_)) {
+        // QEMU keeps qcow2 tables in a write-back cache: flush so the file shows recent writes.
+        if let Ok(mut q) = qmp::Qmp::connect(&st.qmp, Duration::from_secs(5)) {
+            for d in &st.disks {
+                let cmd = format!("qemu-io disk{} \"flush\"", d.number);
+                let _ = q.execute(
+                    "human-monitor-command",
+                    serde_json::json!({ "command-line": cmd }),
+                );
+            }
+        }
+    }
     let dir = st.dir(store);
     let (mut bytes, mut slots) = (0, 0);
     for d in &st.disks {

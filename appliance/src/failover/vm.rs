@@ -128,16 +128,12 @@ fn kvm_runs(tmp: &Path) -> bool {
         return false;
     }
     let child = Command::new(QEMU)
-        .args([
-            "-machine",
-            "pc,accel=kvm",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-m", "32", "-no-reboot"])
+        // The machine and CPU model the VM will get: on some hosts `-cpu host` is what fails.
+        .args(["-machine", "q35,accel=kvm", "-cpu", "host"])
+        .args(["-nodefaults", "-display", "none", "-m", "32", "-no-reboot"])
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", disk.display()))
+        .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
+        .args(["-device", "ide-hd,drive=d0,bus=ide.0"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .stdin(Stdio::null())

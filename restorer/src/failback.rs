@@ -1,0 +1,688 @@
+//! `restorer failback`: bring a failover VM's disks back onto this machine in rounds while the VM
+//! keeps running, then a short cutover (DESIGN.md §6, operator view in `docs/failback.md`).
+//!
+//! Each round is asked of the appliance (`POST /api/v1/failover/<vm>/rounds`) and read like a
+//! snapshot from the store (`failover/<vm>/rounds/<n>/`: `round.json`, its signature, one full
+//! chunk index per disk). The first round compares the target with the index: reader threads
+//! hash the target's slots and feed the slots that differ to fetch workers as they are found, so
+//! hashing and fetching overlap and a drifted (or blank) target ends exact. Later rounds apply
+//! only the slots whose digest changed since the round applied before. When a round fetched less
+//! than `--threshold` (or after `--max-rounds`), the final round is requested: the appliance
+//! stops the VM and publishes its last state; it is applied, read back and verified. The cutover
+//! window is measured from the final request to that verification.
+//!
+//! Resuming: network faults are retried by the HTTP store (`--retry-for`); a failback started
+//! again simply begins with a full comparison, which fetches only what is still missing.
+//!
+//! The slot writes here are plain positional writes (O_DIRECT on block devices, through
+//! [`crate::dio`]); the restore pipeline's `DiskWriter` is built around a restore plan (held-back
+//! partition table, resume marker) that an exact copy of a running VM's disk does not have.
+
+use crate::cli::FailbackArgs;
+use crate::dio::{AlignedBuf, Disk};
+use crate::report;
+use crate::target::{Kind, Safety, Target};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use snapshot::chunker::is_zero;
+use snapshot::sign::PublicKey;
+use snapshot::store::http::{Attempt, HttpStore};
+use snapshot::store::{check_name, FetchError, Store};
+use snapshot::{ChunkIndex, Digest, Slot, CHUNK_SIZE};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const ROUND_VERSION: u32 = 1;
+
+/// `round.json` as the appliance writes it (`appliance/src/failover/round.rs`).
+#[derive(Debug, Clone, Deserialize)]
+struct RoundFile {
+    version: u32,
+    vm: String,
+    host: String,
+    snapshot: String,
+    round: u32,
+    #[serde(rename = "final")]
+    is_final: bool,
+    disks: Vec<RoundDiskFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RoundDiskFile {
+    number: u32,
+    size: u64,
+    index_sha256: String,
+    changed_slots: u64,
+}
+
+/// A round read and checked along the trust chain.
+struct Round {
+    file: RoundFile,
+    indexes: Vec<ChunkIndex>,
+    /// Bytes of round.json, signature and indexes.
+    meta_bytes: u64,
+}
+
+/// What applying one round did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStats {
+    pub round: u32,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// Slots the round asked this restorer to look at (all data/zero slots in a comparison,
+    /// the changed ones afterwards).
+    pub slots_considered: u64,
+    /// Slots read and hashed on the target (comparison rounds).
+    pub slots_hashed: u64,
+    pub bytes_hashed: u64,
+    /// Slots written (they differed or changed).
+    pub slots_written: u64,
+    pub bytes_written: u64,
+    /// Bytes received: chunk blobs plus the round's files.
+    pub bytes_fetched: u64,
+    pub chunks_fetched: u64,
+    /// Slots the appliance reported changed since its previous round.
+    pub appliance_changed_slots: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub vm: String,
+    pub host: String,
+    pub snapshot: String,
+    pub targets: Vec<String>,
+    pub rounds: Vec<RoundStats>,
+    /// From the final-round request (the VM is stopped on it) to the final delta written,
+    /// flushed, read back and verified.
+    pub cutover_window_seconds: f64,
+    /// Slots verified in the whole-target verification after cutover (0 with `--verify delta`).
+    pub verified_slots: u64,
+    pub verify_seconds: f64,
+    pub total_bytes_fetched: u64,
+    pub total_seconds: f64,
+}
+
+pub fn run(a: &FailbackArgs) -> Result<()> {
+    check_name(&a.vm, "vm")?;
+    let started = Instant::now();
+    let opts = a.net.http_options();
+    if !(a.from.starts_with("http://") || a.from.starts_with("https://")) {
+        bail!(
+            "--from {}: failback needs the appliance (http://HOST:PORT/store), which makes the rounds",
+            a.from
+        );
+    }
+    let store = HttpStore::new(&a.from, opts.clone())?;
+    snapshot::store::open(&a.from, &opts)?; // checks store.json, names a wrong URL early
+    let api_base = match &a.api {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => api_from_store(&a.from)?,
+    };
+    // Making a round can take minutes (the final one stops the VM first): a long request timeout.
+    let api = HttpStore::new(
+        &api_base,
+        snapshot::store::http::Options {
+            timeout: opts.timeout.max(a.stop_timeout + Duration::from_secs(1800)),
+            ..opts.clone()
+        },
+    )?;
+    let key = a.pubkey.as_deref().map(PublicKey::load).transpose()?;
+    let safety = Safety::scan()?;
+    let mut targets = Vec::new();
+    for spec in &a.target {
+        let t = Target::from_path(spec)?;
+        safety.check(&t)?;
+        targets.push(t);
+    }
+    let threads = a.jobs as usize;
+
+    let mut disks: Vec<Disk> = Vec::new();
+    let mut applied: Option<Vec<ChunkIndex>> = None;
+    let mut rounds: Vec<RoundStats> = Vec::new();
+    let mut want_final = false;
+    let (window, last) = loop {
+        let asked = Instant::now();
+        let n = request_round(&api, &a.vm, want_final, a.stop_timeout)?;
+        let round = read_round(&store, &a.vm, n, key.as_ref())?;
+        if disks.is_empty() {
+            disks = open_targets(&targets, &round)?;
+            if !a.json {
+                println!(
+                    "failback of VM {} ({}/{}) onto {}",
+                    a.vm,
+                    round.file.host,
+                    round.file.snapshot,
+                    a.target.join(", ")
+                );
+            }
+        }
+        let mut st = apply(&store, &disks, &round, applied.as_deref(), threads)?;
+        st.bytes_fetched += round.meta_bytes;
+        st.seconds = asked.elapsed().as_secs_f64();
+        if !a.json {
+            println!(
+                "  round {}{}: {} slots {}, {} written, {} fetched, {:.1}s",
+                st.round,
+                if st.is_final { " (final)" } else { "" },
+                st.slots_considered,
+                if applied.is_none() {
+                    "compared"
+                } else {
+                    "changed"
+                },
+                st.slots_written,
+                report::bytes(st.bytes_fetched),
+                st.seconds
+            );
+        }
+        let fetched = st.bytes_fetched;
+        let is_final = round.file.is_final;
+        rounds.push(st);
+        if is_final {
+            // The final delta read back and checked: the end of the cutover window.
+            verify(&disks, &round.indexes, applied.as_deref(), threads)?;
+            break (asked.elapsed().as_secs_f64(), round);
+        }
+        applied = Some(round.indexes.clone());
+        if fetched <= a.threshold || rounds.len() as u32 >= a.max_rounds {
+            want_final = true;
+        }
+    };
+    let verify_started = Instant::now();
+    let verified = if a.verify == "full" {
+        verify(&disks, &last.indexes, None, threads)?
+    } else {
+        0
+    };
+    let summary = Summary {
+        vm: a.vm.clone(),
+        host: last.file.host.clone(),
+        snapshot: last.file.snapshot.clone(),
+        targets: a.target.clone(),
+        total_bytes_fetched: rounds.iter().map(|r| r.bytes_fetched).sum(),
+        rounds,
+        cutover_window_seconds: window,
+        verified_slots: verified,
+        verify_seconds: verify_started.elapsed().as_secs_f64(),
+        total_seconds: started.elapsed().as_secs_f64(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "failback done: {} rounds, {} fetched, cutover window {:.1}s (VM stop requested -> \
+             final delta verified){}, {:.1}s in all",
+            summary.rounds.len(),
+            report::bytes(summary.total_bytes_fetched),
+            summary.cutover_window_seconds,
+            if a.verify == "full" {
+                format!(
+                    "; whole target verified ({} slots, {:.1}s)",
+                    summary.verified_slots, summary.verify_seconds
+                )
+            } else {
+                String::new()
+            },
+            summary.total_seconds
+        );
+    }
+    Ok(())
+}
+
+/// `http://HOST:PORT/store` -> `http://HOST:PORT/api/v1`.
+fn api_from_store(from: &str) -> Result<String> {
+    let base = from.trim_end_matches('/');
+    match base.strip_suffix("/store") {
+        Some(root) => Ok(format!("{root}/api/v1")),
+        None => bail!("--from {from} does not end in /store: give the API base with --api"),
+    }
+}
+
+/// Ask the appliance for a round (the final one: cutover) and return its number.
+fn request_round(api: &HttpStore, vm: &str, cutover: bool, stop_timeout: Duration) -> Result<u32> {
+    let url = api.url(&format!("failover/{vm}/rounds"));
+    let body = serde_json::json!({
+        "final": cutover,
+        "timeout_seconds": stop_timeout.as_secs(),
+    })
+    .to_string();
+    let post = |cutover_body: &str| {
+        api.with_retry(&url, |agent, token| {
+            let mut req = agent.post(&url).set("Content-Type", "application/json");
+            if let Some(t) = token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let resp = req.send_string(cutover_body).map_err(Attempt::from)?;
+            Ok(resp.into_string()?)
+        })
+    };
+    let text = match post(&body) {
+        Ok(t) => t,
+        // The VM is failed back already (a failback run again after cutover): its final round.
+        Err(FetchError::Other(e)) if !cutover && format!("{e:#}").contains("HTTP 409") => {
+            let body = serde_json::json!({ "final": true }).to_string();
+            post(&body).map_err(|e| anyhow!("{e:#}"))?
+        }
+        Err(FetchError::NotFound(_)) => bail!(
+            "{url}: not found: no failover VM named {vm} on this appliance (or no failover API)"
+        ),
+        Err(FetchError::Other(e)) => return Err(e.context("asking the appliance for a round")),
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{url}: malformed answer"))?;
+    v.get("round")
+        .and_then(|n| n.as_u64())
+        .map(|n| n as u32)
+        .ok_or_else(|| anyhow!("{url}: answer without a round number"))
+}
+
+fn get(store: &dyn Store, path: &str) -> Result<Vec<u8>> {
+    store.get(path).map_err(|e| match e {
+        FetchError::NotFound(p) => anyhow!("{p}: missing"),
+        FetchError::Other(e) => e,
+    })
+}
+
+/// Read round `n`: signature (with a key), version, names, then every index against its hash.
+fn read_round(store: &dyn Store, vm: &str, n: u32, key: Option<&PublicKey>) -> Result<Round> {
+    let dir = format!("failover/{vm}/rounds/{n}");
+    let origin = format!("{}/{dir}/round.json", store.location());
+    let bytes = get(store, &format!("{dir}/round.json"))?;
+    let mut meta = bytes.len() as u64;
+    if let Some(key) = key {
+        let sig = get(store, &format!("{dir}/round.sig"))?;
+        meta += sig.len() as u64;
+        key.verify(&bytes, &sig, &origin)?;
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{origin}: malformed"))?;
+    let version = v.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != ROUND_VERSION as u64 {
+        bail!(
+            "{origin}: round version {version} is not supported (this build reads {ROUND_VERSION})"
+        );
+    }
+    let file: RoundFile =
+        serde_json::from_value(v).with_context(|| format!("{origin}: malformed"))?;
+    if file.vm != vm || file.round != n || file.version != ROUND_VERSION {
+        bail!(
+            "{origin}: names round {} of {}, not {n} of {vm}",
+            file.round,
+            file.vm
+        );
+    }
+    let mut indexes = Vec::new();
+    for d in &file.disks {
+        let path = format!("{dir}/disk{}.idx", d.number);
+        let b = get(store, &path)?;
+        meta += b.len() as u64;
+        let actual = hex::encode(Sha256::digest(&b));
+        if actual != d.index_sha256 {
+            bail!(
+                "{}/{path}: index hashes to {actual}, round.json says {} (corrupt or tampered)",
+                store.location(),
+                d.index_sha256
+            );
+        }
+        let idx = ChunkIndex::parse(&b, &path)?;
+        if idx.disk_size != d.size {
+            bail!(
+                "{path}: index covers {} bytes, round.json says {}",
+                idx.disk_size,
+                d.size
+            );
+        }
+        indexes.push(idx);
+    }
+    Ok(Round {
+        file,
+        indexes,
+        meta_bytes: meta,
+    })
+}
+
+fn open_targets(targets: &[Target], round: &Round) -> Result<Vec<Disk>> {
+    if targets.len() != round.file.disks.len() {
+        bail!(
+            "VM {} has {} disks; --target names {}",
+            round.file.vm,
+            round.file.disks.len(),
+            targets.len()
+        );
+    }
+    targets
+        .iter()
+        .zip(&round.file.disks)
+        .map(|(t, d)| {
+            if t.size < d.size {
+                bail!(
+                    "target {} is too small for disk {}: {} bytes needed, it has {}",
+                    t.path.display(),
+                    d.number,
+                    d.size,
+                    t.size
+                );
+            }
+            let block = t.kind == Kind::Block;
+            Disk::open(&t.path, block, t.logical_sector.unwrap_or(512), t.size)
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Counters {
+    hashed_slots: AtomicU64,
+    hashed_bytes: AtomicU64,
+    written_slots: AtomicU64,
+    written_bytes: AtomicU64,
+    fetched_bytes: AtomicU64,
+    fetched_chunks: AtomicU64,
+}
+
+/// Apply one round to every disk: compare everything (`prev` = None) or only the slots whose
+/// digest differs from `prev`.
+fn apply(
+    store: &dyn Store,
+    disks: &[Disk],
+    round: &Round,
+    prev: Option<&[ChunkIndex]>,
+    threads: usize,
+) -> Result<RoundStats> {
+    let c = Counters::default();
+    let mut considered = 0;
+    for (k, disk) in disks.iter().enumerate() {
+        let idx = &round.indexes[k];
+        let slots: Vec<usize> = idx
+            .slots()
+            .filter(|&(i, s)| {
+                s != Slot::Unused && prev.is_none_or(|p| p[k].digest(i) != idx.digest(i))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        considered += slots.len() as u64;
+        let what = format!("disk {} ({})", round.file.disks[k].number, disk.name);
+        apply_disk(store, disk, idx, &slots, prev.is_none(), threads, &c)
+            .with_context(|| format!("round {}, {what}", round.file.round))?;
+    }
+    Ok(RoundStats {
+        round: round.file.round,
+        is_final: round.file.is_final,
+        slots_considered: considered,
+        slots_hashed: c.hashed_slots.into_inner(),
+        bytes_hashed: c.hashed_bytes.into_inner(),
+        slots_written: c.written_slots.into_inner(),
+        bytes_written: c.written_bytes.into_inner(),
+        bytes_fetched: c.fetched_bytes.into_inner(),
+        chunks_fetched: c.fetched_chunks.into_inner(),
+        appliance_changed_slots: round.file.disks.iter().map(|d| d.changed_slots).sum(),
+        seconds: 0.0,
+    })
+}
+
+/// Read slot `i` of `disk` into `buf` (aligned, at least a chunk plus one alignment unit) and
+/// return the slot's bytes within it.
+fn read_slot<'b>(
+    disk: &Disk,
+    idx: &ChunkIndex,
+    i: usize,
+    buf: &'b mut AlignedBuf,
+) -> Result<&'b [u8]> {
+    let (off, len) = idx.span(i);
+    let (ws, wl) = disk.widen(off, len);
+    disk.read_at(&mut buf[..wl as usize], ws)?;
+    let o = (off - ws) as usize;
+    Ok(&buf[o..o + len as usize])
+}
+
+fn matches(idx: &ChunkIndex, i: usize, data: &[u8]) -> bool {
+    match idx.slot(i) {
+        Slot::Zeros => is_zero(data),
+        Slot::Data(d) => Digest::of(data) == d,
+        Slot::Unused => true,
+    }
+}
+
+/// Write `data` (or zeros) as slot `i`; through an aligned copy for O_DIRECT.
+fn write_slot(
+    disk: &Disk,
+    idx: &ChunkIndex,
+    i: usize,
+    data: Option<&[u8]>,
+    scratch: &mut AlignedBuf,
+) -> Result<()> {
+    let (off, len) = idx.span(i);
+    let (ws, wl) = disk.widen(off, len);
+    match data {
+        Some(d) if !disk.direct => disk.write_at(d, off),
+        _ => {
+            let b = &mut scratch[..wl as usize];
+            let o = (off - ws) as usize;
+            if ws != off || wl != len {
+                // A partial last sector: keep the bytes around the slot.
+                disk.read_at(b, ws)?;
+            }
+            match data {
+                Some(d) => b[o..o + len as usize].copy_from_slice(d),
+                None => b[o..o + len as usize].fill(0),
+            }
+            disk.write_at(b, ws)
+        }
+    }
+}
+
+/// The slots of one disk: in a comparison, reader threads hash each slot on the target and pass
+/// the ones that differ to the fetch workers through a bounded channel, so both run at once;
+/// otherwise every slot goes straight to the workers. Identical chunks are fetched once (later
+/// slots copy from the first slot written). Slot 0 (the partition table) is written last.
+fn apply_disk(
+    store: &dyn Store,
+    disk: &Disk,
+    idx: &ChunkIndex,
+    slots: &[usize],
+    compare: bool,
+    threads: usize,
+    c: &Counters,
+) -> Result<()> {
+    let readers = if compare { 2 } else { 0 };
+    let (tx, rx) = crossbeam_channel::bounded::<usize>(threads * 4 + 8);
+    let next = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let fail = |e: anyhow::Error| {
+        stop.store(true, Ordering::Relaxed);
+        failed.lock().expect("lock").get_or_insert(e);
+    };
+    // Digest -> a slot already holding it on the target (copied from instead of fetched).
+    let written: Mutex<HashMap<Digest, usize>> = Mutex::new(HashMap::new());
+    let deferred: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let work = |i: usize, scratch: &mut AlignedBuf, copy: &mut AlignedBuf| -> Result<()> {
+        let len = idx.span(i).1;
+        match idx.slot(i) {
+            Slot::Unused => return Ok(()),
+            Slot::Zeros => write_slot(disk, idx, i, None, scratch)?,
+            Slot::Data(d) => {
+                let have = written.lock().expect("lock").get(&d).copied();
+                let local = match have {
+                    Some(j) => {
+                        let b = read_slot(disk, idx, j, copy)?;
+                        (Digest::of(b) == d).then(|| b.to_vec())
+                    }
+                    None => None,
+                };
+                let data = match local {
+                    Some(b) => b,
+                    None => {
+                        let blob = store.get(&d.chunk_path()).map_err(|e| match e {
+                            FetchError::NotFound(_) => {
+                                anyhow!("chunk {d} (slot {i}) missing from {}", store.location())
+                            }
+                            FetchError::Other(e) => e.context(format!("chunk {d} (slot {i})")),
+                        })?;
+                        c.fetched_bytes
+                            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+                        c.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                        snapshot::decode_chunk(&blob, &d)
+                            .with_context(|| format!("chunk {d} (slot {i})"))?
+                    }
+                };
+                if data.len() as u64 != len {
+                    bail!("chunk {d} is {} bytes, slot {i} holds {len}", data.len());
+                }
+                write_slot(disk, idx, i, Some(&data), scratch)?;
+                written.lock().expect("lock").entry(d).or_insert(i);
+            }
+        }
+        c.written_slots.fetch_add(1, Ordering::Relaxed);
+        c.written_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        for _ in 0..readers {
+            let tx = tx.clone();
+            let (next, stop, fail) = (&next, &stop, &fail);
+            s.spawn(move || {
+                let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if k >= slots.len() || stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = slots[k];
+                    let same = match read_slot(disk, idx, i, &mut buf) {
+                        Ok(b) => matches(idx, i, b),
+                        Err(e) => return fail(e),
+                    };
+                    c.hashed_slots.fetch_add(1, Ordering::Relaxed);
+                    c.hashed_bytes.fetch_add(idx.span(i).1, Ordering::Relaxed);
+                    if !same && tx.send(i).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        if !compare {
+            let tx = tx.clone();
+            s.spawn(move || {
+                for &i in slots {
+                    if tx.send(i).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for _ in 0..threads.max(1) {
+            let rx = rx.clone();
+            let (stop, fail, work, deferred) = (&stop, &fail, &work, &deferred);
+            s.spawn(move || {
+                let mut scratch = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+                let mut copy = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+                for i in rx {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if i == 0 {
+                        deferred.lock().expect("lock").push(i);
+                        continue;
+                    }
+                    if let Err(e) = work(i, &mut scratch, &mut copy) {
+                        return fail(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().expect("lock") {
+        return Err(e.context("the target is partly updated: run failback again to finish it"));
+    }
+    disk.sync()?;
+    let deferred = deferred.into_inner().expect("lock");
+    if !deferred.is_empty() {
+        let mut scratch = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+        let mut copy = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+        for i in deferred {
+            work(i, &mut scratch, &mut copy)?;
+        }
+        disk.sync()?;
+    }
+    Ok(())
+}
+
+/// Read back every data and zero slot of every disk (only those whose digest differs from
+/// `prev` when given) and compare it with `indexes`. Returns the slots checked.
+fn verify(
+    disks: &[Disk],
+    indexes: &[ChunkIndex],
+    prev: Option<&[ChunkIndex]>,
+    threads: usize,
+) -> Result<u64> {
+    let mut total = 0;
+    for (k, (disk, idx)) in disks.iter().zip(indexes).enumerate() {
+        let slots: Vec<usize> = idx
+            .slots()
+            .filter(|&(i, s)| {
+                s != Slot::Unused && prev.is_none_or(|p| p[k].digest(i) != idx.digest(i))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let next = AtomicU64::new(0);
+        let bad: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.clamp(1, 4) {
+                s.spawn(|| {
+                    let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if k >= slots.len() {
+                            return;
+                        }
+                        let i = slots[k];
+                        match read_slot(disk, idx, i, &mut buf) {
+                            Ok(b) if matches(idx, i, b) => {}
+                            Ok(_) => bad.lock().expect("lock").push(i),
+                            Err(e) => {
+                                failed.lock().expect("lock").get_or_insert(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().expect("lock") {
+            return Err(e.context(format!("verifying {}", disk.name)));
+        }
+        let mut bad = bad.into_inner().expect("lock");
+        if !bad.is_empty() {
+            bad.sort_unstable();
+            bail!(
+                "verifying {}: {} slots differ from the final round (first at offset {}): \
+                 something else wrote to the target; run failback again",
+                disk.name,
+                bad.len(),
+                idx.span(bad[0]).0
+            );
+        }
+        total += slots.len() as u64;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_base_from_store_url() {
+        assert_eq!(
+            api_from_store("http://10.0.0.1:8080/store/").unwrap(),
+            "http://10.0.0.1:8080/api/v1"
+        );
+        assert!(api_from_store("http://h/other").is_err());
+    }
+}
