@@ -229,6 +229,23 @@ fn gpt_server_roundtrip_local_and_http() {
         snapshot::manifest::Firmware::Uefi,
         "firmware of a GPT disk with an ESP",
     );
+    // chunks with no used block are unused slots: every 4 MiB slot wholly inside the swap
+    // partition, past its header page
+    let store = snapshot::store::LocalStore::open(&env.store).unwrap();
+    let snap = snapshot::store::open_snapshot(&store, "web1", Some("s1"), None).unwrap();
+    let idx = &snap.indexes[0];
+    let swap = fx.partition(3);
+    let mut inside = 0;
+    for (i, slot) in idx.slots() {
+        let (off, len) = idx.span(i);
+        if off >= swap.offset + 4096 && off + len <= swap.offset + swap.size {
+            inside += 1;
+            pr.check(slot == snapshot::Slot::Unused, || {
+                format!("slot {i} (inside swap) is {slot:?}, not unused")
+            });
+        }
+    }
+    assert!(inside >= 6, "the swap partition spans {inside} whole slots");
     roundtrip(&env, &fx, "web1", "s1", &mut pr);
     pr.finish("gpt_server");
 }
