@@ -554,3 +554,61 @@ fn capture_through_the_api_then_restore() {
     let b = read_index(&env, "cap1", cap_id, 0);
     assert_eq!(a, b, "capture and ingest chunk the disk the same way");
 }
+
+#[test]
+fn bigger_target_recreates_swap_with_its_uuid_and_label() {
+    let env = Env::new("bigger-swap");
+    let fx = fixtures::gpt_server().unwrap();
+    env.ingest("web13", &[&fx.image]);
+    let srv = env.serve();
+    let t = env.file("target.img", fx.size + 128 * MIB);
+    let (out, v) = restore(&srv.url, "web13", &[&t], &[]);
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        v["disks"][0]["resized"].to_string().contains("mkswap"),
+        "{v}"
+    );
+    let parts = check_restored(&fx, &t, &env.dir.join("scratch"));
+    let swap = parts.iter().find(|p| p.number == 3).unwrap();
+    assert!(swap.size > fx.partition(3).size + 100 * MIB, "{parts:?}");
+    let img = env.dir.join("swap.img");
+    bmr_tests::util::extract(&t, swap.offset, swap.size, &img).unwrap();
+    let out = Cmd::new("blkid").args(["-o", "export"]).arg(&img).ok();
+    let want = fx.partition(3);
+    assert!(out.stdout.contains("TYPE=swap"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("UUID={}", want.uuid.as_deref().unwrap())),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("LABEL={}", want.label.as_deref().unwrap())),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn bearer_token_is_sent() {
+    let env = Env::new("token");
+    let fx = fixtures::mbr_mixed().unwrap();
+    env.ingest("web14", &[&fx.image]);
+    let token = "restore-token-0123456789abcdef";
+    std::fs::write(
+        env.store.join("private/tokens.json"),
+        format!(r#"{{"tokens":[{{"token":"{token}","access":"read","hosts":["web14"]}}]}}"#),
+    )
+    .unwrap();
+    let srv = env.serve();
+    let t = env.file("target.img", fx.size);
+    let before = sha(&t);
+    let (out, _) = restore(&srv.url, "web14", &[&t], &["--retry-for", "2s"]);
+    assert!(!out.success(), "{}", out.describe());
+    assert!(out.stderr.contains("401"), "{}", out.describe());
+    assert_eq!(sha(&t), before);
+    let (out, _) = restore(&srv.url, "web14", &[&t], &["--token", token]);
+    assert!(out.success(), "{}", out.describe());
+    assert!(has_table(&t));
+}
