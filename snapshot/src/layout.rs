@@ -49,6 +49,9 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
     }
     let mut used = Extents::whole(0, size);
     let mut notes = Vec::new();
+    if let PartitionTable::Gpt(g) = &table {
+        notes.extend(g.notes.iter().map(|n| format!("GPT: {n}")));
+    }
     if table == PartitionTable::None {
         // A filesystem written straight onto the disk is handled like a partition spanning it.
         partitions.push(Partition {
