@@ -612,3 +612,51 @@ fn bearer_token_is_sent() {
     assert!(out.success(), "{}", out.describe());
     assert!(has_table(&t));
 }
+
+/// A Windows-like GPT disk: the ESP of gpt_server and the NTFS of mbr_mixed, NTFS last.
+fn windows_fixture() -> fixtures::Fixture {
+    let gpt = fixtures::gpt_server_spec();
+    let esp = gpt.parts[0].clone();
+    let mut ntfs = fixtures::mbr_mixed_spec()
+        .parts
+        .into_iter()
+        .find(|p| p.number == 2)
+        .unwrap();
+    ntfs.start = esp.start + esp.sectors;
+    ntfs.gpt_type = Some("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7".into());
+    ntfs.uuid = Some("B3E0C1A2-0002-4E7A-9C1B-2D3E4F5060AA".into());
+    ntfs.name = Some("Basic data partition".into());
+    ntfs.mbr_type = None;
+    ntfs.bootable = false;
+    let size = (ntfs.start + ntfs.sectors) * 512 + MIB;
+    let spec = fixtures::DiskSpec {
+        name: "restorer_gpt_windows".into(),
+        sector_size: 512,
+        size,
+        table: gpt.table,
+        parts: vec![esp, ntfs],
+    };
+    fixtures::build(&spec).unwrap()
+}
+
+#[test]
+fn bigger_target_grows_ntfs() {
+    let env = Env::new("bigger-ntfs");
+    let fx = windows_fixture();
+    let id = env.ingest("win1", &[&fx.image]);
+    let srv = env.serve();
+    let same = env.file("same.img", fx.size);
+    let (out, _) = restore(&srv.url, "win1", &[&same], &[]);
+    assert!(out.success(), "{}", out.describe());
+    check_snapshot_exact(&env, &fx, "win1", &id, 0, &same);
+    let t = env.file("target.img", fx.size + 256 * MIB);
+    let (out, v) = restore(&srv.url, "win1", &[&t], &[]);
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        v["disks"][0]["resized"].to_string().contains("ntfsresize"),
+        "{v}"
+    );
+    let parts = check_restored(&fx, &t, &env.dir.join("scratch"));
+    let p = parts.iter().find(|p| p.number == 2).unwrap();
+    assert!(p.size > fx.partition(2).size + 200 * MIB, "{parts:?}");
+}
