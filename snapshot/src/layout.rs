@@ -86,6 +86,13 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
     if table == PartitionTable::None {
         if partitions[0].fs.is_none() {
             partitions.clear();
+            let mut sig = [0u8; 2];
+            if dev.read_at(&mut sig, 510).is_ok() && sig == [0x55, 0xaa] {
+                notes.push(
+                    "sector 0 has a boot signature but no valid partition table: disk copied whole"
+                        .into(),
+                );
+            }
         } else {
             notes.push("no partition table: the disk holds one filesystem".into());
         }
