@@ -40,7 +40,10 @@ pub fn run(a: &IngestArgs) -> Result<()> {
     }
     let _writer = store.writer()?;
     let started = Instant::now();
-    let opts = ChunkOptions::default();
+    let opts = ChunkOptions {
+        zstd_level: a.level,
+        ..ChunkOptions::default()
+    };
     let mut disks = Vec::new();
     let mut indexes = Vec::new();
     let mut all_stats = Vec::new();
