@@ -453,3 +453,133 @@ impl<'a> DiskWriter<'a> {
         self.disk.sync()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{NetArgs, SourceArgs};
+    use crate::plan::{self, Source};
+    use crate::target::Target;
+    use snapshot::chunker::{chunk_disk, ChunkOptions};
+    use snapshot::manifest::{Disk as MDisk, DiskTotals, Firmware, Manifest, MANIFEST_VERSION};
+    use snapshot::ptable::PartitionTable;
+    use snapshot::store::LocalStore;
+
+    const C: usize = CHUNK_SIZE as usize;
+
+    /// A table-less disk: random slot, zero slot, the first slot again, an unused slot, and a
+    /// short random tail; committed to a local store as host `t`.
+    fn snapshot(dir: &std::path::Path) -> Vec<u8> {
+        let mut disk = vec![0u8; 4 * C + 8192];
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for i in (0..C).chain(4 * C..disk.len()) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            disk[i] = x as u8;
+        }
+        let (a, b) = disk.split_at_mut(2 * C);
+        b[..C].copy_from_slice(&a[..C]);
+        let (store, _) = LocalStore::init(&dir.join("store")).unwrap();
+        let mut used = Extents::whole(0, disk.len() as u64);
+        used.remove(3 * CHUNK_SIZE, 4 * CHUNK_SIZE);
+        let (index, stats) =
+            chunk_disk(&disk, &used, &store, &ChunkOptions::default(), &|_| {}).unwrap();
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(index.to_bytes()));
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            host: "t".into(),
+            snapshot: "s1".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            firmware: Firmware::Unknown,
+            hardware: Default::default(),
+            chunk_size: CHUNK_SIZE,
+            disks: vec![MDisk {
+                number: 0,
+                size: disk.len() as u64,
+                logical_sector: 512,
+                physical_sector: 512,
+                table: PartitionTable::None,
+                partitions: vec![],
+                index_sha256: sha,
+                totals: DiskTotals {
+                    used_bytes: stats.used_bytes,
+                    ..Default::default()
+                },
+            }],
+        };
+        store.commit_snapshot(&m, &[index]).unwrap();
+        disk
+    }
+
+    #[test]
+    fn writes_held_back_last_dedupes_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = snapshot(dir.path());
+        let src = Source::open(&SourceArgs {
+            from: dir.path().join("store").display().to_string(),
+            host: "t".into(),
+            snapshot: "latest".into(),
+            pubkey: None,
+            net: NetArgs {
+                token: None,
+                ca: None,
+                retry_for: std::time::Duration::from_secs(1),
+                timeout: std::time::Duration::from_secs(1),
+            },
+        })
+        .unwrap();
+        let path = dir.path().join("target.img");
+        std::fs::write(&path, vec![0xeeu8; disk.len()]).unwrap();
+        let t = Target::from_path(path.to_str().unwrap()).unwrap();
+        let plan = plan::build(&src, vec![t], None, true).unwrap();
+        let d = &plan.disks[0];
+        assert_eq!(d.held.ranges(), &[(0, 4096)]);
+        let index = &src.snapshot.indexes[0];
+        let m = Marker::new("t", "s1", 0);
+        let open = || Disk::open(&path, false, 512, disk.len() as u64).unwrap();
+        let w = DiskWriter::new(d, index, open(), &m);
+        assert_eq!(
+            w.read_marker().unwrap(),
+            None,
+            "a blank target has no marker"
+        );
+        w.wipe_table().unwrap();
+        assert_eq!(w.read_marker().unwrap(), Some(m.clone()));
+        let pb = ProgressBar::hidden();
+        w.write_data(src.store.as_ref(), &HashSet::new(), 3, &pb)
+            .unwrap();
+        // Data is written, the held-back range still holds the marker.
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(&back[4096..3 * C], &disk[4096..3 * C]);
+        assert_eq!(&back[4 * C..], &disk[4 * C..]);
+        assert!(
+            back[3 * C..4 * C].iter().all(|&b| b == 0xee),
+            "unused slot untouched"
+        );
+        assert_eq!(w.counters.fetched_chunks.load(Ordering::Relaxed), 2);
+        assert_eq!(w.counters.deduped_bytes.load(Ordering::Relaxed), CHUNK_SIZE);
+        assert_eq!(w.read_marker().unwrap(), Some(m.clone()));
+        w.write_table(&[]).unwrap();
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &back[..3 * C],
+            &disk[..3 * C],
+            "held-back bytes written last"
+        );
+        assert_eq!(w.read_marker().unwrap(), None);
+
+        // A rerun over a wiped (marked) disk finds every slot but the held-back one correct.
+        let w = DiskWriter::new(d, index, open(), &m);
+        w.wipe_table().unwrap();
+        let wanted: Vec<usize> = (0..index.len()).filter(|&i| i != 3).collect();
+        let ok = w.check_existing(&wanted, 2, &pb).unwrap();
+        assert_eq!(ok, [1usize, 2, 4].into_iter().collect());
+        w.write_data(src.store.as_ref(), &ok, 2, &pb).unwrap();
+        w.write_table(&[]).unwrap();
+        assert_eq!(w.counters.fetched_chunks.load(Ordering::Relaxed), 1);
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(&back[..3 * C], &disk[..3 * C]);
+        assert_eq!(&back[4 * C..], &disk[4 * C..]);
+    }
+}
