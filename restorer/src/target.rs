@@ -207,16 +207,28 @@ pub fn discover() -> Result<Vec<Target>> {
 /// lists the candidates.
 pub fn auto_assign(sources: &[u64], disks: Vec<Target>, safety: &Safety) -> Result<Vec<Target>> {
     let min = sources.iter().copied().min().unwrap_or(0);
-    let mut cands: Vec<Target> = disks
-        .into_iter()
-        .filter(|t| {
-            !t.removable
-                && t.transport != "usb"
-                && !t.read_only
-                && t.size >= min
-                && safety.check(t).is_ok()
-        })
-        .collect();
+    let mut cands: Vec<Target> = Vec::new();
+    let mut left_out: Vec<String> = Vec::new();
+    for t in disks {
+        let why = if t.removable {
+            Some("removable".to_string())
+        } else if t.transport == "usb" {
+            Some("USB".to_string())
+        } else if t.size < min {
+            Some(format!("smaller than {}", crate::report::bytes(min)))
+        } else {
+            safety.check(&t).err().map(|e| {
+                let s = e.to_string();
+                s.strip_prefix(&format!("{} ", t.path.display()))
+                    .unwrap_or(&s)
+                    .to_string()
+            })
+        };
+        match why {
+            Some(w) => left_out.push(format!("{}: {w}", t.path.display())),
+            None => cands.push(t),
+        }
+    }
     let list = |c: &[Target]| {
         if c.is_empty() {
             "none".to_string()
@@ -228,8 +240,13 @@ pub fn auto_assign(sources: &[u64], disks: Vec<Target>, safety: &Safety) -> Resu
         }
     };
     if cands.len() != sources.len() {
+        let out = if left_out.is_empty() {
+            String::new()
+        } else {
+            format!("; left out: {}", left_out.join("; "))
+        };
         bail!(
-            "--target auto: {} source disk(s) but {} candidate disk(s) ({}); name the targets with --target DEV[,DEV...]",
+            "--target auto: {} source disk(s) but {} candidate disk(s) ({}){out}; name the targets with --target DEV[,DEV...]",
             sources.len(),
             cands.len(),
             list(&cands)
@@ -275,23 +292,36 @@ impl Safety {
             if f.len() < 5 {
                 continue;
             }
-            let Some((maj, min)) = f[2].split_once(':') else {
-                continue;
-            };
-            let (Ok(maj), Ok(min)) = (maj.parse::<u32>(), min.parse::<u32>()) else {
-                continue;
-            };
-            if maj == 0 {
-                continue;
-            }
             let mnt = unescape(f[4]);
             let why = if mnt == "/" {
                 "holds the running system's root filesystem (mounted on /)".to_string()
             } else {
                 format!("is mounted (on {mnt})")
             };
-            for d in whole_disks((maj, min)) {
-                disks.push((d, why.clone()));
+            let mut devs = Vec::new();
+            if let Some((maj, min)) = f[2].split_once(':') {
+                if let (Ok(maj), Ok(min)) = (maj.parse::<u32>(), min.parse::<u32>()) {
+                    if maj != 0 {
+                        devs.push((maj, min));
+                    }
+                }
+            }
+            // btrfs and others show an anonymous 0:N device: the mount source names the disk.
+            let source = line
+                .split_once(" - ")
+                .and_then(|(_, r)| r.split(' ').nth(1))
+                .map(unescape);
+            if let Some(src) = source.filter(|s| s.starts_with("/dev/")) {
+                if let Ok(m) = fs::metadata(&src) {
+                    if m.file_type().is_block_device() {
+                        devs.push((libc::major(m.rdev()), libc::minor(m.rdev())));
+                    }
+                }
+            }
+            for dev in devs {
+                for d in whole_disks(dev) {
+                    disks.push((d, why.clone()));
+                }
             }
         }
         if let Ok(swaps) = fs::read_to_string("/proc/swaps") {
