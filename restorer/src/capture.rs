@@ -207,8 +207,22 @@ pub fn run(a: &CaptureArgs) -> Result<()> {
         http: HttpStore::new(&base, a.net.http_options())?,
     };
     let mut sources = Vec::new();
+    let safety = crate::target::Safety::scan()?;
+    let mut in_use = Vec::new();
     for p in &a.sources {
-        sources.push(DiskSource::open(p)?);
+        let src = DiskSource::open(p)?;
+        // A disk in use changes while it is read: the snapshot is at best crash-consistent.
+        if src.device_sectors.is_some() {
+            if let Err(e) = crate::target::Target::from_path(&p.to_string_lossy())
+                .and_then(|t| safety.check(&t))
+            {
+                in_use.push(format!("{e}: the snapshot of it is only crash-consistent"));
+            }
+        }
+        sources.push(src);
+    }
+    for w in &in_use {
+        eprintln!("restorer: warning: {w}");
     }
     #[derive(Serialize)]
     struct Open<'a> {
