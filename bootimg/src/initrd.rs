@@ -288,8 +288,28 @@ impl ModuleIndex {
                 continue;
             }
             let Some(m) = w.next() else { continue };
-            let soft: Vec<String> = w.filter(|x| !x.ends_with(':')).map(norm).collect();
+            let soft: Vec<String> = w.filter(|x| !x.ends_with(':')).map(String::from).collect();
             deps.entry(norm(m)).or_default().extend(soft);
+        }
+        // Soft dependencies name aliases (`crypto-crc32c`): resolve the plain ones.
+        let mut alias: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in read("modules.alias")?.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if let ["alias", a, m] = w[..] {
+                if !a.contains(['*', '?', '[']) {
+                    alias.entry(a.to_string()).or_default().push(norm(m));
+                }
+            }
+        }
+        for d in deps.values_mut() {
+            let resolved: Vec<String> = d
+                .iter()
+                .flat_map(|n| match alias.get(n) {
+                    Some(ms) if !path.contains_key(n) => ms.clone(),
+                    _ => vec![n.clone()],
+                })
+                .collect();
+            *d = resolved;
         }
         let builtin = read("modules.builtin")?.lines().map(module_name).collect();
         Ok(ModuleIndex {

@@ -43,6 +43,7 @@ pub enum Bus {
 pub struct Disk {
     pub path: PathBuf,
     pub bus: Bus,
+    /// Guest writes are discarded (a throwaway overlay; CD-ROMs are simply read-only).
     pub readonly: bool,
     /// Firmware boot priority (lower first).
     pub bootindex: Option<u32>,
@@ -218,7 +219,12 @@ impl Vm {
         }
         let mut usb = false;
         for (i, d) in spec.disks.iter().enumerate() {
-            let ro = if d.readonly { ",readonly=on" } else { "" };
+            // IDE/AHCI disks cannot be read-only: writes go to a throwaway overlay instead.
+            let ro = match (d.readonly, d.bus) {
+                (false, _) => "",
+                (true, Bus::Cdrom) => ",readonly=on",
+                (true, _) => ",snapshot=on",
+            };
             let media = if d.bus == Bus::Cdrom {
                 ",media=cdrom"
             } else {

@@ -9,6 +9,7 @@
 //! `target/fixtures/`.
 
 mod grub_bios;
+pub mod watch;
 
 use crate::fixtures::{self, DiskSpec, Entry, Fixture, FsKind, FsSpec, PartSpec, TableSpec};
 use crate::prng::Content;
@@ -31,6 +32,8 @@ const ROOT_UUID: &str = "5a3e0b1e-0000-4b00-8000-00000000b007";
 pub enum Firmware {
     Uefi,
     Bios,
+    /// Both: BIOS boot partition with GRUB i386-pc, and an ESP with shim + GRUB.
+    Hybrid,
 }
 
 /// A workspace binary next to the running test, built with `cargo build` if it is missing.
@@ -90,6 +93,8 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// Drivers the sample server needs to find its root disk on our test machines' controllers.
 const SAMPLE_MODULES: &[&str] = &[
+    "crc32c_generic",
+    "crc32c_intel",
     "nvme",
     "virtio_blk",
     "virtio_scsi",
@@ -310,81 +315,86 @@ fn grub_entry() -> String {
 pub fn sample_server(host: &str, fw: Firmware) -> Result<Fixture> {
     let k = kernel()?;
     let initrd = sample_initrd(&k)?;
-    let spec = match fw {
-        Firmware::Uefi => {
-            let shim = Path::new("/usr/lib/shim/shimx64.efi.signed");
-            let grub = Path::new("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed");
-            for (f, pkg) in [(shim, "shim-signed"), (grub, "grub-efi-amd64-signed")] {
-                if !f.exists() {
-                    bail!("{} missing: apt-get install {pkg}", f.display());
-                }
-            }
-            DiskSpec {
-                name: format!("sample_uefi_{host}"),
-                sector_size: 512,
-                size: 256 * MIB,
-                table: TableSpec::Gpt {
-                    disk_guid: "5A3E0B1E-0000-4B00-8000-0000000000EF".into(),
-                },
-                parts: vec![
-                    PartSpec {
-                        number: 1,
-                        start: 2048,
-                        sectors: 64 * MIB / 512,
-                        gpt_type: Some(GPT_ESP.into()),
-                        uuid: Some("5A3E0B1E-0001-4B00-8000-0000000000EF".into()),
-                        name: Some("EFI System Partition".into()),
-                        attrs: None,
-                        mbr_type: None,
-                        bootable: false,
-                        fs: Some(FsSpec::Fat {
-                            bits: 32,
-                            sector_size: 512,
-                            cluster_sectors: 1,
-                            label: "ESP".into(),
-                            volume_id: 0x5A3E_0B1E,
-                            tree: vec![
-                                copy("EFI/BOOT/BOOTX64.EFI", shim),
-                                copy("EFI/BOOT/grubx64.efi", grub),
-                                lit("EFI/debian/grub.cfg", grub_entry()),
-                            ],
-                        }),
-                    },
-                    root_part(2, 2048 + 64 * MIB / 512, host, &k, &initrd, vec![]),
-                ],
+    let esp = |number: u32, start: u64| -> Result<PartSpec> {
+        let shim = Path::new("/usr/lib/shim/shimx64.efi.signed");
+        let grub = Path::new("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed");
+        for (f, pkg) in [(shim, "shim-signed"), (grub, "grub-efi-amd64-signed")] {
+            if !f.exists() {
+                bail!("{} missing: apt-get install {pkg}", f.display());
             }
         }
-        Firmware::Bios => DiskSpec {
-            name: format!("sample_bios_{host}"),
-            sector_size: 512,
-            size: 256 * MIB,
-            table: TableSpec::Gpt {
-                disk_guid: "5A3E0B1E-0000-4B00-8000-0000000000B1".into(),
-            },
-            parts: vec![
-                PartSpec {
-                    number: 1,
-                    start: 2048,
-                    sectors: MIB / 512,
-                    gpt_type: Some(GPT_BIOS_BOOT.into()),
-                    uuid: Some("5A3E0B1E-0001-4B00-8000-0000000000B1".into()),
-                    name: Some("BIOS boot".into()),
-                    attrs: None,
-                    mbr_type: None,
-                    bootable: false,
-                    fs: None,
-                },
-                root_part(2, 4096, host, &k, &initrd, vec![]),
+        Ok(PartSpec {
+            number,
+            start,
+            sectors: 64 * MIB / 512,
+            gpt_type: Some(GPT_ESP.into()),
+            uuid: Some(format!("5A3E0B1E-000{number}-4B00-8000-0000000000EF")),
+            name: Some("EFI System Partition".into()),
+            attrs: None,
+            mbr_type: None,
+            bootable: false,
+            fs: Some(FsSpec::Fat {
+                bits: 32,
+                sector_size: 512,
+                cluster_sectors: 1,
+                label: "ESP".into(),
+                volume_id: 0x5A3E_0B1E,
+                tree: vec![
+                    copy("EFI/BOOT/BOOTX64.EFI", shim),
+                    copy("EFI/BOOT/grubx64.efi", grub),
+                    lit("EFI/debian/grub.cfg", grub_entry()),
+                ],
+            }),
+        })
+    };
+    let bios_boot = PartSpec {
+        number: 1,
+        start: 2048,
+        sectors: MIB / 512,
+        gpt_type: Some(GPT_BIOS_BOOT.into()),
+        uuid: Some("5A3E0B1E-0001-4B00-8000-0000000000B1".into()),
+        name: Some("BIOS boot".into()),
+        attrs: None,
+        mbr_type: None,
+        bootable: false,
+        fs: None,
+    };
+    let (tag, parts) = match fw {
+        Firmware::Uefi => (
+            "uefi",
+            vec![
+                esp(1, 2048)?,
+                root_part(2, 2048 + 64 * MIB / 512, host, &k, &initrd, vec![]),
             ],
+        ),
+        Firmware::Bios => (
+            "bios",
+            vec![bios_boot, root_part(2, 4096, host, &k, &initrd, vec![])],
+        ),
+        Firmware::Hybrid => (
+            "hybrid",
+            vec![
+                bios_boot,
+                esp(2, 4096)?,
+                root_part(3, 4096 + 64 * MIB / 512, host, &k, &initrd, vec![]),
+            ],
+        ),
+    };
+    let spec = DiskSpec {
+        name: format!("sample_{tag}_{host}"),
+        sector_size: 512,
+        size: 256 * MIB,
+        table: TableSpec::Gpt {
+            disk_guid: format!("5A3E0B1E-0000-4B00-8000-0000000000{:02X}", tag.len()),
         },
+        parts,
     };
     let fixture = fixtures::build(&spec)?;
-    if fw == Firmware::Bios {
+    if fw != Firmware::Uefi {
         grub_bios::install(&fixture, 2048, &grub_entry())?;
     }
     Ok(fixture)
 }
-
 /// A built boot image (`bootimg build` output directory).
 pub struct BootImage {
     pub dir: PathBuf,
