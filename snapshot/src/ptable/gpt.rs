@@ -515,15 +515,27 @@ impl Gpt {
             (entries_lba, fu)
         };
         let mut parts = Vec::with_capacity(self.partitions.len());
+        // The partition that grows gets a new end anyway: its old end need not convert exactly.
+        let growing = grow_last
+            .then(|| {
+                self.partitions
+                    .iter()
+                    .max_by_key(|p| p.last_lba)
+                    .map(|p| p.number)
+            })
+            .flatten();
         for p in &self.partitions {
             let label = || format!("partition {} ({:?})", p.number, p.name);
             let first = convert(p.first_lba, &label)?;
-            let end = convert(
-                p.last_lba
-                    .checked_add(1)
-                    .ok_or_else(|| anyhow!("{}: LBA overflows", label()))?,
-                &|| format!("end of {}", label()),
-            )?;
+            let end_src = p
+                .last_lba
+                .checked_add(1)
+                .ok_or_else(|| anyhow!("{}: LBA overflows", label()))?;
+            let end = if growing == Some(p.number) {
+                end_src.saturating_mul(u64::from(src_sector)) / ts
+            } else {
+                convert(end_src, &|| format!("end of {}", label()))?
+            };
             if end <= first {
                 bail!("{} is empty", label());
             }

@@ -345,7 +345,12 @@ impl Mbr {
             // The entry (primary or extended container) that ends last.
             let limit = disk_lbas.min(1u64 << 32);
             let new_end = (limit * ts) / MIB * MIB / ts;
-            if let Some(top) = parts.iter().max_by_key(|p| p.end()).map(|p| p.number) {
+            // On a tie the extended container wins: growing it is what makes room for its last logical.
+            if let Some(top) = parts
+                .iter()
+                .max_by_key(|p| (p.end(), p.is_extended()))
+                .map(|p| p.number)
+            {
                 let grow = |p: &mut MbrPartition| {
                     if new_end > p.end() {
                         p.sectors = new_end - p.first_lba;
