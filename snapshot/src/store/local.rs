@@ -65,10 +65,7 @@ impl LocalStore {
             )
         })?;
         StoreInfo::parse(&bytes, &dir.display().to_string())?;
-        for sub in ["chunks", "hosts", "tmp", "private"] {
-            fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
-        }
+        // Opening writes nothing: a read-only store (on a boot stick, a snapshot) must open.
         Ok(LocalStore {
             root: dir.to_owned(),
         })
@@ -110,6 +107,11 @@ impl LocalStore {
     }
 
     fn lock_file(&self, name: &str) -> Result<File> {
+        // Every writer takes a lock first: the place to create what writers need.
+        for sub in ["chunks", "hosts", "tmp", "private"] {
+            let d = self.root.join(sub);
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
         let p = self.root.join("private").join(name);
         OpenOptions::new()
             .create(true)
@@ -257,9 +259,14 @@ impl Store for LocalStore {
     }
 }
 
+/// Names in `dir` (none when it does not exist), sorted, dot files skipped.
 fn list_dir(dir: &Path) -> Result<Vec<String>> {
     let mut v = Vec::new();
-    for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        r => r.with_context(|| format!("listing {}", dir.display()))?,
+    };
+    for e in entries {
         let e = e.with_context(|| format!("listing {}", dir.display()))?;
         if let Some(name) = e.file_name().to_str() {
             if !name.starts_with('.') {
