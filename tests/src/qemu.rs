@@ -77,6 +77,8 @@ pub struct Nic {
     /// DHCP boot file (`bootfile=`): a TFTP path or, for iPXE, an http:// URL.
     pub bootfile: Option<String>,
     pub bootindex: Option<u32>,
+    /// Without QEMU's iPXE option ROM: UEFI then uses OVMF's own driver and PXE client.
+    pub no_rom: bool,
 }
 
 impl Nic {
@@ -86,6 +88,7 @@ impl Nic {
             tftp: None,
             bootfile: None,
             bootindex: None,
+            no_rom: false,
         }
     }
 }
@@ -266,8 +269,9 @@ impl Vm {
                 .bootindex
                 .map(|b| format!(",bootindex={b}"))
                 .unwrap_or_default();
+            let rom = if n.no_rom { ",romfile=" } else { "" };
             cmd.arg("-device")
-                .arg(format!("{},netdev=n{i}{bi}", n.model));
+                .arg(format!("{},netdev=n{i}{bi}{rom}", n.model));
         }
         if let Some((k, i, append)) = &spec.kernel {
             cmd.arg("-kernel")

@@ -200,6 +200,12 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
     }
     spec.disks.push(Disk::new(&target, flow.target_bus));
     let mut nic = Nic::new(flow.nic);
+    // shim cannot fetch GRUB through iPXE's PXE emulation: UEFI TFTP boot uses OVMF's PXE client.
+    nic.no_rom = flow.fw != Firmware::Bios
+        && flow
+            .pxe
+            .as_ref()
+            .is_some_and(|(_, f)| !f.starts_with("http"));
     if let Some((tftp, bootfile)) = &flow.pxe {
         nic.tftp = Some(tftp.clone());
         nic.bootfile = Some(bootfile.clone());
