@@ -6,7 +6,9 @@
 use crate::cli::GcArgs;
 use anyhow::{bail, Context, Result};
 use snapshot::format::index::Slot;
+use snapshot::round::Round;
 use snapshot::store::{open_snapshot, LocalStore};
+use snapshot::{ChunkIndex, Digest};
 use std::collections::HashSet;
 
 pub fn run(a: &GcArgs) -> Result<()> {
@@ -33,6 +35,8 @@ pub fn run(a: &GcArgs) -> Result<()> {
             }
         }
     }
+    // Failback rounds reference chunks too: a restorer may be fetching them right now.
+    let rounds = failover_references(&store, &mut referenced)?;
     let (mut removed, mut freed, mut kept) = (0u64, 0u64, 0u64);
     for (d, path) in store.chunk_files()? {
         if referenced.contains(&d) {
@@ -65,8 +69,58 @@ pub fn run(a: &GcArgs) -> Result<()> {
     }
     let verb = if a.dry_run { "would remove" } else { "removed" };
     println!(
-        "{snapshots} snapshots reference {kept} chunks; {verb} {removed} unreferenced chunks ({}) and {leftovers} leftovers in tmp/",
+        "{snapshots} snapshots and {rounds} failback rounds reference {kept} chunks; {verb} {removed} unreferenced chunks ({}) and {leftovers} leftovers in tmp/",
         crate::list::human(freed)
     );
     Ok(())
+}
+
+/// Add the chunks of every published failback round to `referenced`; returns the round count.
+/// An unreadable round stops gc, like an unreadable snapshot.
+fn failover_references(store: &LocalStore, referenced: &mut HashSet<Digest>) -> Result<usize> {
+    let mut count = 0;
+    let root = store.root().join("failover");
+    for vm in names(&root)? {
+        for n in names(&root.join(&vm).join("rounds"))? {
+            let dir = root.join(&vm).join("rounds").join(&n);
+            let json = dir.join("round.json");
+            let what = || {
+                format!(
+                    "failback round {}; gc removes nothing until it is fixed or deleted",
+                    dir.display()
+                )
+            };
+            let bytes = std::fs::read(&json).with_context(what)?;
+            let round = Round::parse(&bytes, &json.display().to_string()).with_context(what)?;
+            for d in &round.disks {
+                let p = dir.join(format!("disk{}.idx", d.number));
+                let b = std::fs::read(&p).with_context(what)?;
+                let idx = ChunkIndex::parse(&b, &p.display().to_string()).with_context(what)?;
+                for (_, slot) in idx.slots() {
+                    if let Slot::Data(d) = slot {
+                        referenced.insert(d);
+                    }
+                }
+            }
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Entry names of `dir`, none when it does not exist.
+fn names(dir: &std::path::Path) -> Result<Vec<String>> {
+    match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("listing {}", dir.display())),
+        Ok(entries) => entries
+            .map(|e| {
+                Ok(e.with_context(|| format!("listing {}", dir.display()))?
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned())
+            })
+            .filter(|n: &Result<String>| n.as_ref().map_or(true, |n| !n.starts_with('.')))
+            .collect(),
+    }
 }

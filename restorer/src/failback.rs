@@ -23,9 +23,10 @@ use crate::dio::{AlignedBuf, Disk};
 use crate::report;
 use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use snapshot::chunker::is_zero;
+use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::{Attempt, HttpStore};
 use snapshot::store::{check_name, FetchError, Store};
@@ -34,29 +35,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-const ROUND_VERSION: u32 = 1;
-
-/// `round.json` as the appliance writes it (`appliance/src/failover/round.rs`).
-#[derive(Debug, Clone, Deserialize)]
-struct RoundFile {
-    version: u32,
-    vm: String,
-    host: String,
-    snapshot: String,
-    round: u32,
-    #[serde(rename = "final")]
-    is_final: bool,
-    disks: Vec<RoundDiskFile>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct RoundDiskFile {
-    number: u32,
-    size: u64,
-    index_sha256: String,
-    changed_slots: u64,
-}
 
 /// A round read and checked along the trust chain.
 struct Round {
@@ -289,7 +267,7 @@ fn get(store: &dyn Store, path: &str) -> Result<Vec<u8>> {
 
 /// Read round `n`: signature (with a key), version, names, then every index against its hash.
 fn read_round(store: &dyn Store, vm: &str, n: u32, key: Option<&PublicKey>) -> Result<Round> {
-    let dir = format!("failover/{vm}/rounds/{n}");
+    let dir = snapshot::round::round_dir(vm, n);
     let origin = format!("{}/{dir}/round.json", store.location());
     let bytes = get(store, &format!("{dir}/round.json"))?;
     let mut meta = bytes.len() as u64;
@@ -298,17 +276,8 @@ fn read_round(store: &dyn Store, vm: &str, n: u32, key: Option<&PublicKey>) -> R
         meta += sig.len() as u64;
         key.verify(&bytes, &sig, &origin)?;
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&bytes).with_context(|| format!("{origin}: malformed"))?;
-    let version = v.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    if version != ROUND_VERSION as u64 {
-        bail!(
-            "{origin}: round version {version} is not supported (this build reads {ROUND_VERSION})"
-        );
-    }
-    let file: RoundFile =
-        serde_json::from_value(v).with_context(|| format!("{origin}: malformed"))?;
-    if file.vm != vm || file.round != n || file.version != ROUND_VERSION {
+    let file = RoundFile::parse(&bytes, &origin)?;
+    if file.vm != vm || file.round != n {
         bail!(
             "{origin}: names round {} of {}, not {n} of {vm}",
             file.round,

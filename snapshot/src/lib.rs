@@ -26,6 +26,7 @@ pub mod layout;
 pub mod manifest;
 pub mod ptable;
 pub mod reader;
+pub mod round;
 pub mod sign;
 pub mod source;
 pub mod store;

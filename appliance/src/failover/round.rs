@@ -24,7 +24,7 @@ use super::qmp::Qmp;
 use super::state::{self, Phase, RoundRecord, VmState};
 use super::vm;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Digest as _;
 use snapshot::chunker::{chunk_disk, ChunkOptions};
 use snapshot::store::LocalStore;
@@ -33,46 +33,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const ROUND_VERSION: u32 = 1;
-
-/// `round.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Round {
-    pub version: u32,
-    pub vm: String,
-    /// The snapshot the VM was started from.
-    pub host: String,
-    pub snapshot: String,
-    pub round: u32,
-    /// The cutover round: the VM is stopped and this is its last state.
-    #[serde(rename = "final")]
-    pub is_final: bool,
-    /// RFC 3339 UTC time of the freeze.
-    pub created: String,
-    pub disks: Vec<RoundDisk>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundDisk {
-    pub number: u32,
-    pub size: u64,
-    /// Hex SHA-256 of `disk<N>.idx`.
-    pub index_sha256: String,
-    /// Slots re-read since the previous round (round 1: since the snapshot), as
-    /// `[first slot, count]` runs in ascending order.
-    pub changed: Vec<(u64, u64)>,
-    pub changed_slots: u64,
-    /// Blob bytes of the distinct data chunks among the changed slots.
-    pub changed_stored_bytes: u64,
-}
-
-impl Round {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(self).expect("serialises");
-        v.push(b'\n');
-        v
-    }
-}
+pub use snapshot::round::{Round, RoundDisk, ROUND_VERSION};
 
 /// Slot runs `[first, count]` of the slots an extent set touches.
 fn slot_runs(changed: &Extents) -> Vec<(u64, u64)> {
