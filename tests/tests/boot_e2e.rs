@@ -241,6 +241,13 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
         .watch
         .first_chunk()
         .map(|t| t.saturating_duration_since(vm.started));
+    if flow.fw == Firmware::UefiSecureBoot {
+        assert!(
+            vm.output().contains("secureboot: Secure boot enabled"),
+            "{}: Secure Boot was not enforced",
+            flow.name
+        );
+    }
     vm.wait_exit(Duration::from_secs(120)).unwrap();
     if let Some((m, _)) = &flow.media {
         let copy = dir.join(format!("{}-media", flow.name));

@@ -428,17 +428,30 @@ pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> 
     h.update(format!("{appliance_url:?}|{cmdline}|{formats}"));
     hash_tree(&Workspace::root().join("buildroot"), &mut h)?;
     let key = hex::encode(&h.finalize()[..8]);
-    let dir = fixtures::cache_dir().join(format!("bootimg-{key}"));
+    let cache = fixtures::cache_dir();
+    std::fs::create_dir_all(&cache)?;
+    let dir = cache.join(format!("bootimg-{key}"));
     let summary_path = dir.join("summary.json");
+    // Tests build the same image concurrently: one builds, the others wait and reuse it.
+    let lock = std::fs::File::create(cache.join(format!("bootimg-{key}.lock")))?;
+    // SAFETY: flock on an open descriptor; released when `lock` is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!(
+            "locking the boot image cache: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     if let Ok(s) = std::fs::read(&summary_path) {
         return Ok(BootImage {
             dir,
             summary: serde_json::from_slice(&s)?,
         });
     }
+    let tmp = cache.join(format!("bootimg-{key}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
     let mut cmd = Command::new(&bootimg);
     cmd.args(["build", "--json", "--out"])
-        .arg(&dir)
+        .arg(&tmp)
         .arg("--restorer")
         .arg(&restorer);
     if let Some(u) = appliance_url {
@@ -452,7 +465,10 @@ pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> 
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    std::fs::write(&summary_path, &out.stdout)?;
+    // The summary names the temporary directory; paths are taken from `dir` instead.
+    std::fs::write(tmp.join("summary.json"), &out.stdout)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
     Ok(BootImage {
         dir,
         summary: serde_json::from_slice(&out.stdout)?,
