@@ -45,7 +45,16 @@ pub fn run(a: &FetchArgs) -> Result<()> {
 pub fn fetch(recipe: &Recipe, cache: &Path) -> Result<Kernel> {
     require_tools(&[("apt-get", "apt"), ("dpkg-deb", "dpkg"), ("depmod", "kmod")])?;
     let kernels = cache.join("kernel");
-    let package = match resolve_package(&recipe.kernel_package) {
+    let package = match resolve_package(&recipe.kernel_package).or_else(|e| {
+        // A machine whose package lists predate the kernel series (or were never fetched).
+        if is_root() {
+            eprintln!("bootimg: {e:#}; running apt-get update");
+            sh::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            resolve_package(&recipe.kernel_package)
+        } else {
+            Err(e)
+        }
+    }) {
         Ok(p) => p,
         Err(e) => {
             // Offline: the newest kernel already unpacked will do.
@@ -63,6 +72,12 @@ pub fn fetch(recipe: &Recipe, cache: &Path) -> Result<Kernel> {
         unpack(&package, cache, &dir)?;
     }
     open(&package, &dir)
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 fn newest_cached(kernels: &Path) -> Result<String> {

@@ -319,7 +319,7 @@ fn restore_boot_paths() {
     let flows = [
         Flow {
             name: "pxe-uefi-grub",
-            fw: Firmware::Uefi,
+            fw: Firmware::UefiSecureBoot,
             media: None,
             pxe: Some((image.pxe(), "bootx64.efi".into())),
             nic: "virtio-net-pci",
