@@ -9,22 +9,22 @@ source bench/lib.sh
 size=${1:-4}
 used=${2:-0.45}
 scripts/setup
-apt-get install -y -qq bc >/dev/null 2>&1 || true
+command -v bc >/dev/null || apt-get install -y -qq bc >/dev/null
 cargo build --release -q -p appliance -p bmr-tests
 work=${BENCH_DIR:-target/bench}
 mkdir -p "$work"
 img="$work/mixed-${size}g.img"
-[ -f "$img" ] || target/release/fixture big-mixed --size-gib "$size" --used "$used" --out "$img"
+[ -f "$img" ] || target/release/fixture build big_mixed "$img" --size "${size}G" --used "$used"
 echo "image: $img ($(du -h --apparent-size "$img" | cut -f1) logical, $(du -h "$img" | cut -f1) allocated)" >&2
 
 rm -rf "$work/store" "$work/castr" "$work/pc.zst" "$work/img.caibx"
 target/release/appliance init --store "$work/store" >/dev/null
 measure "appliance ingest" "target/release/appliance ingest --store $work/store --host bench $img > $work/ingest.out"
-row "appliance ingest" "$(du -sb "$work/store/chunks" | cut -f1)"
+row "appliance ingest" "$(filebytes "$work/store/chunks")"
 cat "$work/ingest.out" >&2
 
 measure "casync make" "casync make --store=$work/castr $work/img.caibx $img"
-row "casync make" "$(du -sb "$work/castr" | cut -f1)"
+row "casync make" "$(filebytes "$work/castr")"
 
 # partclone needs the filesystem itself: a read-only loop device over the ext4 partition.
 start=$(sfdisk -J "$img" | python3 -c 'import json,sys; t=json.load(sys.stdin)["partitiontable"]; p=[p for p in t["partitions"] if p["type"].upper().startswith("0FC63DAF")][0]; print(p["start"]*512, p["size"]*512)')

@@ -26,3 +26,8 @@ print_table() {
   echo "|---|---|---|---|---|"
   printf '%s\n' "${RESULTS[@]}"
 }
+
+# filebytes DIR: the bytes of the files under DIR (directories' own sizes left out).
+filebytes() {
+  find "$1" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'
+}

@@ -59,7 +59,7 @@ pub struct IngestArgs {
     #[arg(long, value_parser = ["auto", "uefi", "bios"], default_value = "auto")]
     pub firmware: String,
     /// zstd compression level of new chunks (1-19): higher stores less and costs more CPU.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub level: i32,
     /// Keep every disk whole (no partition table or filesystem analysis used for skipping).
     #[arg(long)]

@@ -37,8 +37,8 @@ pub enum ChunkError {
     Digest { expected: Digest, actual: Digest },
 }
 
-/// Encode `data` as a blob. zstd level 3 by default: fast, and within a few percent of higher levels
-/// on disk data.
+/// Encode `data` as a blob at zstd `level` (ingest uses 4: see docs/benchmarks.md); raw when
+/// zstd does not shrink it.
 pub fn encode_chunk(data: &[u8], level: i32) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + data.len() / 2);
     out.extend_from_slice(MAGIC);
