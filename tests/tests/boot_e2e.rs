@@ -287,8 +287,9 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
     }
 }
 
-/// Every boot path restores the sample server and the restored disk boots: PXE (UEFI through
-/// shim + GRUB over TFTP; BIOS through the NIC's iPXE over HTTP from `appliance serve --boot`),
+/// Every boot path restores the sample server and the restored disk boots: PXE (UEFI and BIOS
+/// through the NIC's iPXE over HTTP from `appliance serve --boot`; UEFI with Secure Boot through
+/// shim + GRUB over TFTP),
 /// the USB image (OVMF with Secure Boot enforced and Microsoft keys; SeaBIOS), the ISO (SeaBIOS
 /// and OVMF). One appliance, one image, flows in sequence (2 cores). `BMR_E2E_FLOWS=a,b` picks.
 #[test]
@@ -317,6 +318,18 @@ fn restore_boot_paths() {
         mib(&src.image)
     );
     let flows = [
+        Flow {
+            // The NIC's iPXE (QEMU's option ROM) fetches boot.ipxe over HTTP: no TFTP at all.
+            name: "pxe-uefi-ipxe",
+            fw: Firmware::Uefi,
+            media: None,
+            pxe: Some((
+                image.pxe(),
+                format!("http://10.0.2.2:{E2E_PORT}/boot/pxe/boot.ipxe"),
+            )),
+            nic: "virtio-net-pci",
+            target_bus: Bus::Nvme,
+        },
         Flow {
             name: "pxe-uefi-grub",
             fw: Firmware::UefiSecureBoot,
