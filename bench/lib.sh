@@ -29,5 +29,5 @@ print_table() {
 
 # filebytes DIR: the bytes of the files under DIR (directories' own sizes left out).
 filebytes() {
-  find "$1" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'
+  find "$1" -type f -printf '%s\n' | awk '{s += $1} END {printf "%.0f\n", s}'
 }
