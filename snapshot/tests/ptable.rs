@@ -485,10 +485,10 @@ fn mbr_exact_roundtrip_with_logicals() {
         norm(run(cmd("sfdisk").arg("-d").arg(&out)), &out),
         norm(dump, &img)
     );
-    // table_regions: sector 0 and the three EBRs.
+    // table_regions: sector 0 past the boot code, and the three EBRs.
     let regions = t.table_regions(size, 512);
     assert_eq!(regions.len(), 4, "{regions:?}");
-    assert_eq!(regions[0], (0, 512));
+    assert_eq!(regions[0], (440, 512));
 }
 
 #[test]
@@ -711,7 +711,8 @@ fn gpt_regions_cover_what_to_disk_writes() {
     let (t, s) = read_table(&img);
     let size = 64 * MIB;
     let regions = t.table_regions(size, s);
-    assert_eq!(regions, vec![(0, 34 * 512), (size - 33 * 512, size)]);
+    // Sector 0's boot code (0..446) is data: a BIOS boot loader lives there.
+    assert_eq!(regions, vec![(446, 34 * 512), (size - 33 * 512, size)]);
     for (off, b) in t.to_disk(size, s).unwrap() {
         let end = off + b.len() as u64;
         assert!(

@@ -786,7 +786,9 @@ impl Gpt {
         let ss = u64::from(sector.max(1));
         let nsec = self.entry_sectors(sector).unwrap_or(1);
         let disk_lbas = disk_size / ss;
-        let mut v = vec![(0, 2 * ss)];
+        // Sector 0: only the protective MBR's entries and signature; the boot code before them
+        // (a BIOS boot loader on hybrid-boot disks) and the disk signature are data.
+        let mut v = vec![(446, 512), (ss, 2 * ss)];
         let e = self.entries_lba.saturating_mul(ss);
         v.push((e, e.saturating_add(nsec.saturating_mul(ss))));
         if disk_lbas > nsec {

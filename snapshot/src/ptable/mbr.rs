@@ -504,7 +504,8 @@ impl Mbr {
     /// Byte ranges holding this table: sector 0 and every EBR sector.
     pub fn table_regions(&self, sector: u32) -> Vec<(u64, u64)> {
         let ss = u64::from(sector);
-        let mut v = vec![(0, ss)];
+        // Sector 0: disk signature, entries and boot signature; the boot code before is data.
+        let mut v = vec![(440, 512)];
         if let Some(e) = self.extended() {
             v.push((
                 e.first_lba.saturating_mul(ss),
