@@ -350,6 +350,15 @@ fn restore_boot_paths() {
             target_bus: Bus::Nvme,
         },
         Flow {
+            // pxelinux.0 from TFTP (run by the NIC's PXE stack), then kernel and initrd by TFTP.
+            name: "pxe-bios-pxelinux",
+            fw: Firmware::Bios,
+            media: None,
+            pxe: Some((image.pxe(), "pxelinux.0".into())),
+            nic: "e1000",
+            target_bus: Bus::Ahci,
+        },
+        Flow {
             name: "usb-uefi-secureboot",
             fw: Firmware::UefiSecureBoot,
             media: Some((image.usb(), Bus::Usb)),
