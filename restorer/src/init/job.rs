@@ -16,6 +16,9 @@ pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
 
 const PUBKEY: &str = "/etc/bmr/appliance.pub";
 
+/// How often a running job is reported alive on the console.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The `restorer` arguments for the job.
 pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
     let need = |v: &Option<String>, what: &str| -> Result<String> {
@@ -118,8 +121,26 @@ pub fn run(args: &[String], boot: &[String]) -> Result<()> {
     };
     let t1 = relay(Box::new(child.stdout.take().expect("piped")));
     let t2 = relay(Box::new(child.stderr.take().expect("piped")));
-    let status = child.wait().context("waiting for the restorer")?;
-    let _ = (t1.join(), t2.join());
+    // The restorer draws its progress bar only on a terminal: say that it is alive meanwhile.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heartbeat = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let mut next = HEARTBEAT;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                if t0.elapsed() >= next {
+                    say!("restorer: still working ({} s)", t0.elapsed().as_secs());
+                    next += HEARTBEAT;
+                }
+            }
+        })
+    };
+    let status = child.wait().context("waiting for the restorer");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = (t1.join(), t2.join(), heartbeat.join());
+    let status = status?;
     if !status.success() {
         let reason = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
         bail!(
