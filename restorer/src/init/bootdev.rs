@@ -30,7 +30,36 @@ pub fn whole_disk(dev: &str) -> Option<String> {
         let real = std::fs::canonicalize(&sys).ok()?;
         let parent = real.parent()?.file_name()?.to_string_lossy().into_owned();
         Some(format!("/dev/{parent}"))
-    } else {
+    } else if sys.exists() {
         Some(dev.to_string())
+    } else {
+        // Not (yet) in sysfs: go by the name (sda1 -> sda, nvme0n1p2 -> nvme0n1, mmcblk0p1).
+        let base = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        let disk = match base.strip_suffix('p') {
+            Some(d) if d.ends_with(|c: char| c.is_ascii_digit()) => d,
+            _ if base.ends_with(|c: char| c.is_ascii_alphabetic()) && base.starts_with("sd")
+                || base.starts_with("vd")
+                || base.starts_with("hd")
+                || base.starts_with("xvd") =>
+            {
+                base
+            }
+            _ => name,
+        };
+        Some(format!("/dev/{disk}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn partitions_map_to_their_disk_by_name() {
+        let w = |d: &str| super::whole_disk(d).unwrap();
+        assert_eq!(w("/dev/bmr-test-none/sda1"), "/dev/bmr-test-none/sda1");
+        assert_eq!(w("/dev/sdz7"), "/dev/sdz");
+        assert_eq!(w("/dev/nvme9n1p2"), "/dev/nvme9n1");
+        assert_eq!(w("/dev/nvme9n1"), "/dev/nvme9n1");
+        assert_eq!(w("/dev/vdq3"), "/dev/vdq");
+        assert_eq!(w("/dev/sr9"), "/dev/sr9");
     }
 }

@@ -150,3 +150,60 @@ pub fn run(args: &[String], boot: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::cmdline::parse;
+
+    #[test]
+    fn restore_arguments_from_the_command_line() {
+        let p = parse("restorer.url=http://a:8080/store restorer.host=web1 restorer.token=s3cret")
+            .unwrap();
+        let a = args(&p, &[]).unwrap();
+        let expected = [
+            "restore",
+            "--from",
+            "http://a:8080/store",
+            "--host",
+            "web1",
+            "--token",
+            "s3cret",
+            "--target",
+            "auto",
+        ];
+        // --pubkey only when the image carries a key
+        let a: Vec<&str> = a
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.contains("pubkey") && !s.ends_with(".pub"))
+            .collect();
+        assert_eq!(a, expected);
+        let e = args(&parse("restorer.host=web1").unwrap(), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "restorer.url= missing on the kernel command line"
+        );
+    }
+
+    #[test]
+    fn capture_takes_every_disk_but_the_boot_medium() {
+        let p = parse("restorer.mode=capture restorer.url=http://a:8080 restorer.host=h").unwrap();
+        let a = args(&p, &["/dev/nvme0n1".into(), "/dev/sdb".into()]).unwrap();
+        assert_eq!(a[..5], ["capture", "--to", "http://a:8080", "--host", "h"]);
+        assert_eq!(a[5..], ["/dev/nvme0n1", "/dev/sdb"]);
+    }
+
+    #[test]
+    fn the_boot_medium_is_refused_as_a_target() {
+        let boot = vec!["/dev/sda".to_string()];
+        assert!(check_targets(&parse("restorer.target=/dev/nvme0n1").unwrap(), &boot).is_ok());
+        assert!(check_targets(&parse("restorer.target=/dev/sda").unwrap(), &boot).is_err());
+        assert!(check_targets(
+            &parse("restorer.target=/dev/nvme0n1,/dev/sda2").unwrap(),
+            &boot
+        )
+        .is_err());
+        assert!(check_targets(&parse("restorer.target=auto").unwrap(), &boot).is_ok());
+    }
+}
