@@ -85,7 +85,15 @@ pub fn run(a: &BuildArgs) -> Result<()> {
         } else {
             std::fs::metadata(&path)?.len()
         };
-        outputs.push((path.display().to_string(), bytes));
+        let label = if name == "pxe" {
+            format!(
+                "{}/ (vmlinuz + initrd.img, boot.ipxe, pxelinux, GRUB)",
+                a.out.join("pxe").display()
+            )
+        } else {
+            path.display().to_string()
+        };
+        outputs.push((label, bytes));
     }
     std::fs::remove_dir_all(&work)?;
 
