@@ -258,19 +258,12 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
             flow.name
         );
     }
-    // A BIOS boots the MBR's code: without it, waiting for BOOT-OK would only time out.
-    if flow.fw == Firmware::Bios && !has_mbr_boot_code(&target) {
-        println!(
-            "KNOWN ISSUE {}: the restore zeroed the MBR boot code (bytes 0..440), so the restored disk cannot boot under BIOS; \
-             the restorer must keep the source's boot code when it writes the protective MBR",
+    if flow.fw == Firmware::Bios {
+        assert!(
+            has_mbr_boot_code(&target),
+            "{}: the restore lost the MBR boot code",
             flow.name
         );
-        return Figures {
-            first_chunk,
-            job_start,
-            restored,
-            boot_ok: None,
-        };
     }
     let boot_ok = Some(boot_to_ok(
         dir,
