@@ -469,10 +469,30 @@ pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> 
     std::fs::write(tmp.join("summary.json"), &out.stdout)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)?;
+    prune_boot_images(&cache, &dir);
     Ok(BootImage {
         dir,
         summary: serde_json::from_slice(&out.stdout)?,
     })
+}
+
+/// Every code change makes a new ~100 MiB image: drop those not rebuilt for two hours.
+fn prune_boot_images(cache: &Path, keep: &Path) {
+    let Ok(rd) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let old = std::fs::metadata(p.join("summary.json"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(2 * 3600));
+        if p != keep && e.file_name().to_string_lossy().starts_with("bootimg-") && old {
+            let _ = std::fs::remove_dir_all(&p);
+            let _ = std::fs::remove_file(p.with_extension("lock"));
+        }
+    }
 }
 
 fn hash_tree(dir: &Path, h: &mut sha2::Sha256) -> Result<()> {
