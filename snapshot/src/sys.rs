@@ -7,11 +7,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKRRPART: libc::c_ulong = 0x125f;
-const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKGETSIZE64: libc::c_ulong = 0x80081272;
-const BLKDISCARDZEROES: libc::c_ulong = 0x127c;
+// `libc::Ioctl` is the request type of ioctl(2): unsigned long on glibc, int on musl (the
+// static restorer of the boot image); the casts keep the bit patterns.
+const BLKSSZGET: libc::Ioctl = 0x1268;
+const BLKRRPART: libc::Ioctl = 0x125f;
+const BLKPBSZGET: libc::Ioctl = 0x127b;
+const BLKGETSIZE64: libc::Ioctl = 0x80081272_u32 as libc::Ioctl;
+const BLKDISCARDZEROES: libc::Ioctl = 0x127c;
 
 fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
