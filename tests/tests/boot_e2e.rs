@@ -4,9 +4,9 @@
 //! figures (image sizes, time from power-on to the first chunk request, to `BOOT-OK`).
 //! A test whose QEMU or firmware is missing says so and passes (scripts/setup installs them).
 
-use bmr_tests::boot::{self, watch::ChunkWatch, Firmware as SampleFw, BOOT_OK};
+use bmr_tests::boot::{self, appliance::Appliance, Firmware as SampleFw, BOOT_OK};
 use bmr_tests::qemu::{self, Bus, Disk, Firmware, Nic, Vm, VmSpec};
-use bmr_tests::util::{Background, Workspace};
+use bmr_tests::util::Workspace;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,64 +48,8 @@ fn all_zero(p: &Path) -> bool {
     }
 }
 
-/// A store holding the sample server `host`, served by `appliance serve` (with `--boot`), behind
-/// a relay that notes the first chunk request. The relay listens on a fixed port when it can,
-/// so the boot image (whose URL names the port) is cached across runs.
-struct Appliance {
-    _serve: Background,
-    watch: ChunkWatch,
-    url: String,
-}
-
 fn appliance(dir: &Path, host: &str, source: &Path, boot: Option<&Path>, port: u16) -> Appliance {
-    let bin = boot::bin("appliance").unwrap();
-    let store = dir.join("store");
-    let run = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(&bin).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "appliance {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["init".as_ref(), "--store".as_ref(), store.as_os_str()]);
-    run(&[
-        "ingest".as_ref(),
-        "--store".as_ref(),
-        store.as_os_str(),
-        "--host".as_ref(),
-        host.as_ref(),
-        source.as_os_str(),
-    ]);
-    let upstream = bmr_tests::util::free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg("serve")
-        .arg("--store")
-        .arg(&store)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{upstream}"));
-    if let Some(b) = boot {
-        cmd.arg("--boot").arg(b);
-    }
-    let serve = Background::start(&mut cmd, dir, "appliance-serve").unwrap();
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", upstream)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "appliance serve not listening: {}",
-            serve.describe()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let watch = ChunkWatch::start(port, upstream)
-        .or_else(|_| ChunkWatch::start(0, upstream))
-        .unwrap();
-    let url = format!("http://10.0.2.2:{}/store", watch.port);
-    Appliance {
-        _serve: serve,
-        watch,
-        url,
-    }
+    Appliance::start(dir, host, source, boot, port).unwrap()
 }
 
 /// Boots `disk` (a restored or sample server disk) and waits for BOOT-OK host=`host`.

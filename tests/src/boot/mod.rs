@@ -8,6 +8,7 @@
 //! partition holding GRUB's i386-pc core image). Built without mounting anything, cached under
 //! `target/fixtures/`.
 
+pub mod appliance;
 mod grub_bios;
 pub mod watch;
 
