@@ -19,23 +19,12 @@ const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 pub fn run(a: &IngestArgs) -> Result<()> {
     check_name(&a.host, "host")?;
     let store = LocalStore::open(&a.store)?;
-    let existing = store.snapshots(&a.host)?;
     let id = match &a.snapshot {
         Some(id) => id.clone(),
-        // Two ingests of a host within one second get -1, -2... (ids stay sortable).
-        None => {
-            let base = now_id();
-            let mut id = base.clone();
-            let mut n = 0;
-            while existing.contains(&id) {
-                n += 1;
-                id = format!("{base}-{n}");
-            }
-            id
-        }
+        None => store.new_snapshot_id(&a.host, |_| false)?,
     };
     check_name(&id, "snapshot")?;
-    if existing.contains(&id) {
+    if store.snapshots(&a.host)?.contains(&id) {
         anyhow::bail!("snapshot {}/{id} already exists", a.host);
     }
     let _writer = store.writer()?;
@@ -87,12 +76,6 @@ pub fn run(a: &IngestArgs) -> Result<()> {
     };
     store.commit_snapshot(&manifest, &indexes)?;
     summary(a, &id, &all_stats, started.elapsed().as_secs_f64())
-}
-
-/// Snapshot ids are the UTC time, sortable: 20261123T051900Z.
-fn now_id() -> String {
-    let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    t.chars().filter(|c| *c != '-' && *c != ':').collect()
 }
 
 fn detect_firmware(layout: &DiskLayout) -> Firmware {

@@ -5,12 +5,13 @@
 
 use anyhow::{Context, Result};
 use snapshot::format::index::ChunkIndex;
+use snapshot::store::local::WriterGuard;
 use snapshot::store::LocalStore;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Open sessions at once; more are refused with 503 until some end.
 pub const MAX_SESSIONS: usize = 64;
@@ -27,7 +28,7 @@ pub struct Session {
     /// Set while a commit runs, so two commits of one session cannot race.
     pub committing: AtomicBool,
     /// The writer lock; released when the last user of the session drops it.
-    _lock: File,
+    _lock: WriterGuard,
 }
 
 impl Session {
@@ -76,7 +77,7 @@ impl Uploads {
         host: &str,
         owner: &str,
     ) -> Result<Arc<Session>, OpenError> {
-        let lock = try_writer_lock(store).map_err(OpenError::Other)?;
+        let lock = store.try_writer().map_err(OpenError::Other)?;
         let Some(lock) = lock else {
             return Err(OpenError::GcRunning);
         };
@@ -84,18 +85,11 @@ impl Uploads {
         if map.len() >= MAX_SESSIONS {
             return Err(OpenError::TooMany);
         }
-        let snaps = store.root().join("hosts").join(host).join("snapshots");
-        let base = time_id(SystemTime::now());
-        let mut snapshot = base.clone();
-        let mut n = 0;
-        while snaps.join(&snapshot).exists()
-            || map
-                .values()
-                .any(|s| s.host == host && s.snapshot == snapshot)
-        {
-            n += 1;
-            snapshot = format!("{base}-{n}");
-        }
+        let snapshot = store
+            .new_snapshot_id(host, |id| {
+                map.values().any(|s| s.host == host && s.snapshot == id)
+            })
+            .map_err(OpenError::Other)?;
         let id = random_id().map_err(OpenError::Other)?;
         let s = Arc::new(Session {
             id: id.clone(),
@@ -167,29 +161,6 @@ fn log_end(s: &Session, why: &str) {
     );
 }
 
-/// The writer lock without waiting: `None` while `gc` holds the store. Same lock file and mode
-/// as `LocalStore::writer`, which waits instead (an HTTP request should not wait for a gc run).
-fn try_writer_lock(store: &LocalStore) -> Result<Option<File>> {
-    let p = store.root().join("private").join("gc.lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("opening {}", p.display()))?;
-    let got = snapshot::sys::flock(&f, false, false).context("locking the store for writing")?;
-    Ok(got.then_some(f))
-}
-
-/// Snapshot id of a time: `20261123T051900Z`.
-pub fn time_id(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t)
-        .to_string()
-        .chars()
-        .filter(|c| *c != '-' && *c != ':')
-        .collect()
-}
-
 /// An unguessable session id: 128 bits from the kernel's random source, in hex.
 fn random_id() -> Result<String> {
     use std::io::Read;
@@ -206,8 +177,8 @@ mod tests {
 
     #[test]
     fn ids() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_411_140);
-        assert_eq!(time_id(t), "20261123T051900Z");
+        let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_411_140);
+        assert_eq!(snapshot::store::local::time_id(t), "20261123T051900Z");
         let a = random_id().unwrap();
         assert_eq!(a.len(), 32);
         assert_ne!(a, random_id().unwrap());

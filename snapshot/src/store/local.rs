@@ -98,6 +98,28 @@ impl LocalStore {
         Ok(WriterGuard(f))
     }
 
+    /// The writer lock without waiting: `None` while `gc` runs (for callers that must not wait,
+    /// like an HTTP request).
+    pub fn try_writer(&self) -> Result<Option<WriterGuard>> {
+        let f = self.lock_file("gc.lock")?;
+        let got = crate::sys::flock(&f, false, false).context("locking the store for writing")?;
+        Ok(got.then_some(WriterGuard(f)))
+    }
+
+    /// A new snapshot id for `host`: the UTC time, sortable (`20261123T051900Z`), with `-1`,
+    /// `-2`... when the store has it or `taken` says another writer is about to use it.
+    pub fn new_snapshot_id(&self, host: &str, taken: impl Fn(&str) -> bool) -> Result<String> {
+        let existing = self.snapshots(host)?;
+        let base = time_id(std::time::SystemTime::now());
+        let mut id = base.clone();
+        let mut n = 0;
+        while existing.contains(&id) || taken(&id) {
+            n += 1;
+            id = format!("{base}-{n}");
+        }
+        Ok(id)
+    }
+
     /// Take the gc lock (exclusive) without waiting; `None` while a writer is active.
     pub fn try_gc_lock(&self) -> Result<Option<WriterGuard>> {
         let f = self.lock_file("gc.lock")?;
@@ -257,6 +279,15 @@ impl Store for LocalStore {
     fn location(&self) -> String {
         self.root.display().to_string()
     }
+}
+
+/// Snapshot id of a time: `20261123T051900Z` (UTC, sorts by time).
+pub fn time_id(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect()
 }
 
 /// Names in `dir` (none when it does not exist), sorted, dot files skipped.
