@@ -1170,3 +1170,52 @@ fn boot_files_are_served_without_token() {
     // The store itself still needs a token.
     assert_eq!(get(&srv.url("/store/store.json"), None).status, 401);
 }
+
+#[test]
+fn boot_images_report_progress_per_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = init_store(dir.path());
+    write_tokens(&store, tokens_json());
+    let srv = Server::start(&store, &[]);
+    let url = srv.url("/api/v1/progress/web1");
+    let r = post_json(&url, None, serde_json::json!({"state": "running"}));
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = post_json(
+        &srv.url("/api/v1/progress/web2"),
+        Some(READ_WEB1),
+        serde_json::json!({"state": "running"}),
+    );
+    assert_eq!(
+        r.status, 403,
+        "a token scoped to web1 may not report for web2"
+    );
+    let r = post_json(&url, Some(READ_WEB1), serde_json::json!("not an object"));
+    assert_eq!(r.status, 400);
+    for state in ["starting", "running", "done"] {
+        let r = post_json(
+            &url,
+            Some(READ_WEB1),
+            serde_json::json!({"state": state, "message": format!("{state} line"), "seconds": 3}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let all = get(&srv.url("/api/v1/progress"), Some(ADMIN)).json();
+    let list = all.as_array().unwrap();
+    assert_eq!(list.len(), 1, "the last report per host: {all}");
+    assert_eq!(list[0]["host"], "web1");
+    assert_eq!(list[0]["state"], "done");
+    assert_eq!(list[0]["message"], "done line");
+    let t0 = std::time::Instant::now();
+    while !srv
+        .log
+        .lock()
+        .unwrap()
+        .contains("progress web1: done done line")
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "progress not logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -414,6 +414,12 @@ fn unknown_host_fails_cleanly() {
         "something was written to the target disk"
     );
     assert!(app.watch.first_chunk().is_none());
+    // The boot image told the appliance how its job ended.
+    let log = std::fs::read_to_string(dir.join("appliance-serve.stderr")).unwrap_or_default();
+    assert!(
+        log.contains("progress nosuch: failed"),
+        "no failure report reached the appliance: {log}"
+    );
 }
 
 /// The media pass their own tools' checks: the USB image's GPT (`sgdisk -v`) and FAT

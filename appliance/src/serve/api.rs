@@ -69,6 +69,8 @@ pub fn handle(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
         (["hosts", host, "snapshots"], _) if read => list_snapshots(app, who, host),
         (["hosts", host, "snapshots", id], _) if read => manifest(app, who, host, id),
         (["pubkey"], _) if read => pubkey(app),
+        (["progress"], _) if read => list_progress(app, who),
+        (["progress", host], "POST") => report_progress(app, req, who, host),
         (["uploads"], "POST") => open_upload(app, req, who),
         (["uploads", u, "missing"], "POST") => missing(app, req, who, u),
         (["uploads", u, "chunks", hex], "PUT") => put_chunk(app, req, who, u, hex),
@@ -122,7 +124,10 @@ fn allowed(s: &[&str]) -> Option<&'static str> {
         ["hosts"] | ["hosts", _, "snapshots"] | ["hosts", _, "snapshots", _] | ["pubkey"] => {
             "GET, HEAD"
         }
-        ["uploads"] | ["uploads", _, "missing"] | ["uploads", _, "commit"] => "POST",
+        ["progress"] => "GET, HEAD",
+        ["uploads"] | ["uploads", _, "missing"] | ["uploads", _, "commit"] | ["progress", _] => {
+            "POST"
+        }
         ["uploads", _, "chunks", _] | ["uploads", _, "indexes", _] => "PUT",
         ["uploads", _] => "DELETE",
         _ => return None,
@@ -257,6 +262,47 @@ fn body(req: &mut Request, limit: u64) -> Result<Vec<u8>, Response> {
 fn json_body<T: for<'de> Deserialize<'de>>(req: &mut Request, limit: u64) -> Result<T, Response> {
     let b = body(req, limit)?;
     serde_json::from_slice(&b).map_err(|e| err(400, format!("malformed JSON body: {e}")))
+}
+
+/// A boot image reports how its job goes (`restorer init`): kept in memory, one per host, and
+/// logged. Any token that may read the host may report for it.
+fn report_progress(app: &App, req: &mut Request, who: &Who, host: &str) -> Answer {
+    name(host, "host")?;
+    if !who.may_read(host) {
+        return Err(err(
+            403,
+            format!("this token may not report for host {host}"),
+        ));
+    }
+    let mut v: serde_json::Value = json_body(req, SMALL_BODY_LIMIT)?;
+    if !v.is_object() {
+        return Err(err(400, "progress must be a JSON object"));
+    }
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    eprintln!(
+        "appliance serve: progress {host}: {} {}",
+        text("state"),
+        text("message")
+    );
+    v["host"] = host.into();
+    v["received"] = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .into();
+    app.progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(host.to_string(), v);
+    ok_json(200, &serde_json::json!({ "ok": true }))
+}
+
+fn list_progress(app: &App, who: &Who) -> Answer {
+    let all = app.progress.lock().unwrap_or_else(|p| p.into_inner());
+    let v: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|(h, _)| who.may_read(h))
+        .map(|(_, v)| v)
+        .collect();
+    ok_json(200, &serde_json::json!(v))
 }
 
 fn open_upload(app: &App, req: &mut Request, who: &Who) -> Answer {

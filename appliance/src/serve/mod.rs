@@ -34,6 +34,8 @@ pub struct App {
     boot: Option<PathBuf>,
     auth: Auth,
     uploads: uploads::Uploads,
+    /// The last progress report of each host's boot image (`/api/v1/progress`), kept in memory.
+    progress: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 impl App {
@@ -133,6 +135,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         boot: a.boot.clone(),
         auth,
         uploads: uploads::Uploads::new(a.upload_idle_timeout),
+        progress: Default::default(),
     });
 
     println!("appliance serve: listening on http://{addr}");

@@ -3,6 +3,7 @@
 //! read from its one-line error.
 
 use super::cmdline::{Mode, Params};
+use super::report::Reporter;
 use crate::say;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
@@ -95,7 +96,7 @@ pub fn check_targets(p: &Params, boot: &[String]) -> Result<()> {
 
 /// Runs `restorer ARGS`, relaying its output line by line; on failure the error is its last
 /// `restorer: error:` line.
-pub fn run(args: &[String], boot: &[String]) -> Result<()> {
+pub fn run(args: &[String], boot: &[String], report: Option<&Reporter>) -> Result<()> {
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| "/bin/restorer".into());
     let mut child = Command::new(exe)
         .args(args)
@@ -106,14 +107,19 @@ pub fn run(args: &[String], boot: &[String]) -> Result<()> {
         .spawn()
         .context("starting the restorer")?;
     let last_error = Arc::new(Mutex::new(None::<String>));
+    let last_line = Arc::new(Mutex::new(String::new()));
     let relay = |r: Box<dyn std::io::Read + Send>| {
         let last_error = last_error.clone();
+        let last_line = last_line.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(r).lines().map_while(Result::ok) {
                 // Progress redraws come as \r-separated updates: show the last one.
                 let line = line.rsplit('\r').next().unwrap_or("").to_string();
                 if let Some(e) = line.strip_prefix("restorer: error: ") {
                     *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+                if !line.trim().is_empty() {
+                    line.clone_into(&mut last_line.lock().unwrap_or_else(|p| p.into_inner()));
                 }
                 say!("{line}");
             }
@@ -122,24 +128,28 @@ pub fn run(args: &[String], boot: &[String]) -> Result<()> {
     let t1 = relay(Box::new(child.stdout.take().expect("piped")));
     let t2 = relay(Box::new(child.stderr.take().expect("piped")));
     // The restorer draws its progress bar only on a terminal: say that it is alive meanwhile.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let heartbeat = {
-        let done = done.clone();
-        std::thread::spawn(move || {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let status = std::thread::scope(|s| {
+        s.spawn(|| {
             let t0 = std::time::Instant::now();
             let mut next = HEARTBEAT;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(250));
                 if t0.elapsed() >= next {
                     say!("restorer: still working ({} s)", t0.elapsed().as_secs());
+                    if let Some(r) = report {
+                        let line = last_line.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        r.send("running", &line);
+                    }
                     next += HEARTBEAT;
                 }
             }
-        })
-    };
-    let status = child.wait().context("waiting for the restorer");
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = (t1.join(), t2.join(), heartbeat.join());
+        });
+        let status = child.wait().context("waiting for the restorer");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        status
+    });
+    let _ = (t1.join(), t2.join());
     let status = status?;
     if !status.success() {
         let reason = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();

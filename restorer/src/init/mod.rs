@@ -10,6 +10,7 @@ mod job;
 mod modules;
 mod mounts;
 mod net;
+mod report;
 
 use crate::say;
 use anyhow::{bail, Context, Result};
@@ -114,7 +115,25 @@ fn boot(t0: Instant) -> Result<After> {
         redact(&args).join(" "),
         t0.elapsed().as_secs_f64()
     );
-    job::run(&args, &boot)?;
+    let reporter = report::Reporter::new(
+        params.url.as_deref(),
+        params.host.as_deref(),
+        params.token.as_deref(),
+    );
+    if let Some(r) = &reporter {
+        r.send(
+            "starting",
+            &format!("{} s after boot", t0.elapsed().as_secs()),
+        );
+    }
+    let result = job::run(&args, &boot, reporter.as_ref());
+    if let Some(r) = &reporter {
+        match &result {
+            Ok(()) => r.send("done", "the job finished"),
+            Err(e) => r.send("failed", &format!("{e:#}")),
+        }
+    }
+    result?;
     say!(
         "restorer: job done in {:.1} s since boot",
         t0.elapsed().as_secs_f64()

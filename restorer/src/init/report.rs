@@ -1,0 +1,58 @@
+//! Progress reports to the appliance (`POST /api/v1/progress/<host>`, docs/api.md): the job's
+//! state and its last output line, at start, every heartbeat and at the end. Best effort: an
+//! appliance that does not answer never stops the job, and one warning says so.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Reporter {
+    url: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+    started: Instant,
+    warned: AtomicBool,
+}
+
+impl Reporter {
+    /// From the store URL (`http://HOST:PORT/store`): the API sits beside it. `None` for a store
+    /// that is not behind `appliance serve` (no `/store` suffix) or without a host.
+    pub fn new(
+        store_url: Option<&str>,
+        host: Option<&str>,
+        token: Option<&str>,
+    ) -> Option<Reporter> {
+        let base = store_url?.trim_end_matches('/').strip_suffix("/store")?;
+        Some(Reporter {
+            url: format!("{base}/api/v1/progress/{}", host?),
+            token: token.map(str::to_string),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .build(),
+            started: Instant::now(),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    pub fn send(&self, state: &str, message: &str) {
+        let body = serde_json::json!({
+            "state": state,
+            "message": message,
+            "seconds": self.started.elapsed().as_secs(),
+        });
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .set("Content-Type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        if let Err(e) = req.send_string(&body.to_string()) {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                crate::say!(
+                    "restorer: progress reports to {} fail ({e}); the job goes on",
+                    self.url
+                );
+            }
+        }
+    }
+}
