@@ -6,15 +6,11 @@ use crate::cli::IngestArgs;
 use crate::progress;
 use anyhow::{Context, Result};
 use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkStats};
-use snapshot::layout::{analyze, DiskLayout};
-use snapshot::manifest::{Disk, DiskTotals, Firmware, Hardware, Manifest, MANIFEST_VERSION};
-use snapshot::ptable::{Guid, PartitionTable};
+use snapshot::layout::{analyze, firmware_of};
+use snapshot::manifest::{Firmware, Hardware, Manifest, MANIFEST_VERSION};
 use snapshot::store::{check_name, LocalStore};
 use snapshot::CHUNK_SIZE;
 use std::time::Instant;
-
-/// GPT type GUID of an EFI system partition.
-const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 
 pub fn run(a: &IngestArgs) -> Result<()> {
     check_name(&a.host, "host")?;
@@ -46,7 +42,7 @@ pub fn run(a: &IngestArgs) -> Result<()> {
             eprintln!("disk {n} ({}): {note}", path.display());
         }
         if firmware == Firmware::Unknown {
-            firmware = detect_firmware(&layout);
+            firmware = firmware_of(&layout.table).unwrap_or(Firmware::Unknown);
         }
         let pb = progress::bar(layout.size, &format!("disk {n}"));
         let (index, stats) = chunk_disk(dev, &layout.used, &store, &opts, &|done| {
@@ -55,7 +51,7 @@ pub fn run(a: &IngestArgs) -> Result<()> {
         .with_context(|| format!("disk {n} ({})", path.display()))?;
         pb.finish_and_clear();
         let index_sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(index.to_bytes()));
-        disks.push(disk_entry(n as u32, layout, index_sha256, &stats));
+        disks.push(layout.into_disk(n as u32, index_sha256, &stats));
         indexes.push(index);
         all_stats.push((path.display().to_string(), stats));
     }
@@ -76,46 +72,6 @@ pub fn run(a: &IngestArgs) -> Result<()> {
     };
     store.commit_snapshot(&manifest, &indexes)?;
     summary(a, &id, &all_stats, started.elapsed().as_secs_f64())
-}
-
-fn detect_firmware(layout: &DiskLayout) -> Firmware {
-    match &layout.table {
-        PartitionTable::Gpt(g) => {
-            let esp = Guid::parse(ESP_TYPE).expect("valid GUID");
-            if g.partitions.iter().any(|p| p.type_guid == esp) {
-                Firmware::Uefi
-            } else {
-                Firmware::Bios
-            }
-        }
-        PartitionTable::Mbr(m) => {
-            if m.partitions.iter().any(|p| p.kind == 0xef) {
-                Firmware::Uefi
-            } else {
-                Firmware::Bios
-            }
-        }
-        PartitionTable::None => Firmware::Unknown,
-    }
-}
-
-fn disk_entry(number: u32, l: DiskLayout, index_sha256: String, s: &ChunkStats) -> Disk {
-    Disk {
-        number,
-        size: l.size,
-        logical_sector: l.logical_sector,
-        physical_sector: l.physical_sector,
-        table: l.table,
-        partitions: l.partitions,
-        index_sha256,
-        totals: DiskTotals {
-            used_bytes: s.used_bytes,
-            data_chunks: s.data_chunks,
-            zero_chunks: s.zero_chunks,
-            unused_chunks: s.unused_chunks,
-            stored_bytes: s.referenced_bytes,
-        },
-    }
 }
 
 fn summary(a: &IngestArgs, id: &str, stats: &[(String, ChunkStats)], secs: f64) -> Result<()> {

@@ -10,12 +10,9 @@ use crate::cli::CaptureArgs;
 use crate::report::{self, bytes};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkSink, ChunkStats};
-use snapshot::layout::{analyze, DiskLayout};
-use snapshot::manifest::{
-    Disk, DiskTotals, Firmware, Hardware, Manifest, Nic, PciDevice, MANIFEST_VERSION,
-};
-use snapshot::ptable::{Guid, PartitionTable};
+use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkSink};
+use snapshot::layout::{analyze, firmware_of};
+use snapshot::manifest::{Disk, Firmware, Hardware, Manifest, Nic, PciDevice, MANIFEST_VERSION};
 use snapshot::store::http::Attempt;
 use snapshot::store::{check_name, FetchError, HttpStore};
 use snapshot::{Digest, DiskSource, CHUNK_SIZE};
@@ -351,7 +348,7 @@ fn capture(
                     seconds: t0.elapsed().as_secs_f64(),
                     notes: layout.notes.clone(),
                 });
-                disks.push(disk_entry(n as u32, layout, sha, &stats));
+                disks.push(layout.into_disk(n as u32, sha, &stats));
                 indexes.push(index);
             }
             Ok(())
@@ -418,26 +415,6 @@ fn commit(api: &Api, upload: &str, m: &Manifest) -> Result<()> {
     }
 }
 
-/// The manifest entry of one disk, as `appliance ingest` writes it.
-fn disk_entry(number: u32, l: DiskLayout, index_sha256: String, s: &ChunkStats) -> Disk {
-    Disk {
-        number,
-        size: l.size,
-        logical_sector: l.logical_sector,
-        physical_sector: l.physical_sector,
-        table: l.table,
-        partitions: l.partitions,
-        index_sha256,
-        totals: DiskTotals {
-            used_bytes: s.used_bytes,
-            data_chunks: s.data_chunks,
-            zero_chunks: s.zero_chunks,
-            unused_chunks: s.unused_chunks,
-            stored_bytes: s.referenced_bytes,
-        },
-    }
-}
-
 /// `--firmware`: explicit, or on this machine (block device sources) what it booted with, or for
 /// image files what the first disk's table suggests (an ESP means UEFI), as ingest does.
 fn firmware(flag: &str, sources: &[DiskSource], disks: &[Disk]) -> Firmware {
@@ -454,27 +431,10 @@ fn firmware(flag: &str, sources: &[DiskSource], disks: &[Disk]) -> Firmware {
             Firmware::Bios
         };
     }
-    let esp = Guid::parse("C12A7328-F81F-11D2-BA4B-00A0C93EC93B").expect("valid GUID");
-    for d in disks {
-        match &d.table {
-            PartitionTable::Gpt(g) => {
-                return if g.partitions.iter().any(|p| p.type_guid == esp) {
-                    Firmware::Uefi
-                } else {
-                    Firmware::Bios
-                }
-            }
-            PartitionTable::Mbr(m) => {
-                return if m.partitions.iter().any(|p| p.kind == 0xef) {
-                    Firmware::Uefi
-                } else {
-                    Firmware::Bios
-                }
-            }
-            PartitionTable::None => {}
-        }
-    }
-    Firmware::Unknown
+    disks
+        .iter()
+        .find_map(|d| firmware_of(&d.table))
+        .unwrap_or(Firmware::Unknown)
 }
 
 /// This machine's storage controllers (those the source disks hang off) and NICs, from sysfs,

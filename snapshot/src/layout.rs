@@ -5,9 +5,11 @@
 //! where only the filesystem's used blocks are kept. A filesystem whose metadata is damaged is
 //! kept whole, and the reason is reported: a guessed map would lose data silently.
 
+use crate::chunker::ChunkStats;
 use crate::extents::Extents;
 use crate::fs::{self, Found};
-use crate::ptable::{Partition, PartitionTable};
+use crate::manifest::{Disk, DiskTotals, Firmware};
+use crate::ptable::{Guid, Partition, PartitionTable};
 use crate::source::ReadAt;
 use anyhow::{bail, Context, Result};
 
@@ -106,4 +108,41 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
         used,
         notes,
     })
+}
+
+impl DiskLayout {
+    /// The manifest entry of this disk once it is chunked (ingest and capture write the same).
+    pub fn into_disk(self, number: u32, index_sha256: String, s: &ChunkStats) -> Disk {
+        Disk {
+            number,
+            size: self.size,
+            logical_sector: self.logical_sector,
+            physical_sector: self.physical_sector,
+            table: self.table,
+            partitions: self.partitions,
+            index_sha256,
+            totals: DiskTotals {
+                used_bytes: s.used_bytes,
+                data_chunks: s.data_chunks,
+                zero_chunks: s.zero_chunks,
+                unused_chunks: s.unused_chunks,
+                stored_bytes: s.referenced_bytes,
+            },
+        }
+    }
+}
+
+/// GPT type GUID of an EFI system partition.
+pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+
+/// What a disk's table says its system boots with: an EFI system partition (GPT type, or MBR
+/// type 0xEF) means UEFI, any other table BIOS; `None` without a table.
+pub fn firmware_of(table: &PartitionTable) -> Option<Firmware> {
+    let esp = Guid::parse(ESP_TYPE).expect("valid GUID");
+    let uefi = match table {
+        PartitionTable::Gpt(g) => g.partitions.iter().any(|p| p.type_guid == esp),
+        PartitionTable::Mbr(m) => m.partitions.iter().any(|p| p.kind == 0xef),
+        PartitionTable::None => return None,
+    };
+    Some(if uefi { Firmware::Uefi } else { Firmware::Bios })
 }
