@@ -404,18 +404,21 @@ fn too_small_mounted_and_root_targets_refused() {
     );
     assert_eq!(sha(&small), before);
 
-    // A mounted target (a filesystem on the whole loop device). Inode tables and journal are
-    // initialised by mkfs: otherwise the kernel's ext4lazyinit thread writes them after the
-    // mount, and the device changes under the test whatever the restorer does.
+    // A mounted target (a filesystem on the whole loop device), mounted read-only so that the
+    // kernel itself writes nothing to it (a read-write ext4 gets journal commits and superblock
+    // updates at any time): a changed hash can only be the restorer's doing.
     let file = env.file("mounted.img", fx.size);
+    let tree = env.dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("keep.txt"), "keep").unwrap();
     Cmd::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
         .arg(&file)
         .ok();
     let dev = LoopDev::attach(&file, 512);
-    let mnt = Mount::new(&dev.path, &env.dir.join("mnt"));
-    std::fs::write(mnt.dir.join("keep.txt"), "keep").unwrap();
-    Cmd::new("sync").ok();
+    let mnt = Mount::read_only(&dev.path, &env.dir.join("mnt"));
+    assert!(mnt.dir.join("keep.txt").exists());
     let before = sha(&dev.path);
     let (out, _) = restore(&srv.url, "web10", &[&dev.path], &[]);
     assert!(!out.success(), "{}", out.describe());

@@ -123,9 +123,15 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn new(dev: &Path, dir: &Path) -> Mount {
+    /// Mounts `dev` read-only: the kernel then writes nothing to it (no journal commit, no
+    /// superblock update, no lazy init), so any change to the device is someone else's.
+    pub fn read_only(dev: &Path, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
-        Cmd::new("mount").arg(dev).arg(dir).ok();
+        Cmd::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(dev)
+            .arg(dir)
+            .ok();
         Mount {
             dir: dir.to_path_buf(),
         }
