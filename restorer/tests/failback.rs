@@ -355,7 +355,10 @@ fn appliance_killed_during_a_round() {
     let target = fx.dir.join("target.raw");
     std::fs::write(&target, &fx.image).unwrap();
     // Much new data, so that the first round takes a while to chunk.
-    fx.vm_write(20 * MIB, &random(4, 100 * MIB));
+    let new = random(4, 100 * MIB);
+    fx.vm_write(20 * MIB, &new);
+    let mut want = fx.image.clone();
+    want[20 * MIB as usize..120 * MIB as usize].copy_from_slice(&new);
     let child = fx
         .failback(&target, &["--retry-for", "60s"])
         .stdout(std::process::Stdio::piped())
@@ -397,7 +400,9 @@ fn appliance_killed_during_a_round() {
         // The round made after the restart covers the frozen overlay too.
         assert_eq!(v["rounds"][0]["round"], 1, "{v}");
     }
-    assert_same(&target, &fx.vm_disk());
+    let vm = fx.vm_disk();
+    assert!(vm == want, "the VM's data is not intact");
+    assert_same(&target, &vm);
 }
 
 #[test]
@@ -423,7 +428,10 @@ fn network_cut_resumes_or_stops_with_a_reason() {
 
     // A short cut in the middle of the transfer: it resumes and ends exact.
     fx.start_server();
-    fx.vm_write(5 * MIB, &random(5, MIB));
+    let new = random(5, MIB);
+    fx.vm_write(5 * MIB, &new);
+    let mut want = fx.image.clone();
+    want[5 * MIB as usize..6 * MIB as usize].copy_from_slice(&new);
     let child = fx
         .failback(&target, &["--jobs", "1", "--retry-for", "60s"])
         .stdout(std::process::Stdio::piped())
@@ -442,5 +450,7 @@ fn network_cut_resumes_or_stops_with_a_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("reachable again"), "{err}");
-    assert_same(&target, &fx.vm_disk());
+    let vm = fx.vm_disk();
+    assert!(vm == want, "the VM's data is not intact");
+    assert_same(&target, &vm);
 }

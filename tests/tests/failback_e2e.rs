@@ -1,16 +1,16 @@
 //! End to end, in QEMU (TCG): a sample server's snapshot runs as a failover VM (`BOOT-OK` on its
 //! serial log); a marker file and tens of MB of new data are written inside it through its serial
-//! shell; `restorer failback` brings the changes onto a "repaired server" disk that holds the
-//! original snapshot; after cutover that disk boots and shows the marker, equals the failover
-//! VM's final disk, and the bytes fetched stay within 1.5x the changed chunks plus the indexes.
-//!
-//! Not covered here yet: running the restorer inside the boot image booted by PXE (the boot
-//! image's `restorer.mode=failback` lands with `restorer init`); the restorer runs on the host.
+//! shell; the "repaired server", a VM whose disk holds the original snapshot, boots our image by
+//! PXE (iPXE over HTTP from `appliance serve --boot`) with `restorer.mode=failback
+//! restorer.vm=...`, and the restorer inside brings the VM's changes onto its disk in rounds and
+//! a cutover. Then that disk boots and shows the marker, equals the failover VM's final disk, and
+//! the bytes the server received (counted on the wire by a relay) stay within 1.5x the changed
+//! chunks plus the indexes and HTTP headers.
 //! Artifacts and serial logs of a failed run stay under `target/e2e/failback_e2e/`.
 
-use bmr_tests::boot::{self, Firmware as SampleFw, BOOT_OK};
-use bmr_tests::qemu::{self, Bus, Disk, Firmware, Vm, VmSpec};
-use bmr_tests::util::{free_port, Background, Workspace};
+use bmr_tests::boot::{self, appliance::Appliance, Firmware as SampleFw, BOOT_OK};
+use bmr_tests::qemu::{self, Bus, Disk, Firmware, Nic, Vm, VmSpec};
+use bmr_tests::util::Workspace;
 use serde_json::Value;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -19,6 +19,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+const FAILBACK_TIMEOUT: Duration = Duration::from_secs(900);
+/// The port the boot image's URL names (a fixed one, so the cached image fits every run).
+const PORT: u16 = 47833;
+const VM: &str = "web1-fo";
 
 fn wait_in_file(path: &Path, pattern: &str, timeout: Duration) -> Duration {
     let t0 = Instant::now();
@@ -37,14 +41,13 @@ fn wait_in_file(path: &Path, pattern: &str, timeout: Duration) -> Duration {
 }
 
 #[test]
-fn failover_then_failback_boots_with_the_vms_data() {
+fn failover_then_pxe_failback_boots_with_the_vms_data() {
     if !qemu::available(Firmware::Bios) {
         eprintln!("SKIPPED: qemu-system-x86_64 or SeaBIOS missing (scripts/setup installs them)");
         return;
     }
     let dir = Workspace::artifacts("failback_e2e");
     let appliance = boot::bin("appliance").unwrap();
-    let restorer = boot::bin("restorer").unwrap();
     let run = |args: &[&str]| -> String {
         let out = Command::new(&appliance).args(args).output().unwrap();
         assert!(
@@ -55,27 +58,24 @@ fn failover_then_failback_boots_with_the_vms_data() {
         String::from_utf8(out.stdout).unwrap()
     };
     let fx = boot::sample_server("web1", SampleFw::Bios).unwrap();
+    let url = format!("http://10.0.2.2:{PORT}/store");
+    let image = boot::boot_image(
+        Some(&url),
+        &format!("restorer.mode=failback restorer.vm={VM} restorer.target=/dev/sda"),
+        "pxe",
+    )
+    .unwrap();
+    let app = Appliance::start(&dir, "web1", &fx.image, Some(&image.dir), PORT).unwrap();
+    assert_eq!(
+        app.watch.port, PORT,
+        "port {PORT} is taken: the image's URL would be wrong"
+    );
     let store = dir.join("store");
     let s = store.to_str().unwrap();
-    run(&["init", "--store", s]);
-    run(&[
-        "ingest",
-        "--store",
-        s,
-        "--host",
-        "web1",
-        fx.image.to_str().unwrap(),
-    ]);
-    let port = free_port();
-    let mut cmd = Command::new(&appliance);
-    cmd.args(["serve", "--store", s, "--listen"])
-        .arg(format!("127.0.0.1:{port}"));
-    let _serve = Background::start(&mut cmd, &dir, "appliance-serve").unwrap();
 
     // Failover: the snapshot boots as a VM.
-    let vm = "web1-fo";
     let st: Value = serde_json::from_str(&run(&[
-        "failover", "start", "--store", s, "--host", "web1", "--name", vm, "--net", "none",
+        "failover", "start", "--store", s, "--host", "web1", "--name", VM, "--net", "none",
         "--memory", "512", "--cpus", "1", "--json",
     ]))
     .unwrap();
@@ -84,7 +84,7 @@ fn failover_then_failback_boots_with_the_vms_data() {
         fn drop(&mut self) {
             let _ = Command::new(self.0)
                 .args([
-                    "failover", "stop", "--hard", "--store", self.1, "--name", "web1-fo",
+                    "failover", "stop", "--hard", "--store", self.1, "--name", VM,
                 ])
                 .output();
         }
@@ -100,7 +100,7 @@ fn failover_then_failback_boots_with_the_vms_data() {
     // The repaired server's disk holds the original snapshot: as a restore leaves it.
     let target = dir.join("server.raw");
     std::fs::copy(
-        store.join(format!("private/failover/{vm}/disk0.base.raw")),
+        store.join(format!("private/failover/{VM}/disk0.base.raw")),
         &target,
     )
     .unwrap();
@@ -122,52 +122,78 @@ fn failover_then_failback_boots_with_the_vms_data() {
     .unwrap();
     wait_in_file(&serial_log, "WROTE-42", Duration::from_secs(900));
 
-    // Failback onto the server's disk.
-    let out = Command::new(&restorer)
-        .args(["failback", "--json", "--from"])
-        .arg(format!("http://127.0.0.1:{port}/store"))
-        .args(["--vm", vm, "--target"])
-        .arg(&target)
-        .arg("--pubkey")
-        .arg(store.join("pubkey"))
-        .args(["--stop-timeout", "30s"])
-        .output()
+    // The repaired server boots our image by PXE and fails back onto its disk unattended.
+    let mut spec = VmSpec::new("server-pxe", Firmware::Bios);
+    spec.memory_mib = 1536;
+    spec.disks.push(Disk::new(&target, Bus::Ahci));
+    let mut nic = Nic::new("e1000");
+    nic.tftp = Some(image.pxe());
+    nic.bootfile = Some(format!("http://10.0.2.2:{PORT}/boot/pxe/boot.ipxe"));
+    nic.bootindex = Some(1);
+    spec.nics.push(nic);
+    let mut server = Vm::start(spec, &dir).unwrap();
+    let job = server
+        .wait_for("restorer: starting `restorer failback", BOOT_TIMEOUT)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "failback: {}",
-        String::from_utf8_lossy(&out.stderr)
+    // From here on the relay counts only the failback's traffic (kernel and initrd are in).
+    app.watch.reset();
+    let (which, took) = server
+        .wait_for_any(
+            &["restorer: rebooting", "restorer: FAILED"],
+            FAILBACK_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(
+        which,
+        0,
+        "failback failed; serial log {}",
+        server.log.display()
     );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    std::fs::write(dir.join("failback.json"), &out.stdout).unwrap();
+    server.wait_exit(Duration::from_secs(120)).unwrap();
+    let console = qemu::strip_ansi(&server.output());
+    let done = console
+        .lines()
+        .find(|l| l.contains("failback done:"))
+        .unwrap_or("(no summary line)")
+        .trim()
+        .to_string();
+    eprintln!(
+        "repaired server: job started {job:.0?} after power-on, failback took {took:.0?}: {done}"
+    );
+    assert!(done.contains("cutover window"), "{done}");
+
     let status: Value = serde_json::from_str(&run(&[
-        "failover", "status", "--store", s, "--name", vm, "--json",
+        "failover", "status", "--store", s, "--name", VM, "--json",
     ]))
     .unwrap();
     assert_eq!(status["state"], "failed-back");
-    let changed: u64 = status["rounds"]
-        .as_array()
-        .unwrap()
+    // The cutover shut the VM down through ACPI (its OS unmounted and powered off).
+    wait_in_file(
+        &serial_log,
+        "SHUTDOWN: ACPI power button",
+        Duration::from_secs(1),
+    );
+    let rounds = status["rounds"].as_array().unwrap();
+    let changed: u64 = rounds
         .iter()
         .map(|r| r["changed_stored_bytes"].as_u64().unwrap())
         .sum();
-    let fetched = report["total_bytes_fetched"].as_u64().unwrap();
-    let rounds = report["rounds"].as_array().unwrap().len() as u64;
-    // Index overhead: round.json, signature and a 64-slot index per round.
-    let overhead = rounds * (64 * 32 + 64 + 4096);
+    let (wire, requests) = (app.watch.bytes_down(), app.watch.requests());
+    // Overhead: per round its round.json, signature and 64-slot index; per request its headers.
+    let overhead = rounds.len() as u64 * (64 * 32 + 64 + 4096) + requests * 1024;
     eprintln!(
-        "failback: {rounds} rounds, {fetched} bytes fetched for {changed} bytes of changed \
-         chunks, cutover window {:.2}s",
-        report["cutover_window_seconds"].as_f64().unwrap()
+        "failback: {} rounds, {wire} bytes on the wire in {requests} requests for {changed} bytes \
+         of changed chunks",
+        rounds.len()
     );
     assert!(
-        fetched as f64 <= 1.5 * changed as f64 + overhead as f64,
-        "fetched {fetched} > 1.5 x {changed} + {overhead}"
+        wire as f64 <= 1.5 * changed as f64 + overhead as f64,
+        "received {wire} > 1.5 x {changed} + {overhead}"
     );
 
     // The server's disk equals the failover VM's final disk...
     let st: Value = serde_json::from_slice(
-        &std::fs::read(store.join(format!("private/failover/{vm}/state.json"))).unwrap(),
+        &std::fs::read(store.join(format!("private/failover/{VM}/state.json"))).unwrap(),
     )
     .unwrap();
     let top = st["disks"][0]["overlays"]
@@ -178,7 +204,7 @@ fn failover_then_failback_boots_with_the_vms_data() {
     let final_raw = dir.join("vm-final.raw");
     let conv = Command::new("qemu-img")
         .args(["convert", "-U", "-O", "raw"])
-        .arg(store.join(format!("private/failover/{vm}/{}", top.as_str().unwrap())))
+        .arg(store.join(format!("private/failover/{VM}/{}", top.as_str().unwrap())))
         .arg(&final_raw)
         .output()
         .unwrap();

@@ -104,10 +104,15 @@ const SAMPLE_MODULES: &[&str] = &[
     "usb_storage",
     "xhci_pci",
     "ext4",
+    // The ACPI power button as an input device for acpid: `failover stop` and the failback
+    // cutover shut the VM down cleanly, as a real server's OS does.
+    "button",
+    "evdev",
 ];
 
 const SAMPLE_INIT: &str = r#"#!/bin/sh
-# Mini Linux of the sample servers: mount root by UUID, say BOOT-OK, give a shell.
+# Mini Linux of the sample servers: mount root by UUID, say BOOT-OK, give a shell; the ACPI
+# power button unmounts and powers off.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -121,6 +126,11 @@ until dev=$(findfs "$root" 2>/dev/null); do
   sleep 0.2
 done
 if ! mount -o ro "$dev" /mnt; then echo "BOOT-FAIL cannot mount $dev"; exec setsid cttyhack sh; fi
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "SHUTDOWN: ACPI power button" >/dev/console\nsync\numount /mnt || mount -o remount,ro /mnt\npoweroff -f\n' >/etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+mkdir -p /var/log /var/run
+acpid
 echo "BOOT-OK host=$(cat /mnt/etc/hostname) root=$dev"
 exec setsid cttyhack sh
 "#;
