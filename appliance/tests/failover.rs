@@ -5,6 +5,9 @@
 //!
 //! `appliance` is built by `cargo test -p appliance`; QEMU and qemu-img come from scripts/setup.
 
+mod common;
+
+use common::http::{get, post_json, write_tokens, Server};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use snapshot::sign::PublicKey;
@@ -144,6 +147,46 @@ fn changed(v: &Value) -> Vec<(u64, u64)> {
     serde_json::from_value(v["disks"][0]["changed"].clone()).unwrap()
 }
 
+/// Under `appliance serve` with tokens, a VM and its rounds belong to the VM's host: a token
+/// for another host neither sees nor drives it; a read token cannot make rounds.
+fn tokens_are_scoped_to_the_vms_host(store: &Path, vm: &str) {
+    let (web1, web2, up_web2) = (
+        "read-web1-0123456789abcdef",
+        "read-web2-0123456789abcdef",
+        "upload-web2-0123456789abcdef",
+    );
+    write_tokens(
+        store,
+        serde_json::json!({ "tokens": [
+            { "token": web1, "access": "read", "hosts": ["web1"] },
+            { "token": web2, "access": "read", "hosts": ["web2"] },
+            { "token": up_web2, "access": "upload", "hosts": ["web2"] },
+        ]}),
+    );
+    let srv = Server::start(store, &[]);
+    let files = [
+        format!("/store/failover/{vm}/latest"),
+        format!("/store/failover/{vm}/rounds/1/round.json"),
+        format!("/api/v1/failover/{vm}"),
+        format!("/api/v1/failover/{vm}/rounds"),
+    ];
+    for f in &files {
+        assert_eq!(get(&srv.url(f), Some(web1)).status, 200, "{f}");
+        let r = get(&srv.url(f), Some(web2));
+        assert_eq!(r.status, 403, "{f}: {}", r.text());
+    }
+    let list = |t| get(&srv.url("/api/v1/failover"), Some(t)).json();
+    assert_eq!(list(web1).as_array().unwrap().len(), 1);
+    assert_eq!(list(web2).as_array().unwrap().len(), 0);
+    let rounds = srv.url(&format!("/api/v1/failover/{vm}/rounds"));
+    let stop = srv.url(&format!("/api/v1/failover/{vm}/stop"));
+    for (url, token) in [(&rounds, web1), (&rounds, up_web2), (&stop, up_web2)] {
+        let r = post_json(url, Some(token), serde_json::json!({}));
+        assert_eq!(r.status, 403, "{url}: {}", r.text());
+    }
+    std::fs::remove_file(store.join("private/tokens.json")).unwrap();
+}
+
 #[test]
 fn failover_vm_rounds_crash_cutover_delete() {
     if !have_qemu() {
@@ -222,6 +265,7 @@ fn failover_vm_rounds_crash_cutover_delete() {
     assert_eq!(changed(&v1), vec![(0, 1), (3, 1), (5, 2)]);
     assert_eq!(idx1.slot(3), Slot::Zeros);
     assert_index_is(&idx1, &model, &store);
+    tokens_are_scoped_to_the_vms_host(&store, vm);
     assert_eq!(
         std::fs::read_to_string(store.join(format!("failover/{vm}/latest"))).unwrap(),
         "1\n"

@@ -9,118 +9,19 @@ use snapshot::ptable::PartitionTable;
 use snapshot::sign::PublicKey;
 use snapshot::store::{http::Options, open_snapshot, HttpStore};
 use snapshot::{encode_chunk, CHUNK_SIZE};
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_appliance");
+mod common;
+
+use common::http::{get, post_json, send, write_tokens, Server};
+use common::BIN;
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-struct Server {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    fn start(store: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--store")
-            .arg(store)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting appliance serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let l = log.clone();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while err.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                l.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let base = loop {
-            line.clear();
-            if out.read_line(&mut line).unwrap_or(0) == 0 {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!("server did not start: {}", log.lock().unwrap());
-            }
-            if let Some(i) = line.find("listening on http://") {
-                break line[i + "listening on ".len()..].trim().to_string();
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        Server { child, base, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn addr(&self) -> String {
-        self.base.trim_start_matches("http://").to_string()
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Wait until stderr shows `needle` (log lines follow the response they describe).
-    fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(Instant::now() < deadline, "{needle:?} not logged: {log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "server still running after {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn init_store(dir: &Path) -> PathBuf {
     let store = dir.join("store");
@@ -145,88 +46,6 @@ fn store_pubkey(store: &Path) -> PublicKey {
         .unwrap();
     assert!(out.status.success());
     PublicKey::parse(&String::from_utf8(out.stdout).unwrap()).unwrap()
-}
-
-struct Resp {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-    fn h(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
-        .build()
-}
-
-fn send(
-    method: &str,
-    url: &str,
-    token: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> Resp {
-    let mut req = agent().request(method, url);
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    for (n, v) in headers {
-        req = req.set(n, v);
-    }
-    let r = match body {
-        Some(b) => req.send_bytes(b),
-        None => req.call(),
-    };
-    let resp = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .map(|n| {
-            let v = resp.header(&n).unwrap_or("").to_string();
-            (n.to_ascii_lowercase(), v)
-        })
-        .collect();
-    let mut body = Vec::new();
-    resp.into_reader().read_to_end(&mut body).unwrap();
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn get(url: &str, token: Option<&str>) -> Resp {
-    send("GET", url, token, &[], None)
-}
-
-fn post_json(url: &str, token: Option<&str>, v: serde_json::Value) -> Resp {
-    send(
-        "POST",
-        url,
-        token,
-        &[("Content-Type", "application/json")],
-        Some(v.to_string().as_bytes()),
-    )
 }
 
 /// Send raw bytes, half-close, and read the whole answer.
@@ -391,10 +210,6 @@ fn http_store(srv: &Server, token: Option<&str>) -> HttpStore {
         },
     )
     .unwrap()
-}
-
-fn write_tokens(store: &Path, v: serde_json::Value) {
-    std::fs::write(store.join("private/tokens.json"), v.to_string()).unwrap();
 }
 
 const READ_WEB1: &str = "read-web1-0123456789abcdef";

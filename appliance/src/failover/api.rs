@@ -15,8 +15,19 @@ use std::time::Duration;
 
 const PREFIX: &str = "/api/v1/failover";
 
+/// Who may see or drive a VM: `may(host, change)` for the VM's source host; `change` is true
+/// for making rounds and stopping.
+pub type May<'a> = &'a dyn Fn(&str, bool) -> bool;
+
 /// Handle a request if `path` is a failover path (`None` otherwise). Returns status and body.
-pub fn handle(store: &LocalStore, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+/// VMs whose host `may` refuses are left out of lists and answered with 403.
+pub fn handle(
+    store: &LocalStore,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    may: May,
+) -> Option<(u16, Vec<u8>)> {
     let path = path.split('?').next().unwrap_or(path);
     let rest = path.strip_prefix(PREFIX)?;
     if !(rest.is_empty() || rest.starts_with('/')) {
@@ -47,8 +58,23 @@ pub fn handle(store: &LocalStore, method: &str, path: &str, body: &[u8]) -> Opti
             .min(3600),
     );
     let flag = |k: &str| params.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    if let Some(vm) = parts.first() {
+        if let Ok(host) = super::host_of(store, vm) {
+            let change = method != "GET";
+            if !may(&host, change) {
+                let what = if change { "change" } else { "read" };
+                return Some(error(
+                    403,
+                    &format!("this token may not {what} VM {vm} (host {host})"),
+                ));
+            }
+        }
+    }
     let result = match (method, parts.as_slice()) {
-        ("GET", []) => super::list_all(store).map(|v| json(&v)),
+        ("GET", []) => super::list_all(store).map(|mut v| {
+            v.retain(|s| may(&s.host, false));
+            json(&v)
+        }),
         ("GET", [vm]) => super::status(store, vm).map(|v| json(&v)),
         ("GET", [vm, "rounds"]) => super::status(store, vm).map(|s| json(&s.rounds)),
         ("POST", [vm, "rounds"]) => {
@@ -97,42 +123,56 @@ mod tests {
     fn routes() {
         let d = tempfile::tempdir().unwrap();
         let (store, _) = LocalStore::init(&d.path().join("s")).unwrap();
-        assert!(handle(&store, "GET", "/api/v1/hosts", b"").is_none());
-        assert!(handle(&store, "GET", "/api/v1/failoverx", b"").is_none());
-        let (code, body) = handle(&store, "GET", "/api/v1/failover", b"").unwrap();
+        assert!(handle(&store, "GET", "/api/v1/hosts", b"", &|_, _| true).is_none());
+        assert!(handle(&store, "GET", "/api/v1/failoverx", b"", &|_, _| true).is_none());
+        let (code, body) = handle(&store, "GET", "/api/v1/failover", b"", &|_, _| true).unwrap();
         assert_eq!((code, body.trim_ascii()), (200, &b"[]"[..]));
         assert_eq!(
-            handle(&store, "GET", "/api/v1/failover/nope", b"")
+            handle(&store, "GET", "/api/v1/failover/nope", b"", &|_, _| true)
                 .unwrap()
                 .0,
             404
         );
         assert_eq!(
-            handle(&store, "POST", "/api/v1/failover/nope/rounds", b"{}")
-                .unwrap()
-                .0,
+            handle(
+                &store,
+                "POST",
+                "/api/v1/failover/nope/rounds",
+                b"{}",
+                &|_, _| true
+            )
+            .unwrap()
+            .0,
             404
         );
         assert_eq!(
-            handle(&store, "POST", "/api/v1/failover/a/rounds", b"{")
-                .unwrap()
-                .0,
+            handle(
+                &store,
+                "POST",
+                "/api/v1/failover/a/rounds",
+                b"{",
+                &|_, _| true
+            )
+            .unwrap()
+            .0,
             400
         );
         assert_eq!(
-            handle(&store, "DELETE", "/api/v1/failover/a", b"")
+            handle(&store, "DELETE", "/api/v1/failover/a", b"", &|_, _| true)
                 .unwrap()
                 .0,
             405
         );
         assert_eq!(
-            handle(&store, "GET", "/api/v1/failover/a/b/c", b"")
+            handle(&store, "GET", "/api/v1/failover/a/b/c", b"", &|_, _| true)
                 .unwrap()
                 .0,
             404
         );
         assert_eq!(
-            handle(&store, "GET", "/api/v1/failover/..", b"").unwrap().0,
+            handle(&store, "GET", "/api/v1/failover/..", b"", &|_, _| true)
+                .unwrap()
+                .0,
             400
         );
     }

@@ -341,6 +341,11 @@ pub fn status(store: &LocalStore, name: &str) -> Result<Status> {
     })
 }
 
+/// The host a VM was started from (whose snapshot it runs): what access to it is scoped by.
+pub fn host_of(store: &LocalStore, vm: &str) -> Result<String> {
+    Ok(state::VmState::load(store, vm)?.host)
+}
+
 pub fn list_all(store: &LocalStore) -> Result<Vec<Status>> {
     state::list(store)?
         .iter()

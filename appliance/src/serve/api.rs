@@ -89,18 +89,9 @@ pub fn handle(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
     r.unwrap_or_else(|e| e)
 }
 
-/// Failover VMs and failback rounds: `appliance/src/failover/api.rs` answers. Reading needs
-/// any valid token; making rounds and stopping VMs needs upload or admin access.
+/// Failover VMs and failback rounds: `appliance/src/failover/api.rs` answers. Reading a VM
+/// needs read access to its host; making rounds and stopping it, upload access to its host.
 fn failover(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
-    let read = req.method == "GET" || req.method == "HEAD";
-    if let Who::Token { access, .. } = who {
-        if !read && *access < super::auth::Access::Upload {
-            return err(
-                403,
-                "this token may not change failover VMs (needs upload access)",
-            );
-        }
-    }
     let body = match body(req, SMALL_BODY_LIMIT) {
         Ok(b) => b,
         Err(r) => return r,
@@ -110,7 +101,15 @@ fn failover(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
     } else {
         req.method.as_str()
     };
-    match crate::failover::api::handle(&app.store, method, &format!("/api/v1/{rest}"), &body) {
+    let may = |host: &str, change: bool| {
+        if change {
+            who.may_upload(host)
+        } else {
+            who.may_read(host)
+        }
+    };
+    let path = format!("/api/v1/{rest}");
+    match crate::failover::api::handle(&app.store, method, &path, &body, &may) {
         Some((status, json)) => Response::new(status)
             .bytes("application/json", json)
             .header("Cache-Control", "no-store"),

@@ -81,6 +81,14 @@ impl Who {
         }
     }
 
+    /// May read every host (open access, admin, or a token without a host list).
+    pub fn may_read_all(&self) -> bool {
+        match self {
+            Who::Open => true,
+            Who::Token { access, hosts, .. } => *access == Access::Admin || hosts.is_none(),
+        }
+    }
+
     /// May open upload sessions for this host.
     pub fn may_upload(&self, host: &str) -> bool {
         match self {

@@ -83,6 +83,20 @@ impl App {
         if comps[0] == "hosts" && comps.len() >= 2 && !who.may_read(&comps[1]) {
             return Response::error(403, &format!("this token may not read host {}", comps[1]));
         }
+        // Failback rounds belong to the host their VM was started from.
+        if comps[0] == "failover" && comps.len() >= 2 && !who.may_read_all() {
+            let vm = &comps[1];
+            match crate::failover::host_of(&self.store, vm) {
+                Ok(host) if who.may_read(&host) => {}
+                Ok(host) => {
+                    return Response::error(
+                        403,
+                        &format!("this token may not read VM {vm} (host {host})"),
+                    )
+                }
+                Err(_) => return Response::error(403, &format!("this token may not read VM {vm}")),
+            }
+        }
         files::serve(req, self.store.root(), &comps, Tree::Store)
     }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use bmr_tests::util::{with_timeout, Cmd, Output};
 use snapshot::format::index::Slot;
 use snapshot::sign::PublicKey;
