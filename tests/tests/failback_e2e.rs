@@ -161,6 +161,12 @@ fn failover_then_pxe_failback_boots_with_the_vms_data() {
         "repaired server: job started {job:.0?} after power-on, failback took {took:.0?}: {done}"
     );
     assert!(done.contains("cutover window"), "{done}");
+    // The boot image reported the job to the appliance under the VM's host.
+    let log = std::fs::read_to_string(dir.join("appliance-serve.stderr")).unwrap_or_default();
+    assert!(
+        log.contains("appliance serve: progress web1: done"),
+        "no progress report of the failback: {log}"
+    );
 
     let status: Value = serde_json::from_str(&run(&[
         "failover", "status", "--store", s, "--name", VM, "--json",

@@ -115,9 +115,19 @@ fn boot(t0: Instant) -> Result<After> {
         redact(&args).join(" "),
         t0.elapsed().as_secs_f64()
     );
+    // A failback reports under its VM's host (asked of the appliance) unless one is given.
+    let host = params
+        .host
+        .clone()
+        .or_else(|| match (&params.mode, &params.url, &params.vm) {
+            (Mode::Failback, Some(url), Some(vm)) => {
+                report::Reporter::vm_host(url, vm, params.token.as_deref())
+            }
+            _ => None,
+        });
     let reporter = report::Reporter::new(
         params.url.as_deref(),
-        params.host.as_deref(),
+        host.as_deref(),
         params.token.as_deref(),
     );
     if let Some(r) = &reporter {

@@ -33,6 +33,22 @@ impl Reporter {
         })
     }
 
+    /// The host a failover VM was started from (`GET /api/v1/failover/<vm>`), so that a failback
+    /// reports under the same host as a restore; `None` when the appliance does not say.
+    pub fn vm_host(store_url: &str, vm: &str, token: Option<&str>) -> Option<String> {
+        let base = store_url.trim_end_matches('/').strip_suffix("/store")?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build();
+        let mut req = agent.get(&format!("{base}/api/v1/failover/{vm}"));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let text = req.call().ok()?.into_string().ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v.get("host")?.as_str().map(str::to_string)
+    }
+
     pub fn send(&self, state: &str, message: &str) {
         let body = serde_json::json!({
             "state": state,
