@@ -45,6 +45,7 @@ pub fn run(a: &BuildArgs) -> Result<()> {
             kernel: &kernel,
             restorer: &restorer,
             pubkey: a.pubkey.as_deref(),
+            ca: a.ca.as_deref(),
             compress: &a.compress,
         },
         &work,

@@ -65,6 +65,10 @@ pub struct BuildArgs {
     /// then refuses unsigned snapshots.
     #[arg(long)]
     pub pubkey: Option<PathBuf>,
+    /// CA certificate (PEM) of an HTTPS appliance put in the image; the restorer trusts it
+    /// (`--ca`) for the store, the API and progress reports.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
     /// Initrd compression.
     #[arg(long, default_value = "zstd", value_parser = ["zstd", "xz"])]
     pub compress: String,

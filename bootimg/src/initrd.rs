@@ -17,6 +17,7 @@ pub struct Inputs<'a> {
     pub kernel: &'a Kernel,
     pub restorer: &'a Path,
     pub pubkey: Option<&'a Path>,
+    pub ca: Option<&'a Path>,
     pub compress: &'a str,
 }
 
@@ -73,6 +74,13 @@ pub fn build(inp: &Inputs, work: &Path, out: &Path) -> Result<Initrd> {
     if let Some(k) = inp.pubkey {
         let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
         write(&root, "etc/bmr/appliance.pub", &key, 0o644)?;
+    }
+    if let Some(ca) = inp.ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            bail!("--ca {}: no PEM certificate in it", ca.display());
+        }
+        write(&root, "etc/bmr/appliance-ca.pem", &pem, 0o644)?;
     }
     let modules = install_modules(inp.recipe, inp.kernel, &root)?;
     let info = serde_json::json!({

@@ -196,6 +196,91 @@ fn plain_static_http_server() {
     check_snapshot_exact(&env, &fx, "web5", &id, 0, &t);
 }
 
+/// A CA and a certificate it signed for 127.0.0.1, made with `openssl` in `dir`:
+/// (ca.pem, cert.pem, key.pem).
+fn make_ca(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let p = |f: &str| d.join(f);
+    Cmd::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", &format!("/CN={name} test CA")])
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem"))
+        .ok();
+    Cmd::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(p("key.pem"))
+        .arg("-out")
+        .arg(p("req.pem"))
+        .ok();
+    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    Cmd::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("req.pem"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("ext.cnf"))
+        .arg("-out")
+        .arg(p("cert.pem"))
+        .ok();
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+#[test]
+fn https_with_the_stores_ca() {
+    let env = Env::new("https");
+    let fx = fixtures::gpt_server().unwrap();
+    let id = env.ingest("web15", &[&fx.image]);
+    let (ca, cert, key) = make_ca(&env.dir, "ours");
+    let (other_ca, _, _) = make_ca(&env.dir, "other");
+    let srv = HttpServer::python_tls(&env.store, &env.logs, &cert, &key).unwrap();
+    let t = env.file("target.img", fx.size);
+
+    // Not trusted: the server's certificate is refused, before any write.
+    for extra in [vec![], vec!["--ca", other_ca.to_str().unwrap()]] {
+        let (out, _) = restore(&srv.url, "web15", &[&t], &extra);
+        assert!(!out.success(), "{}", out.describe());
+        assert!(
+            out.stderr.to_lowercase().contains("certificate"),
+            "names the certificate problem: {}",
+            out.describe()
+        );
+        assert_eq!(allocated(&t), 0, "the target was written");
+    }
+
+    // Trusted through --ca: exact.
+    let (out, _) = restore(
+        &srv.url,
+        "web15",
+        &[&t],
+        &[
+            "--ca",
+            ca.to_str().unwrap(),
+            "--pubkey",
+            env.pubkey().to_str().unwrap(),
+        ],
+    );
+    assert!(out.success(), "{}", out.describe());
+    check_snapshot_exact(&env, &fx, "web15", &id, 0, &t);
+}
+
 /// Wait until `pred` or panic after `secs`.
 fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);

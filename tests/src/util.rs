@@ -395,6 +395,27 @@ impl HttpServer {
         HttpServer::ready(proc, port, format!("http://127.0.0.1:{port}"))
     }
 
+    /// As [`HttpServer::python`] over HTTPS with `cert` and `key` (PEM): `https://127.0.0.1:PORT`.
+    pub fn python_tls(dir: &Path, logs: &Path, cert: &Path, key: &Path) -> Result<HttpServer> {
+        const SERVER: &str = "import functools, http.server, ssl, sys\n\
+            port, root, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]\n\
+            h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)\n\
+            s = http.server.ThreadingHTTPServer(('127.0.0.1', port), h)\n\
+            c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            c.load_cert_chain(cert, key)\n\
+            s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+            s.serve_forever()\n";
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", SERVER])
+            .arg(port.to_string())
+            .arg(dir)
+            .arg(cert)
+            .arg(key);
+        let proc = Background::start(&mut cmd, logs, &format!("python-https-{port}"))?;
+        HttpServer::ready(proc, port, format!("https://127.0.0.1:{port}"))
+    }
+
     /// `appliance serve --store STORE --listen 127.0.0.1:PORT`; the store is under `/store`.
     pub fn appliance(bin: &Path, store: &Path, logs: &Path) -> Result<HttpServer> {
         let port = free_port();

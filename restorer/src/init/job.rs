@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
 
 const PUBKEY: &str = "/etc/bmr/appliance.pub";
+/// The HTTPS appliance's CA, when the image was built with `bootimg build --ca`.
+pub const CA: &str = "/etc/bmr/appliance-ca.pem";
 
 /// How often a running job is reported alive on the console.
 const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -27,13 +29,19 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
             .with_context(|| format!("{what}= missing on the kernel command line"))
     };
     let mut a: Vec<String> = Vec::new();
-    let trust = |a: &mut Vec<String>| {
-        if std::path::Path::new(PUBKEY).exists() {
-            a.extend(["--pubkey".into(), PUBKEY.into()]);
+    let net = |a: &mut Vec<String>| {
+        if std::path::Path::new(CA).exists() {
+            a.extend(["--ca".into(), CA.into()]);
         }
         if let Some(t) = &p.token {
             a.extend(["--token".into(), t.clone()]);
         }
+    };
+    let trust = |a: &mut Vec<String>| {
+        if std::path::Path::new(PUBKEY).exists() {
+            a.extend(["--pubkey".into(), PUBKEY.into()]);
+        }
+        net(a);
     };
     match p.mode {
         Mode::Restore => {
@@ -66,9 +74,7 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
                 need(&p.url, "restorer.url")?,
             ]);
             a.extend(["--host".into(), need(&p.host, "restorer.host")?]);
-            if let Some(t) = &p.token {
-                a.extend(["--token".into(), t.clone()]);
-            }
+            net(&mut a);
             if p.target.iter().any(|t| t == "auto") {
                 if disks.is_empty() {
                     bail!("capture: no disks found");

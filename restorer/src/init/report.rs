@@ -5,6 +5,23 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// An agent that trusts the image's appliance CA, if it has one (as the job does).
+fn agent(timeout: Duration) -> Option<ureq::Agent> {
+    let ca = std::path::Path::new(super::job::CA);
+    let opts = snapshot::store::http::Options {
+        ca: ca.exists().then(|| ca.to_path_buf()),
+        timeout,
+        ..Default::default()
+    };
+    match snapshot::store::http::agent(&opts) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            crate::say!("restorer: no progress reports: {e:#}");
+            None
+        }
+    }
+}
+
 pub struct Reporter {
     url: String,
     token: Option<String>,
@@ -25,9 +42,7 @@ impl Reporter {
         Some(Reporter {
             url: format!("{base}/api/v1/progress/{}", host?),
             token: token.map(str::to_string),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(5))
-                .build(),
+            agent: agent(Duration::from_secs(5))?,
             started: Instant::now(),
             warned: AtomicBool::new(false),
         })
@@ -37,10 +52,7 @@ impl Reporter {
     /// reports under the same host as a restore; `None` when the appliance does not say.
     pub fn vm_host(store_url: &str, vm: &str, token: Option<&str>) -> Option<String> {
         let base = store_url.trim_end_matches('/').strip_suffix("/store")?;
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .build();
-        let mut req = agent.get(&format!("{base}/api/v1/failover/{vm}"));
+        let mut req = agent(Duration::from_secs(10))?.get(&format!("{base}/api/v1/failover/{vm}"));
         if let Some(t) = token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }

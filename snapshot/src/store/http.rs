@@ -44,15 +44,9 @@ pub struct HttpStore {
 
 impl HttpStore {
     pub fn new(base: &str, opts: Options) -> Result<HttpStore> {
-        let mut b = ureq::AgentBuilder::new()
-            .timeout(opts.timeout)
-            .max_idle_connections_per_host(64);
-        if let Some(ca) = &opts.ca {
-            b = b.tls_config(Arc::new(tls_config(ca)?));
-        }
         Ok(HttpStore {
             base: base.trim_end_matches('/').to_string(),
-            agent: b.build(),
+            agent: agent(&opts)?,
             opts,
             fetched: AtomicU64::new(0),
             warned: std::sync::Mutex::new(None),
@@ -93,6 +87,9 @@ impl HttpStore {
                     return Ok(v);
                 }
                 Err(Attempt::Status(404, _)) => return Err(FetchError::NotFound(what.to_string())),
+                Err(Attempt::Refused(msg)) => {
+                    return Err(FetchError::Other(anyhow::anyhow!("{what}: {msg}")))
+                }
                 Err(Attempt::Status(code, msg)) if code < 500 && code != 429 && code != 408 => {
                     return Err(FetchError::Other(anyhow::anyhow!(
                         "{what}: HTTP {code} {msg}"
@@ -127,11 +124,13 @@ impl HttpStore {
     }
 }
 
-/// How one attempt failed: an HTTP status (with the first line of the body) or a fault.
+/// How one attempt failed: an HTTP status (with the first line of the body), a fault (retried)
+/// or a refusal that no retry can change (the server's TLS certificate, a malformed URL).
 #[derive(Debug)]
 pub enum Attempt {
     Status(u16, String),
     Fault(String),
+    Refused(String),
 }
 
 impl From<ureq::Error> for Attempt {
@@ -149,9 +148,42 @@ impl From<ureq::Error> for Attempt {
                         .collect(),
                 )
             }
-            ureq::Error::Transport(t) => Attempt::Fault(t.to_string()),
+            ureq::Error::Transport(t) => {
+                use ureq::ErrorKind::{InsecureRequestHttpsOnly, InvalidUrl, UnknownScheme};
+                if let Some(tls) = tls_error(&t) {
+                    Attempt::Refused(format!(
+                        "TLS: {tls} (the server's certificate must be signed by the CA given \
+                         with --ca, and name the host of the URL)"
+                    ))
+                } else if matches!(
+                    t.kind(),
+                    InvalidUrl | UnknownScheme | InsecureRequestHttpsOnly
+                ) {
+                    Attempt::Refused(t.to_string())
+                } else {
+                    Attempt::Fault(t.to_string())
+                }
+            }
         }
     }
+}
+
+/// The TLS error under a transport error, if that is what it is (rustls reports through
+/// `io::Error`, whose `source()` skips the wrapped error: `get_ref` reaches it).
+fn tls_error(t: &ureq::Transport) -> Option<rustls::Error> {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(t);
+    while let Some(err) = e {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r.clone());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(r.clone());
+            }
+        }
+        e = err.source();
+    }
+    None
 }
 
 impl From<std::io::Error> for Attempt {
@@ -163,7 +195,7 @@ impl From<std::io::Error> for Attempt {
 fn describe(e: &Attempt) -> String {
     match e {
         Attempt::Status(code, msg) => format!("HTTP {code} {msg}"),
-        Attempt::Fault(m) => m.clone(),
+        Attempt::Fault(m) | Attempt::Refused(m) => m.clone(),
     }
 }
 
@@ -190,6 +222,17 @@ impl Store for HttpStore {
     fn location(&self) -> String {
         self.base.clone()
     }
+}
+
+/// An HTTP agent with the timeout and the CA of `opts` (without `ca`, the built-in web roots).
+pub fn agent(opts: &Options) -> Result<ureq::Agent> {
+    let mut b = ureq::AgentBuilder::new()
+        .timeout(opts.timeout)
+        .max_idle_connections_per_host(64);
+    if let Some(ca) = &opts.ca {
+        b = b.tls_config(Arc::new(tls_config(ca)?));
+    }
+    Ok(b.build())
 }
 
 fn tls_config(ca: &std::path::Path) -> Result<rustls::ClientConfig> {
