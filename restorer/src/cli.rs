@@ -111,6 +111,10 @@ pub struct RestoreArgs {
     /// On failure keep what was written instead of wiping the partition table.
     #[arg(long)]
     pub keep_on_error: bool,
+    /// After the restore, write a UEFI boot entry for the restored system's loader on its ESP
+    /// (first in BootOrder; needs a UEFI-booted machine and block device targets).
+    #[arg(long)]
+    pub efi_boot_entry: bool,
 }
 
 #[derive(clap::Args, Debug)]

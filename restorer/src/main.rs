@@ -1,5 +1,6 @@
 //! `restorer`: the program in the boot image (PID 1 mode) and a normal CLI on any Linux.
 
+mod bootentry;
 mod capture;
 mod cli;
 mod dio;

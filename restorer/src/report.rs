@@ -77,6 +77,9 @@ pub struct DiskSummary {
     pub seconds: f64,
     /// Filesystems grown or recreated after the data was written.
     pub resized: Vec<String>,
+    /// The UEFI boot entry written for it (`--efi-boot-entry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_entry: Option<String>,
     pub warnings: Vec<String>,
 }
 
@@ -104,7 +107,7 @@ impl DiskSummary {
                 self.verified_in_place_slots
             );
         }
-        for r in &self.resized {
+        for r in self.resized.iter().chain(&self.boot_entry) {
             println!("  {r}");
         }
         for w in &self.warnings {

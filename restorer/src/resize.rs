@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// A loop device over part of a target, detached when dropped.
-struct Loop(PathBuf);
+pub struct Loop(PathBuf);
 
 impl Loop {
-    fn attach(target: &Path, offset: u64, size: u64, sector: u32) -> Result<Loop> {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn attach(target: &Path, offset: u64, size: u64, sector: u32) -> Result<Loop> {
         let out = Command::new("losetup")
             .args(["--find", "--show", "--offset", &offset.to_string()])
             .args(["--sizelimit", &size.to_string()])

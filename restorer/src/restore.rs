@@ -9,7 +9,7 @@ use crate::pipeline::DiskWriter;
 use crate::plan::{self, Plan, Source};
 use crate::report::{self, DiskSummary};
 use crate::target::{Kind, Safety};
-use crate::{resize, table};
+use crate::{bootentry, resize, table};
 use anyhow::{Context, Result};
 use snapshot::Slot;
 use std::collections::HashSet;
@@ -161,6 +161,7 @@ fn execute(
             hashed_bytes: get(&c.hashed_bytes),
             seconds: t0.elapsed().as_secs_f64(),
             resized: Vec::new(),
+            boot_entry: None,
             warnings: Vec::new(),
         });
     }
@@ -195,6 +196,29 @@ fn execute(
                 s.warnings.push(format!(
                     "the kernel did not re-read the partition table ({e}); reboot or run partprobe"
                 ));
+            }
+        }
+    }
+    // 5. A UEFI boot entry for the restored system, when asked.
+    if a.efi_boot_entry {
+        let label = format!("{} (restored)", plan.host);
+        for (w, s) in writers.iter().zip(&mut summaries) {
+            let d = w.plan;
+            let Some(esp) = bootentry::esp_of(&d.new_table, d.target_sector) else {
+                continue;
+            };
+            if d.target.kind != Kind::Block || !bootentry::uefi_booted() {
+                s.warnings.push(
+                    "no UEFI boot entry written: it needs a UEFI-booted machine and a block device"
+                        .into(),
+                );
+                continue;
+            }
+            match bootentry::add(&d.target.path, esp, d.target_sector, &label) {
+                Ok(line) => s.boot_entry = Some(line),
+                Err(e) => s.warnings.push(format!(
+                    "no UEFI boot entry written ({e:#}); the firmware must find the loader itself"
+                )),
             }
         }
     }

@@ -52,10 +52,19 @@ fn appliance(dir: &Path, host: &str, source: &Path, boot: Option<&Path>, port: u
     Appliance::start(dir, host, source, boot, port).unwrap()
 }
 
-/// Boots `disk` (a restored or sample server disk) and waits for BOOT-OK host=`host`.
-fn boot_to_ok(dir: &Path, name: &str, fw: Firmware, disk: Disk, host: &str) -> Duration {
+/// Boots `disk` (a restored or sample server disk) and waits for BOOT-OK host=`host`; UEFI with
+/// the NVRAM `vars` when given (the machine that restored it), else a fresh one.
+fn boot_to_ok(
+    dir: &Path,
+    name: &str,
+    fw: Firmware,
+    disk: Disk,
+    host: &str,
+    vars: Option<PathBuf>,
+) -> Duration {
     let mut spec = VmSpec::new(name, fw);
     spec.disks.push(disk);
+    spec.vars = vars;
     let mut vm = Vm::start(spec, dir).unwrap();
     let t = vm
         .wait_for(&format!("{BOOT_OK}{host}"), BOOT_TIMEOUT)
@@ -79,6 +88,7 @@ fn sample_server_boots_uefi() {
         Firmware::Uefi,
         Disk::new(&f.image, Bus::Virtio).readonly(),
         "web1",
+        None,
     );
     println!(
         "sample server (UEFI, virtio): BOOT-OK after {:.1} s",
@@ -99,6 +109,7 @@ fn sample_server_boots_bios() {
         Firmware::Bios,
         Disk::new(&f.image, Bus::Ahci).readonly(),
         "db1",
+        None,
     );
     println!(
         "sample server (BIOS, AHCI): BOOT-OK after {:.1} s",
@@ -127,6 +138,34 @@ struct Figures {
     job_start: Duration,
     restored: Duration,
     boot_ok: Option<Duration>,
+}
+
+/// Deletes `\EFI\BOOT` from the ESP of `disk` (mtools, on the image file).
+fn remove_efi_fallback(disk: &Path) {
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(disk)
+        .output()
+        .unwrap();
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let start = t["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+        .and_then(|p| p["start"].as_u64())
+        .expect("an ESP");
+    let out = Command::new("mdeltree")
+        .arg("-i")
+        .arg(format!("{}@@{}", disk.display(), start * 512))
+        .arg("::EFI/BOOT")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mdeltree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn has_mbr_boot_code(disk: &Path) -> bool {
@@ -209,13 +248,44 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
             flow.name
         );
     }
+    // UEFI: the restorer wrote a boot entry for the restored system's own loader. Without the
+    // removable-media fallback (as many installs are), the restored disk boots through it, on
+    // the same machine's NVRAM.
+    let vars = (flow.fw != Firmware::Bios).then(|| {
+        assert!(
+            vm.output().contains("UEFI boot entry Boot")
+                && vm.output().contains("\\EFI\\debian\\shimx64.efi"),
+            "{}: no UEFI boot entry written; serial log {}",
+            flow.name,
+            vm.log.display()
+        );
+        if flow.fw == Firmware::Uefi {
+            remove_efi_fallback(&target);
+        }
+        dir.join(format!("{}.vars.fd", flow.name))
+    });
+    let uefi = vars.is_some();
+    let restored_vm = format!("{}-restored", flow.name);
     let boot_ok = Some(boot_to_ok(
         dir,
-        &format!("{}-restored", flow.name),
+        &restored_vm,
         flow.fw,
         Disk::new(&target, flow.target_bus),
         host,
+        vars,
     ));
+    if uefi {
+        let log = std::fs::read(dir.join(format!("{restored_vm}.serial.log"))).unwrap();
+        let want = "starting Boot";
+        let entry = format!("\"{host} (restored)\" from HD(");
+        assert!(
+            String::from_utf8_lossy(&log)
+                .lines()
+                .any(|l| l.contains(want) && l.contains(&entry)),
+            "{}: the firmware did not boot the restorer's entry",
+            flow.name
+        );
+    }
     Figures {
         first_chunk,
         job_start,

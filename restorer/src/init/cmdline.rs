@@ -13,6 +13,8 @@ pub struct Params {
     pub vm: Option<String>,
     pub after: After,
     pub token: Option<String>,
+    /// `restorer.bootentry=0` keeps a UEFI-booted restore from writing a boot entry.
+    pub no_boot_entry: bool,
     /// `ip=` values, in order.
     pub ip: Vec<String>,
 }
@@ -98,6 +100,13 @@ pub fn parse(cmdline: &str) -> Result<Params> {
                 }
             }
             "restorer.token" => p.token = Some(v),
+            "restorer.bootentry" => {
+                p.no_boot_entry = match v.as_str() {
+                    "0" => true,
+                    "1" => false,
+                    _ => bail!("restorer.bootentry={v}: expected 0 or 1"),
+                }
+            }
             "ip" => p.ip.push(v),
             k if k.starts_with("restorer.") => bail!("unknown kernel parameter {k}="),
             _ => {}

@@ -56,6 +56,9 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
             }
             trust(&mut a);
             a.extend(["--target".into(), p.target.join(",")]);
+            if !p.no_boot_entry && crate::bootentry::uefi_booted() {
+                a.push("--efi-boot-entry".into());
+            }
         }
         Mode::Failback => {
             a.extend([

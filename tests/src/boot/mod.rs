@@ -350,9 +350,13 @@ pub fn sample_server(host: &str, fw: Firmware) -> Result<Fixture> {
                 cluster_sectors: 1,
                 label: "ESP".into(),
                 volume_id: 0x5A3E_0B1E,
+                // As Debian installs it: its own directory (found through a boot entry)
+                // plus the removable-media fallback.
                 tree: vec![
                     copy("EFI/BOOT/BOOTX64.EFI", shim),
                     copy("EFI/BOOT/grubx64.efi", grub),
+                    copy("EFI/debian/shimx64.efi", shim),
+                    copy("EFI/debian/grubx64.efi", grub),
                     lit("EFI/debian/grub.cfg", grub_entry()),
                 ],
             }),
