@@ -133,6 +133,15 @@ impl Disk {
         (start, end.min(self.size.max(off + len)) - start)
     }
 
+    /// Read `[off, off + len)` into `buf` (an aligned buffer of at least `len` plus one alignment
+    /// unit) through the widened range; returns the requested bytes within `buf`.
+    pub fn read_span<'b>(&self, off: u64, len: u64, buf: &'b mut AlignedBuf) -> Result<&'b [u8]> {
+        let (ws, wl) = self.widen(off, len);
+        self.read_at(&mut buf[..wl as usize], ws)?;
+        let o = (off - ws) as usize;
+        Ok(&buf[o..o + len as usize])
+    }
+
     /// Write `buf` at `off`. For direct I/O, `buf` must come from an [`AlignedBuf`] and `off` and
     /// the length must be multiples of `align` (callers widen with [`Disk::widen`]).
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {

@@ -20,12 +20,12 @@
 
 use crate::cli::FailbackArgs;
 use crate::dio::{AlignedBuf, Disk};
+use crate::pipeline::fetch_chunk;
 use crate::report;
 use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
-use snapshot::chunker::is_zero;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::{Attempt, HttpStore};
@@ -401,18 +401,7 @@ fn read_slot<'b>(
     buf: &'b mut AlignedBuf,
 ) -> Result<&'b [u8]> {
     let (off, len) = idx.span(i);
-    let (ws, wl) = disk.widen(off, len);
-    disk.read_at(&mut buf[..wl as usize], ws)?;
-    let o = (off - ws) as usize;
-    Ok(&buf[o..o + len as usize])
-}
-
-fn matches(idx: &ChunkIndex, i: usize, data: &[u8]) -> bool {
-    match idx.slot(i) {
-        Slot::Zeros => is_zero(data),
-        Slot::Data(d) => Digest::of(data) == d,
-        Slot::Unused => true,
-    }
+    disk.read_span(off, len, buf)
 }
 
 /// Write `data` (or zeros) as slot `i`; through an aligned copy for O_DIRECT.
@@ -485,17 +474,12 @@ fn apply_disk(
                 let data = match local {
                     Some(b) => b,
                     None => {
-                        let blob = store.get(&d.chunk_path()).map_err(|e| match e {
-                            FetchError::NotFound(_) => {
-                                anyhow!("chunk {d} (slot {i}) missing from {}", store.location())
-                            }
-                            FetchError::Other(e) => e.context(format!("chunk {d} (slot {i})")),
+                        let (data, blob_len) = fetch_chunk(store, &d).with_context(|| {
+                            format!("chunk {d} (slot {i}) from {}", store.location())
                         })?;
-                        c.fetched_bytes
-                            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+                        c.fetched_bytes.fetch_add(blob_len, Ordering::Relaxed);
                         c.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                        snapshot::decode_chunk(&blob, &d)
-                            .with_context(|| format!("chunk {d} (slot {i})"))?
+                        data
                     }
                 };
                 if data.len() as u64 != len {
@@ -522,7 +506,7 @@ fn apply_disk(
                     }
                     let i = slots[k];
                     let same = match read_slot(disk, idx, i, &mut buf) {
-                        Ok(b) => matches(idx, i, b),
+                        Ok(b) => idx.holds(i, b),
                         Err(e) => return fail(e),
                     };
                     c.hashed_slots.fetch_add(1, Ordering::Relaxed);
@@ -612,7 +596,7 @@ fn verify(
                         }
                         let i = slots[k];
                         match read_slot(disk, idx, i, &mut buf) {
-                            Ok(b) if matches(idx, i, b) => {}
+                            Ok(b) if idx.holds(i, b) => {}
                             Ok(_) => bad.lock().expect("lock").push(i),
                             Err(e) => {
                                 failed.lock().expect("lock").get_or_insert(e);

@@ -18,7 +18,6 @@ use crate::marker::{self, Marker};
 use crate::plan::DiskPlan;
 use anyhow::{anyhow, Context, Result};
 use indicatif::ProgressBar;
-use snapshot::chunker::is_zero;
 use snapshot::store::{FetchError, Store};
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
 use std::collections::{HashMap, HashSet};
@@ -172,7 +171,7 @@ impl<'a> DiskWriter<'a> {
         std::thread::scope(|s| {
             for _ in 0..threads.clamp(1, 4) {
                 s.spawn(|| {
-                    let mut buf = AlignedBuf::new(CHUNK_SIZE as usize);
+                    let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
                         if k >= todo.len() || failed.lock().expect("lock").is_some() {
@@ -180,18 +179,14 @@ impl<'a> DiskWriter<'a> {
                         }
                         let i = todo[k];
                         let (off, len) = self.index.span(i);
-                        let (ws, wl) = self.disk.widen(off, len);
-                        if let Err(e) = self.disk.read_at(&mut buf[..wl as usize], ws) {
-                            failed.lock().expect("lock").get_or_insert(e);
-                            return;
-                        }
-                        bump(&self.counters.hashed_bytes, len);
-                        let data = &buf[(off - ws) as usize..(off - ws + len) as usize];
-                        let good = match self.index.slot(i) {
-                            Slot::Zeros => is_zero(data),
-                            Slot::Data(d) => Digest::of(data) == d,
-                            Slot::Unused => true,
+                        let good = match self.disk.read_span(off, len, &mut buf) {
+                            Ok(data) => self.index.holds(i, data),
+                            Err(e) => {
+                                failed.lock().expect("lock").get_or_insert(e);
+                                return;
+                            }
                         };
+                        bump(&self.counters.hashed_bytes, len);
                         if good {
                             ok.lock().expect("lock").insert(i);
                             bump(&self.counters.verified_bytes, len);

@@ -252,10 +252,7 @@ fn compare_slot(
     patches: &[(u64, Vec<u8>)],
 ) -> Result<Option<Diff>> {
     let (off, len) = index.span(i);
-    let (ws, wl) = disk.widen(off, len);
-    disk.read_at(&mut buf[..wl as usize], ws)?;
-    let o = (off - ws) as usize;
-    let got = &buf[o..o + len as usize];
+    let got = disk.read_span(off, len, buf)?;
     let slot = index.slot(i);
     if special.within(off, off + len).next().is_none() {
         return Ok(match slot {

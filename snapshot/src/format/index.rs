@@ -63,6 +63,16 @@ impl ChunkIndex {
         (off, self.chunk_size.min(self.disk_size - off))
     }
 
+    /// Whether `data` (slot `i`'s bytes as read from a disk) is what the index says is there;
+    /// an unused slot holds anything.
+    pub fn holds(&self, i: usize, data: &[u8]) -> bool {
+        match self.slot(i) {
+            Slot::Unused => true,
+            Slot::Zeros => crate::chunker::is_zero(data),
+            Slot::Data(d) => Digest::of(data) == d,
+        }
+    }
+
     pub fn slot(&self, i: usize) -> Slot {
         let d = self.entries[i];
         if d.0 == UNUSED {
