@@ -110,16 +110,17 @@ fn run() -> Result<()> {
         .first_chunk()
         .map(|t| t.saturating_duration_since(power_on));
     let restore_log = vm.map(|v| v.output()).unwrap_or_default();
-    for line in restore_log
-        .lines()
-        .filter(|l| l.contains("disk 0 ->") || l.contains("grew") || l.contains("resize"))
-    {
+    for line in restore_log.lines().filter(|l| {
+        ["disk 0 ->", "grew", "resize", "UEFI boot entry"]
+            .iter()
+            .any(|w| l.contains(w))
+    }) {
         println!("    {}", line.trim());
     }
     s.step("boot the replacement server from its new disk", || {
-        // Fresh NVRAM, as the e2e tests do: OVMF keeps the PXE session's boot entries otherwise
-        // and falls to its shell (a restorer-made UEFI boot entry would fix that: see notes).
+        // The same machine: its NVRAM, where the restorer wrote the boot entry.
         let mut spec = VmSpec::new("replacement-restored", Firmware::Uefi);
+        spec.vars = Some(dir.join("replacement.vars.fd"));
         spec.disks.push(Disk::new(&target, Bus::Nvme));
         let mut v = Vm::start(spec, &dir)?;
         v.wait_for(&format!("{BOOT_OK}{HOST}"), Duration::from_secs(300))?;
