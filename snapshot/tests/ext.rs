@@ -7,31 +7,8 @@ mod common;
 use common::*;
 use snapshot::fs::{self, Found, FsKind, Probe};
 use snapshot::DiskSource;
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
-
-const MIB: u64 = 1 << 20;
-
-fn probe_image(img: &Path, offset: u64, len: u64) -> Found {
-    fs::probe(&DiskSource::open(img).unwrap(), offset, len)
-}
-
-fn known(img: &Path) -> Probe {
-    let len = std::fs::metadata(img).unwrap().len();
-    match probe_image(img, 0, len) {
-        Found::Known(p) => p,
-        other => panic!("{}: {other:?}", img.display()),
-    }
-}
-
-fn blkid(img: &Path) -> HashMap<String, String> {
-    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
-        .collect()
-}
 
 struct Dump {
     block_size: u64,
@@ -106,33 +83,15 @@ fn check(img: &Path, tree: &Path, kind: FsKind, work: &Path) -> Probe {
     );
     assert_eq!(p.fs.used, p.used.len());
 
-    let copy = work.join("copy.img");
-    copy_used(img, &copy, &p.used, 0);
-    let (code, out, err) = run_status(cmd("e2fsck").args(["-fn"]).arg(&copy), None);
-    assert_eq!(
-        code,
-        Some(0),
-        "e2fsck -fn on the used-blocks copy:\n{out}\n{err}"
-    );
+    let copy = used_copy(img, &p, work);
+    run(cmd("e2fsck").args(["-fn"]).arg(&copy));
     let dump = work.join("dump");
-    let _ = std::fs::remove_dir_all(&dump);
-    std::fs::create_dir_all(&dump).unwrap();
+    fresh_dir(&dump);
     run(cmd("debugfs")
         .arg("-R")
         .arg(format!("rdump / {}", dump.display()))
         .arg(&copy));
-    let files = list_files(tree);
-    assert!(!files.is_empty());
-    for f in &files {
-        let a = std::fs::read(tree.join(f)).unwrap();
-        let b = std::fs::read(dump.join(f)).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert!(
-            a == b,
-            "{}: file {} differs in the copy",
-            img.display(),
-            f.display()
-        );
-    }
+    assert_same_files(tree, &dump, img.display());
     // debugfs cat agrees too (a second reader).
     let cat = std::process::Command::new(tool("debugfs"))
         .args(["-R", "cat /sub/deeper/deepest/hello.txt"])
@@ -154,9 +113,7 @@ fn mkfs(prog: &str, img: &Path, size: u64, args: &[&str], tree: &Path) {
 
 #[test]
 fn ext_variants_match_dumpe2fs_and_copy_cleanly() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("fs.img");
     let cases: &[(&str, u64, &[&str], FsKind)] = &[
         ("mkfs.ext4", 64 * MIB, &[], FsKind::Ext4),
@@ -228,36 +185,19 @@ fn ext_variants_match_dumpe2fs_and_copy_cleanly() {
 
 #[test]
 fn ext_inside_a_partition_with_slack() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let fsimg = d.path().join("fs.img");
     mkfs("mkfs.ext4", &fsimg, 40 * MIB, &[], &tree);
-    let reference = known(&fsimg);
     // Put it 1 MiB into a disk, in a 48 MiB partition: 8 MiB of slack past the filesystem.
     let disk = d.path().join("disk.img");
-    sparse(&disk, 64 * MIB);
-    copy_ranges_at(&fsimg, &disk, MIB);
-    let p = match probe_image(&disk, MIB, 48 * MIB) {
-        Found::Known(p) => p,
-        o => panic!("{o:?}"),
-    };
+    let (reference, p) = probe_in_partition(&fsimg, &disk, 64 * MIB, 48 * MIB);
     assert_eq!(p.fs.size, 40 * MIB);
-    let mut expect = reference.used.clone();
-    expect.add(40 * MIB, 48 * MIB);
-    assert_eq!(p.used, expect);
-}
-
-fn copy_ranges_at(src: &Path, dst: &Path, at: u64) {
-    let b = std::fs::read(src).unwrap();
-    apply(dst, &[(at, b)]);
+    assert_used_plus(&p, &reference, (40 * MIB, 48 * MIB), "slack is used");
 }
 
 #[test]
 fn ext4_4gib_map_is_fast() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 3);
+    let (d, tree) = tmp_with_tree(3);
     let img = d.path().join("big.img");
     mkfs("mkfs.ext4", &img, 4096 * MIB, &[], &tree);
     let dev = DiskSource::open(&img).unwrap();
@@ -317,22 +257,9 @@ fn ext4_4gib_map_is_fast() {
     );
 }
 
-fn expect_damaged(img: &Path, len: u64, what: &[&str]) {
-    match probe_image(img, 0, len) {
-        Found::Damaged { reason, .. } => {
-            for w in what {
-                assert!(reason.contains(w), "{reason:?} should mention {w:?}");
-            }
-        }
-        other => panic!("expected damage mentioning {what:?}, got {other:?}"),
-    }
-}
-
 #[test]
 fn ext_damage_gives_errors_not_panics() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     // Checksums first (the default metadata_csum): the kernel refuses these, and so do we.
     let img = d.path().join("work.img");
     let len = 64 * MIB;
@@ -362,7 +289,7 @@ fn ext_damage_gives_errors_not_panics() {
     // Damage is reported with the variant the superblock announces.
     for (prog, kind) in [("mkfs.ext2", FsKind::Ext2), ("mkfs.ext3", FsKind::Ext3)] {
         mkfs(prog, &img, len, &[], &tree);
-        match probe_image(&img, 0, len / 2) {
+        match probe_at(&img, 0, len / 2) {
             Found::Damaged { kind: k, .. } => assert_eq!(k, kind),
             o => panic!("{o:?}"),
         }
@@ -415,13 +342,15 @@ fn ext_damage_gives_errors_not_panics() {
     // No magic: not ext.
     fresh();
     apply(&img, &[(1024 + 0x38, vec![0, 0])]);
-    assert!(matches!(probe_image(&img, 0, len), Found::Unknown));
+    assert!(matches!(probe_at(&img, 0, len), Found::Unknown));
 
     // Random bit flips in the superblock and descriptors of a small filesystem never panic.
     let small = d.path().join("small.img");
-    sparse(&small, 4 * MIB);
-    run(cmd("mkfs.ext4")
-        .args([
+    mkfs_image(
+        &small,
+        4 * MIB,
+        "mkfs.ext4",
+        &[
             "-q",
             "-F",
             "-b",
@@ -430,25 +359,12 @@ fn ext_damage_gives_errors_not_panics() {
             "1024",
             "-O",
             "^metadata_csum",
-        ])
-        .arg(&small));
+        ],
+    );
     let base = std::fs::read(&small).unwrap();
     let rnd = pseudo_random(5, 9000);
-    let mut b = base.clone();
-    for i in 0..3000 {
-        let mut flipped = Vec::new();
-        for k in 0..3 {
-            let r = rnd[3 * i + k] as usize;
-            // Superblock (1024..2048) and descriptors (2048..3072).
-            let pos = 1024 + (r * 7919 + i * 104_729) % 2048;
-            b[pos] ^= 1 << (r % 8);
-            flipped.push(pos);
-        }
-        let _ = snapshot::fs::ext::probe(&Bytes(&b), 0, b.len() as u64);
-        for pos in flipped {
-            b[pos] = base[pos];
-        }
-    }
+    // Superblock (1024..2048) and descriptors (2048..3072).
+    flip_bits(&base, &rnd, 3000, 3, |h| 1024 + h % 2048, fs::ext::probe);
     // The same for the journal of a filesystem that needs recovery: its superblock, the first
     // transaction blocks and the journal inode.
     let script = d.path().join("jcmds");
@@ -471,20 +387,8 @@ fn ext_damage_gives_errors_not_panics() {
         .unwrap()
         * 1024;
     let spots: Vec<usize> = (j0..j0 + 4 * 1024).chain(itable..itable + 1024).collect();
-    let mut b = base.clone();
-    for i in 0..3000 {
-        let mut flipped = Vec::new();
-        for k in 0..2 {
-            let r = rnd[(2 * i + k) % rnd.len()] as usize;
-            let pos = spots[(r * 7919 + i * 104_729) % spots.len()];
-            b[pos] ^= 1 << (r % 8);
-            flipped.push(pos);
-        }
-        let _ = snapshot::fs::ext::probe(&Bytes(&b), 0, b.len() as u64);
-        for pos in flipped {
-            b[pos] = base[pos];
-        }
-    }
+    let spot = |h: usize| spots[h % spots.len()];
+    flip_bits(&base, &rnd, 3000, 2, spot, fs::ext::probe);
 
     // Garbage with the magic.
     let mut g = pseudo_random(9, 4 * MIB as usize);
@@ -561,9 +465,7 @@ fn set_bits(bitmap: &mut [u8], from: u64, to: u64) {
 /// them, and a copy of only the used blocks must replay to the same bitmap and data.
 #[test]
 fn ext_journal_needing_recovery_is_read() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("j.img");
     let cases: &[(&str, &[&str], &str)] = &[
         ("mkfs.ext4", &["-b", "4096", "-g", "4096"], "jo"),
@@ -595,13 +497,10 @@ fn ext_journal_needing_recovery_is_read() {
             p.used.within(a * bs, b * bs).eq([(a * bs, b * bs)]),
             "{what}: journaled allocation {a}..{b} not kept"
         );
-        let mut expect = before.used.clone();
-        expect.add(a * bs, b * bs);
-        assert_eq!(p.used, expect, "{what}");
+        assert_used_plus(&p, &before, (a * bs, b * bs), &what);
 
         // Replay a copy holding only the used blocks: same bitmap, same data, files intact.
-        let copy = d.path().join("copy.img");
-        copy_used(&img, &copy, &p.used, 0);
+        let copy = used_copy(&img, &p, d.path());
         run(cmd("debugfs").args(["-w", "-R", "jr"]).arg(&copy));
         let h = run(cmd("dumpe2fs").arg("-h").arg(&copy));
         assert!(!h.contains("needs_recovery"), "{what}: {h}");
@@ -616,20 +515,13 @@ fn ext_journal_needing_recovery_is_read() {
             "{what}: {tested}"
         );
         let dump = d.path().join("dump");
-        let _ = std::fs::remove_dir_all(&dump);
-        std::fs::create_dir_all(&dump).unwrap();
+        fresh_dir(&dump);
         run(cmd("debugfs")
             .arg("-n")
             .arg("-R")
             .arg(format!("rdump / {}", dump.display()))
             .arg(&copy));
-        for f in list_files(&tree) {
-            assert!(
-                std::fs::read(tree.join(&f)).unwrap() == std::fs::read(dump.join(&f)).unwrap(),
-                "{what}: {}",
-                f.display()
-            );
-        }
+        assert_same_files(&tree, &dump, &what);
     }
 
     // An uninitialised group (no bitmap on disk) that the journal initialises.
@@ -655,9 +547,8 @@ fn ext_journal_needing_recovery_is_read() {
     set_bits(&mut bitmap, 1000, 1500);
     journal_write(&img, d.path(), "jo -c", bb, &bitmap);
     let p = known(&img);
-    let mut expect = before.used.clone();
-    expect.add((first + 1000) * 4096, (first + 1500) * 4096);
-    assert_eq!(p.used, expect);
+    let journaled = ((first + 1000) * 4096, (first + 1500) * 4096);
+    assert_used_plus(&p, &before, journaled, "journaled group initialisation");
 
     // needs_recovery without a journal: a clear error.
     mkfs(

@@ -4,24 +4,8 @@
 mod common;
 
 use common::*;
-use snapshot::fs::{self, Found, FsKind, Probe};
-use snapshot::DiskSource;
-use std::collections::HashMap;
+use snapshot::fs::{Found, FsKind, Probe};
 use std::path::Path;
-
-const MIB: u64 = 1 << 20;
-
-fn probe_at(img: &Path, offset: u64, len: u64) -> Found {
-    fs::probe(&DiskSource::open(img).unwrap(), offset, len)
-}
-
-fn blkid(img: &Path) -> HashMap<String, String> {
-    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
-        .collect()
-}
 
 struct FsckInfo {
     used: u64,
@@ -71,10 +55,7 @@ fn fill(img: &Path, tree: &Path) {
 
 fn check(img: &Path, tree: &Path, kind: FsKind, label: Option<&str>, work: &Path) -> Probe {
     let len = std::fs::metadata(img).unwrap().len();
-    let p = match probe_at(img, 0, len) {
-        Found::Known(p) => p,
-        o => panic!("{}: {o:?}", img.display()),
-    };
+    let p = known(img);
     assert_eq!(p.fs.kind, kind);
     let id = blkid(img);
     assert_eq!(
@@ -120,27 +101,19 @@ fn check(img: &Path, tree: &Path, kind: FsKind, label: Option<&str>, work: &Path
     }
     assert_eq!(p.fs.used, p.used.len());
 
-    let copy = work.join("copy.img");
-    copy_used(img, &copy, &p.used, 0);
-    let (code, out, err) = run_status(cmd("fsck.fat").arg("-n").arg(&copy), None);
-    assert_eq!(code, Some(0), "fsck.fat -n on the copy:\n{out}\n{err}");
+    let copy = used_copy(img, &p, work);
+    run(cmd("fsck.fat").arg("-n").arg(&copy));
     let fc = fsck_info(&copy);
     assert_eq!((fc.used, fc.total), (f.used, f.total));
     let outdir = work.join("out");
-    let _ = std::fs::remove_dir_all(&outdir);
-    std::fs::create_dir_all(&outdir).unwrap();
+    fresh_dir(&outdir);
     let name = tree.file_name().unwrap().to_str().unwrap();
     run(cmd("mcopy")
         .args(["-s", "-n", "-i"])
         .arg(&copy)
         .arg(format!("::/{name}"))
         .arg(&outdir));
-    for f in list_files(tree) {
-        let a = std::fs::read(tree.join(&f)).unwrap();
-        let b = std::fs::read(outdir.join(name).join(&f))
-            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert!(a == b, "{}: {} differs", img.display(), f.display());
-    }
+    assert_same_files(tree, &outdir.join(name), img.display());
     let typed = run(cmd("mtype")
         .arg("-i")
         .arg(&copy)
@@ -151,9 +124,7 @@ fn check(img: &Path, tree: &Path, kind: FsKind, label: Option<&str>, work: &Path
 
 #[test]
 fn fat_variants_match_fsck_and_copy_cleanly() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("fat.img");
     let cases: &[(u64, &[&str], FsKind, Option<&str>)] = &[
         (
@@ -195,8 +166,7 @@ fn fat_variants_match_fsck_and_copy_cleanly() {
         ),
     ];
     for (size, args, kind, label) in cases {
-        sparse(&img, *size);
-        run(cmd("mkfs.fat").args(*args).arg(&img));
+        mkfs_image(&img, *size, "mkfs.fat", args);
         fill(&img, &tree);
         let p = check(&img, &tree, *kind, *label, d.path());
         eprintln!(
@@ -216,27 +186,13 @@ fn fat_variants_match_fsck_and_copy_cleanly() {
 
 #[test]
 fn fat_inside_a_partition() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let fsimg = d.path().join("fs.img");
-    sparse(&fsimg, 64 * MIB);
-    run(cmd("mkfs.fat").args(["-F", "32"]).arg(&fsimg));
+    mkfs_image(&fsimg, 64 * MIB, "mkfs.fat", &["-F", "32"]);
     fill(&fsimg, &tree);
-    let whole = match probe_at(&fsimg, 0, 64 * MIB) {
-        Found::Known(p) => p,
-        o => panic!("{o:?}"),
-    };
     let disk = d.path().join("disk.img");
-    sparse(&disk, 80 * MIB);
-    apply(&disk, &[(MIB, std::fs::read(&fsimg).unwrap())]);
-    let p = match probe_at(&disk, MIB, 72 * MIB) {
-        Found::Known(p) => p,
-        o => panic!("{o:?}"),
-    };
-    let mut expect = whole.used.clone();
-    expect.add(64 * MIB, 72 * MIB);
-    assert_eq!(p.used, expect);
+    let (whole, p) = probe_in_partition(&fsimg, &disk, 80 * MIB, 72 * MIB);
+    assert_used_plus(&p, &whole, (64 * MIB, 72 * MIB), "slack is used");
 }
 
 #[test]
@@ -244,13 +200,9 @@ fn fat_damage_gives_errors_not_panics() {
     let d = tmp();
     let img = d.path().join("f.img");
     let pristine = d.path().join("p.img");
-    sparse(&pristine, 64 * MIB);
-    run(cmd("mkfs.fat").args(["-F", "32"]).arg(&pristine));
+    mkfs_image(&pristine, 64 * MIB, "mkfs.fat", &["-F", "32"]);
     let fresh = || std::fs::copy(&pristine, &img).unwrap();
-    let damaged = |len: u64, what: &str| match probe_at(&img, 0, len) {
-        Found::Damaged { reason, .. } => assert!(reason.contains(what), "{reason}"),
-        o => panic!("expected damage mentioning {what:?}: {o:?}"),
-    };
+    let damaged = |len: u64, what: &str| expect_damaged(&img, len, &[what]);
     fresh();
     damaged(32 * MIB, "truncated");
     fresh();
@@ -263,10 +215,12 @@ fn fat_damage_gives_errors_not_panics() {
     apply(&img, &[(0x10, vec![0])]);
     damaged(64 * MIB, "zero FATs");
     // FAT32 by its BPB, but too few clusters for FAT32 by Microsoft's rule.
-    sparse(&img, 64 * MIB);
-    run(cmd("mkfs.fat")
-        .args(["-F", "32", "-S", "4096", "-s", "1"])
-        .arg(&img));
+    mkfs_image(
+        &img,
+        64 * MIB,
+        "mkfs.fat",
+        &["-F", "32", "-S", "4096", "-s", "1"],
+    );
     damaged(64 * MIB, "make this Fat16");
     // Not FAT at all.
     fresh();
@@ -274,8 +228,7 @@ fn fat_damage_gives_errors_not_panics() {
     assert!(matches!(probe_at(&img, 0, 64 * MIB), Found::Unknown));
 
     // Damage is reported with the FAT type the boot sector announces.
-    sparse(&img, 8 * MIB);
-    run(cmd("mkfs.fat").args(["-F", "12"]).arg(&img));
+    mkfs_image(&img, 8 * MIB, "mkfs.fat", &["-F", "12"]);
     match probe_at(&img, 0, 4 * MIB) {
         Found::Damaged { kind, .. } => assert_eq!(kind, FsKind::Fat12),
         o => panic!("{o:?}"),
@@ -283,22 +236,8 @@ fn fat_damage_gives_errors_not_panics() {
 
     // Bit flips in the boot sector never panic.
     let small = d.path().join("s.img");
-    sparse(&small, 2 * MIB);
-    run(cmd("mkfs.fat").args(["-F", "12"]).arg(&small));
+    mkfs_image(&small, 2 * MIB, "mkfs.fat", &["-F", "12"]);
     let base = std::fs::read(&small).unwrap();
     let rnd = pseudo_random(3, 9000);
-    let mut b = base.clone();
-    for i in 0..3000 {
-        let mut flipped = Vec::new();
-        for k in 0..3 {
-            let r = rnd[3 * i + k] as usize;
-            let pos = (r * 7919 + i * 104_729) % 0x60;
-            b[pos] ^= 1 << (r % 8);
-            flipped.push(pos);
-        }
-        let _ = snapshot::fs::fat::probe(&Bytes(&b), 0, b.len() as u64);
-        for pos in flipped {
-            b[pos] = base[pos];
-        }
-    }
+    flip_bits(&base, &rnd, 3000, 3, |h| h % 0x60, snapshot::fs::fat::probe);
 }

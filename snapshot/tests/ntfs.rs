@@ -4,24 +4,8 @@
 mod common;
 
 use common::*;
-use snapshot::fs::{self, Found, FsKind, Probe};
-use snapshot::DiskSource;
-use std::collections::HashMap;
+use snapshot::fs::{Found, FsKind, Probe};
 use std::path::{Path, PathBuf};
-
-const MIB: u64 = 1 << 20;
-
-fn blkid(img: &Path) -> HashMap<String, String> {
-    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
-        .collect()
-}
-
-fn probe_at(img: &Path, offset: u64, len: u64) -> Found {
-    fs::probe(&DiskSource::open(img).unwrap(), offset, len)
-}
 
 /// The files of `tree`, flattened to names in the root directory (ntfscp cannot make
 /// directories).
@@ -52,10 +36,7 @@ fn ntfs_free_bytes(img: &Path) -> u64 {
 
 fn check(img: &Path, tree: &Path, label: Option<&str>, work: &Path) -> Probe {
     let len = std::fs::metadata(img).unwrap().len();
-    let p = match probe_at(img, 0, len) {
-        Found::Known(p) => p,
-        o => panic!("{}: {o:?}", img.display()),
-    };
+    let p = known(img);
     assert_eq!(p.fs.kind, FsKind::Ntfs);
     let id = blkid(img);
     assert_eq!(p.fs.uuid.as_deref(), id.get("UUID").map(String::as_str));
@@ -80,10 +61,8 @@ fn check(img: &Path, tree: &Path, label: Option<&str>, work: &Path) -> Probe {
     assert!(p.used.within(len - 512, len).count() == 1);
     assert_eq!(p.fs.used, p.used.len());
 
-    let copy = work.join("copy.img");
-    copy_used(img, &copy, &p.used, 0);
-    let (code, out, err) = run_status(cmd("ntfsfix").arg("-n").arg(&copy), None);
-    assert_eq!(code, Some(0), "ntfsfix -n on the copy:\n{out}\n{err}");
+    let copy = used_copy(img, &p, work);
+    let out = run(cmd("ntfsfix").arg("-n").arg(&copy));
     assert!(out.contains("processed successfully"), "{out}");
     for (src, name) in flat(tree) {
         let want = std::fs::read(&src).unwrap();
@@ -105,9 +84,7 @@ fn check(img: &Path, tree: &Path, label: Option<&str>, work: &Path) -> Probe {
 
 #[test]
 fn ntfs_variants_copy_cleanly() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("ntfs.img");
     let cases: &[(u64, &[&str], Option<&str>)] = &[
         (
@@ -129,8 +106,7 @@ fn ntfs_variants_copy_cleanly() {
         ),
     ];
     for (size, args, label) in cases {
-        sparse(&img, *size);
-        run(cmd("mkntfs").args(["-F", "-Q"]).args(*args).arg(&img));
+        mkfs_image(&img, *size, "mkntfs", &[&["-F", "-Q"], *args].concat());
         fill(&img, &tree);
         let p = check(&img, &tree, *label, d.path());
         eprintln!("mkntfs {args:?}: {} of {} bytes used", p.fs.used, p.fs.size);
@@ -139,43 +115,24 @@ fn ntfs_variants_copy_cleanly() {
 
 #[test]
 fn ntfs_inside_a_partition() {
-    let d = tmp();
-    let tree = d.path().join("tree");
-    make_tree(&tree, 1);
+    let (d, tree) = tmp_with_tree(1);
     let fsimg = d.path().join("fs.img");
-    sparse(&fsimg, 48 * MIB);
-    run(cmd("mkntfs").args(["-F", "-Q"]).arg(&fsimg));
+    mkfs_image(&fsimg, 48 * MIB, "mkntfs", &["-F", "-Q"]);
     fill(&fsimg, &tree);
-    let whole = match probe_at(&fsimg, 0, 48 * MIB) {
-        Found::Known(p) => p,
-        o => panic!("{o:?}"),
-    };
     let disk = d.path().join("disk.img");
-    sparse(&disk, 64 * MIB);
-    apply(&disk, &[(MIB, std::fs::read(&fsimg).unwrap())]);
-    let p = match probe_at(&disk, MIB, 56 * MIB) {
-        Found::Known(p) => p,
-        o => panic!("{o:?}"),
-    };
-    let mut expect = whole.used.clone();
-    expect.add(48 * MIB - 4096, 56 * MIB);
-    assert_eq!(p.used, expect);
+    let (whole, p) = probe_in_partition(&fsimg, &disk, 64 * MIB, 56 * MIB);
+    let tail = (48 * MIB - 4096, 56 * MIB);
+    assert_used_plus(&p, &whole, tail, "the tail past the volume is used");
 }
 
 #[test]
 fn ntfs_damage_gives_errors_not_panics() {
     let d = tmp();
     let pristine = d.path().join("p.img");
-    sparse(&pristine, 32 * MIB);
-    run(cmd("mkntfs")
-        .args(["-F", "-Q", "-c", "4096"])
-        .arg(&pristine));
+    mkfs_image(&pristine, 32 * MIB, "mkntfs", &["-F", "-Q", "-c", "4096"]);
     let img = d.path().join("w.img");
     let fresh = || std::fs::copy(&pristine, &img).unwrap();
-    let damaged = |len: u64, what: &str| match probe_at(&img, 0, len) {
-        Found::Damaged { reason, .. } => assert!(reason.contains(what), "{reason}"),
-        o => panic!("expected damage mentioning {what:?}: {o:?}"),
-    };
+    let damaged = |len: u64, what: &str| expect_damaged(&img, len, &[what]);
     let b = std::fs::read(&pristine).unwrap();
     let mft_lcn = u64::from_le_bytes(b[0x30..0x38].try_into().unwrap());
     let mft = mft_lcn * 4096;
@@ -205,25 +162,12 @@ fn ntfs_damage_gives_errors_not_panics() {
     assert!(matches!(probe_at(&img, 0, 32 * MIB), Found::Unknown));
 
     // Random bit flips in the boot sector and the first MFT records never panic.
-    let base = b.clone();
     let spots: Vec<usize> = (0..512)
         .chain(mft as usize..mft as usize + 8 * 1024)
         .collect();
     let rnd = pseudo_random(11, 12_000);
-    let mut w = base.clone();
-    for i in 0..4000 {
-        let mut flipped = Vec::new();
-        for k in 0..3 {
-            let r = rnd[3 * i + k] as usize;
-            let pos = spots[(r * 7919 + i * 104_729) % spots.len()];
-            w[pos] ^= 1 << (r % 8);
-            flipped.push(pos);
-        }
-        let _ = snapshot::fs::ntfs::probe(&Bytes(&w), 0, w.len() as u64);
-        for pos in flipped {
-            w[pos] = base[pos];
-        }
-    }
+    let spot = |h: usize| spots[h % spots.len()];
+    flip_bits(&b, &rnd, 4000, 3, spot, snapshot::fs::ntfs::probe);
 }
 
 /// LCN of `$LogFile`'s first run, from ntfsinfo.
@@ -300,10 +244,12 @@ fn ntfs3g_mounts_rw(img: &Path) -> bool {
 fn ntfs_unclean_logfile_is_refused() {
     let d = tmp();
     let pristine = d.path().join("p.img");
-    sparse(&pristine, 32 * MIB);
-    run(cmd("mkntfs")
-        .args(["-F", "-Q", "-s", "512", "-c", "4096"])
-        .arg(&pristine));
+    mkfs_image(
+        &pristine,
+        32 * MIB,
+        "mkntfs",
+        &["-F", "-Q", "-s", "512", "-c", "4096"],
+    );
     let at = logfile_lcn(&pristine) * 4096;
     let img = d.path().join("w.img");
     let scratch = d.path().join("s.img");

@@ -10,8 +10,6 @@ use snapshot::ptable::PartitionTable;
 use snapshot::DiskSource;
 use std::path::Path;
 
-const MIB: u64 = 1 << 20;
-
 fn open(p: &Path) -> DiskSource {
     DiskSource::open(p).expect("open image")
 }
@@ -25,6 +23,12 @@ fn write_fresh(path: &Path, table: &PartitionTable, size: u64, sector: u32) {
     sparse(path, size);
     let patches = table.to_disk(size, sector).expect("to_disk");
     apply(path, &patches);
+}
+
+/// A new sparse image of `size` bytes at `path`, partitioned by sfdisk from `script`.
+fn sfdisk_image(path: &Path, size: u64, script: &[u8]) {
+    sparse(path, size);
+    run_input(cmd("sfdisk").arg("-q").arg(path), Some(script));
 }
 
 fn sgdisk_verify(dev: &str) {
@@ -64,11 +68,8 @@ fn gpt_sgdisk_image(dir: &Path, size: u64) -> std::path::PathBuf {
 
 fn gpt_sfdisk_image(dir: &Path, size: u64) -> std::path::PathBuf {
     let img = dir.join("sfdisk.img");
-    sparse(&img, size);
-    run_input(
-        cmd("sfdisk").arg("-q").arg(&img),
-        Some(b"label: gpt\nsize=10M, type=U, name=esp\nsize=20M, type=L, attrs=\"RequiredPartition LegacyBIOSBootable GUID:63\"\ntype=L, name=\"last one\"\n"),
-    );
+    let script = b"label: gpt\nsize=10M, type=U, name=esp\nsize=20M, type=L, attrs=\"RequiredPartition LegacyBIOSBootable GUID:63\"\ntype=L, name=\"last one\"\n";
+    sfdisk_image(&img, size, script);
     img
 }
 
@@ -434,12 +435,10 @@ fn gpt_bad_tables_are_refused() {
 
 fn mbr_image(dir: &Path, size: u64) -> std::path::PathBuf {
     let img = dir.join("mbr.img");
-    sparse(&img, size);
-    run_input(
-        cmd("sfdisk").arg("-q").arg(&img),
-        Some(
-            b"label: dos\nlabel-id: 0xdeadbeef\n,10M,c,*\n,9000M,83\n,,5\n,10M,7\n,20M,83\n,,82\n",
-        ),
+    sfdisk_image(
+        &img,
+        size,
+        b"label: dos\nlabel-id: 0xdeadbeef\n,10M,c,*\n,9000M,83\n,,5\n,10M,7\n,20M,83\n,,82\n",
     );
     img
 }
@@ -495,10 +494,10 @@ fn mbr_exact_roundtrip_with_logicals() {
 fn mbr_grow_logical_and_container_and_4kn() {
     let d = tmp();
     let img = d.path().join("m.img");
-    sparse(&img, 100 * MIB);
-    run_input(
-        cmd("sfdisk").arg("-q").arg(&img),
-        Some(b"label: dos\n,10M,83\n,,f\n,10M,7\n,20M,83\n"),
+    sfdisk_image(
+        &img,
+        100 * MIB,
+        b"label: dos\n,10M,83\n,,f\n,10M,7\n,20M,83\n",
     );
     let (t, _) = read_table(&img);
     let size = 300 * MIB + 4096;
@@ -542,11 +541,7 @@ fn mbr_grow_logical_and_container_and_4kn() {
 fn mbr_grow_primary_and_refuse_small_or_huge() {
     let d = tmp();
     let img = d.path().join("p.img");
-    sparse(&img, 64 * MIB);
-    run_input(
-        cmd("sfdisk").arg("-q").arg(&img),
-        Some(b"label: dos\n,10M,83\n,,7\n"),
-    );
+    sfdisk_image(&img, 64 * MIB, b"label: dos\n,10M,83\n,,7\n");
     let (t, _) = read_table(&img);
     let g = t.for_target(512, 128 * MIB, 512, true).unwrap();
     let PartitionTable::Mbr(m) = &g else { panic!() };
@@ -642,12 +637,10 @@ fn mbr_bad_tables_are_refused() {
 fn filesystem_without_table_is_not_an_mbr() {
     let d = tmp();
     let img = d.path().join("fat.img");
-    sparse(&img, 64 * MIB);
-    run(cmd("mkfs.fat").args(["-F", "32"]).arg(&img));
+    mkfs_image(&img, 64 * MIB, "mkfs.fat", &["-F", "32"]);
     assert_eq!(read_table(&img).0, PartitionTable::None);
     let img = d.path().join("ntfs.img");
-    sparse(&img, 64 * MIB);
-    run(cmd("mkntfs").args(["-F", "-Q"]).arg(&img));
+    mkfs_image(&img, 64 * MIB, "mkntfs", &["-F", "-Q"]);
     assert_eq!(read_table(&img).0, PartitionTable::None);
 }
 
@@ -661,10 +654,10 @@ fn garbage_and_mutations_never_panic() {
         .arg(&g));
     let gbytes = std::fs::read(&g).unwrap();
     let m = d.path().join("m.img");
-    sparse(&m, 8 * MIB);
-    run_input(
-        cmd("sfdisk").arg("-q").arg(&m),
-        Some(b"label: dos\n,1M,83\n,,5\n,1M,83\n,1M,83\n,,83\n"),
+    sfdisk_image(
+        &m,
+        8 * MIB,
+        b"label: dos\n,1M,83\n,,5\n,1M,83\n,1M,83\n,,83\n",
     );
     let mbytes = std::fs::read(&m).unwrap();
     let interesting: Vec<usize> = (0..34 * 512)

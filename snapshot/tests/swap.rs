@@ -4,38 +4,21 @@
 mod common;
 
 use common::*;
-use snapshot::fs::{self, Found, FsKind};
-use snapshot::DiskSource;
-use std::collections::HashMap;
-use std::path::Path;
-
-const MIB: u64 = 1 << 20;
-
-fn blkid(img: &Path) -> HashMap<String, String> {
-    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
-        .collect()
-}
-
-fn probe(img: &Path, len: u64) -> Found {
-    fs::probe(&DiskSource::open(img).unwrap(), 0, len)
-}
+use snapshot::fs::{Found, FsKind};
 
 #[test]
 fn swap_header_only() {
     let d = tmp();
     let img = d.path().join("swap.img");
-    sparse(&img, 64 * MIB);
-    run(cmd("mkswap")
-        .args(["-L", "swappy", "-U", "0d6a1c2e-1111-4222-8333-444455556666"])
-        .arg(&img));
+    mkfs_image(
+        &img,
+        64 * MIB,
+        "mkswap",
+        &["-L", "swappy", "-U", "0d6a1c2e-1111-4222-8333-444455556666"],
+    );
     // Some junk in the swap area: it must not be kept.
     apply(&img, &[(10 * MIB, vec![0xAB; 4096])]);
-    let Found::Known(p) = probe(&img, 64 * MIB) else {
-        panic!()
-    };
+    let p = known_at(&img, 0, 64 * MIB);
     assert_eq!(p.fs.kind, FsKind::Swap);
     assert_eq!(
         p.fs.uuid.as_deref(),
@@ -46,8 +29,7 @@ fn swap_header_only() {
     assert_eq!(p.fs.size, 64 * MIB);
     assert_eq!(p.fs.used, 4096);
     let id = blkid(&img);
-    let copy = d.path().join("copy.img");
-    copy_used(&img, &copy, &p.used, 0);
+    let copy = used_copy(&img, &p, d.path());
     let id2 = blkid(&copy);
     for k in ["TYPE", "UUID", "LABEL"] {
         assert_eq!(id.get(k), id2.get(k), "{k}");
@@ -58,9 +40,7 @@ fn swap_header_only() {
     // Swap smaller than its partition: the tail is kept.
     sparse(&img, 64 * MIB);
     run(cmd("mkswap").arg(&img).arg("16384"));
-    let Found::Known(p) = probe(&img, 64 * MIB) else {
-        panic!()
-    };
+    let p = known_at(&img, 0, 64 * MIB);
     assert_eq!(p.fs.size, 16 * MIB);
     assert_eq!(p.used.ranges(), &[(0, 4096), (16 * MIB, 64 * MIB)]);
 }
@@ -69,19 +49,12 @@ fn swap_header_only() {
 fn swap_damage() {
     let d = tmp();
     let img = d.path().join("swap.img");
-    sparse(&img, 64 * MIB);
-    run(cmd("mkswap").arg(&img));
-    match probe(&img, 32 * MIB) {
-        Found::Damaged { reason, .. } => assert!(reason.contains("past the end"), "{reason}"),
-        o => panic!("{o:?}"),
-    }
+    mkfs_image(&img, 64 * MIB, "mkswap", &[]);
+    expect_damaged(&img, 32 * MIB, &["past the end"]);
     apply(&img, &[(1024, 7u32.to_le_bytes().to_vec())]);
-    match probe(&img, 64 * MIB) {
-        Found::Damaged { reason, .. } => assert!(reason.contains("version 7"), "{reason}"),
-        o => panic!("{o:?}"),
-    }
+    expect_damaged(&img, 64 * MIB, &["version 7"]);
     apply(&img, &[(4086, vec![0; 10])]);
-    assert!(matches!(probe(&img, 64 * MIB), Found::Unknown));
+    assert!(matches!(probe_at(&img, 0, 64 * MIB), Found::Unknown));
     for n in [0usize, 100, 4095, 4096, 5000] {
         let b = vec![0u8; n];
         assert!(snapshot::fs::swap::probe(&Bytes(&b), 0, n as u64).is_none());

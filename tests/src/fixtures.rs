@@ -244,10 +244,146 @@ impl Fixture {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Recipe builders: short spellings of the entries and partitions the named fixtures are made of
+
+/// A tree file of English-like text lines ([`Content::Text`]).
+pub(crate) fn text(path: impl Into<String>, seed: u64, len: u64) -> Entry {
+    entry(path, Content::Text { seed, len })
+}
+
+/// A tree file of binary-like data ([`Content::Binary`]).
+pub(crate) fn binary(path: impl Into<String>, seed: u64, len: u64) -> Entry {
+    entry(path, Content::Binary { seed, len })
+}
+
+/// A tree file of incompressible bytes ([`Content::Random`]).
+pub(crate) fn random(path: impl Into<String>, seed: u64, len: u64) -> Entry {
+    entry(path, Content::Random { seed, len })
+}
+
+/// A tree file holding `text` as it is ([`Content::Literal`]).
+pub(crate) fn literal(path: impl Into<String>, text: impl Into<String>) -> Entry {
+    entry(path, Content::Literal { text: text.into() })
+}
+
+impl PartSpec {
+    /// A GPT partition with its type GUID, unique GUID and name; no attributes, no filesystem.
+    pub fn gpt(
+        number: u32,
+        start: u64,
+        sectors: u64,
+        gpt_type: &str,
+        uuid: impl Into<String>,
+        name: &str,
+    ) -> PartSpec {
+        PartSpec {
+            number,
+            start,
+            sectors,
+            gpt_type: Some(gpt_type.into()),
+            uuid: Some(uuid.into()),
+            name: Some(name.into()),
+            attrs: None,
+            mbr_type: None,
+            bootable: false,
+            fs: None,
+        }
+    }
+
+    /// A GPT EFI System Partition (type and name as installers make it) with no filesystem.
+    pub fn esp(number: u32, start: u64, sectors: u64, uuid: impl Into<String>) -> PartSpec {
+        PartSpec::gpt(
+            number,
+            start,
+            sectors,
+            GPT_ESP,
+            uuid,
+            "EFI System Partition",
+        )
+    }
+
+    /// An MBR partition of type byte `mbr_type`, not bootable, with no filesystem.
+    pub fn mbr(number: u32, start: u64, sectors: u64, mbr_type: u8) -> PartSpec {
+        PartSpec {
+            number,
+            start,
+            sectors,
+            gpt_type: None,
+            uuid: None,
+            name: None,
+            attrs: None,
+            mbr_type: Some(mbr_type),
+            bootable: false,
+            fs: None,
+        }
+    }
+
+    /// The same partition with GPT attributes `attrs` (as sfdisk spells them).
+    pub fn with_attrs(self, attrs: &str) -> PartSpec {
+        PartSpec {
+            attrs: Some(attrs.into()),
+            ..self
+        }
+    }
+
+    /// The same partition with the MBR boot flag set.
+    pub fn with_boot_flag(self) -> PartSpec {
+        PartSpec {
+            bootable: true,
+            ..self
+        }
+    }
+
+    /// The same partition holding the filesystem `fs`.
+    pub fn with_fs(self, fs: FsSpec) -> PartSpec {
+        PartSpec {
+            fs: Some(fs),
+            ..self
+        }
+    }
+}
+
+impl FsSpec {
+    /// A FAT`bits` filesystem of `sector_size`-byte sectors (`cluster_sectors` 0: mkfs.fat's
+    /// choice) holding `tree`.
+    pub fn fat(
+        bits: u8,
+        sector_size: u32,
+        cluster_sectors: u32,
+        label: &str,
+        volume_id: u32,
+        tree: Vec<Entry>,
+    ) -> FsSpec {
+        FsSpec::Fat {
+            bits,
+            sector_size,
+            cluster_sectors,
+            label: label.into(),
+            volume_id,
+            tree,
+        }
+    }
+
+    /// An ext2/3/4 filesystem holding `tree`, with mke2fs's default features and no deleted file.
+    pub fn ext(kind: FsKind, block_size: u32, uuid: &str, label: &str, tree: Vec<Entry>) -> FsSpec {
+        FsSpec::Ext {
+            kind,
+            block_size,
+            uuid: uuid.into(),
+            label: label.into(),
+            features: vec![],
+            tree,
+            deleted: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The named fixtures
 
-const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-const GPT_LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+/// GPT partition type GUIDs of the fixtures (the sample servers of [`crate::boot`] use them too).
+pub const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+pub const GPT_LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const GPT_LINUX_FS: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const GPT_LINUX_SWAP: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
 
@@ -286,93 +422,36 @@ fn host_binaries() -> Vec<Entry> {
 /// The ext4 root of `gpt_server`: about 40% of 200 MiB with metadata.
 fn server_root_tree() -> Vec<Entry> {
     let mut t = vec![
-        entry(
-            "etc/hostname",
-            Content::Literal {
-                text: "gpt-server\n".into(),
-            },
-        ),
-        entry(
+        literal("etc/hostname", "gpt-server\n"),
+        literal(
             "etc/fstab",
-            Content::Literal {
-                text: "UUID=0b4a3c1e-5a5a-4d22-8e33-000000000002 / ext4 errors=remount-ro 0 1\n\
-                       UUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1\n\
-                       UUID=5b1f0c2d-5a5a-4e11-9d44-000000000003 none swap sw 0 0\n"
-                    .into(),
-            },
+            "UUID=0b4a3c1e-5a5a-4d22-8e33-000000000002 / ext4 errors=remount-ro 0 1\n\
+             UUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1\n\
+             UUID=5b1f0c2d-5a5a-4e11-9d44-000000000003 none swap sw 0 0\n",
         ),
-        entry(
-            "etc/motd",
-            Content::Literal {
-                text: "BOOT-OK host=gpt-server\n".into(),
-            },
-        ),
+        literal("etc/motd", "BOOT-OK host=gpt-server\n"),
     ];
     t.extend(host_binaries());
-    for i in 0..40u64 {
-        t.push(entry(
-            format!("etc/conf.d/service-{i:02}.conf"),
-            Content::Text {
-                seed: 100 + i,
-                len: 2048 + i * 457,
-            },
-        ));
-    }
-    for i in 0..20u64 {
-        t.push(entry(
-            format!("usr/share/doc/package-{i:02}/README"),
-            Content::Text {
-                seed: 200 + i,
-                len: 50_000 + i * 11_111,
-            },
-        ));
-    }
-    for i in 0..5u64 {
-        t.push(entry(
-            format!("usr/lib/x86_64-linux-gnu/libfixture-{i}.so.1"),
-            Content::Binary {
-                seed: 300 + i,
-                len: MIB + i * 500_000,
-            },
-        ));
-    }
-    t.push(entry(
-        "var/log/syslog",
-        Content::Text {
-            seed: 400,
-            len: 6 * MIB,
-        },
-    ));
-    t.push(entry(
-        "var/log/syslog.1",
-        Content::Text {
-            seed: 401,
-            len: 2 * MIB + 12_345,
-        },
-    ));
-    for i in 0..4u64 {
-        t.push(entry(
-            format!("var/lib/data/random-{i:02}.bin"),
-            Content::Random {
-                seed: 500 + i,
-                len: 4 * MIB,
-            },
-        ));
-    }
-    t.push(entry(
-        "var/lib/data/odd-size.bin",
-        Content::Random {
-            seed: 510,
-            len: 1_500_001,
-        },
-    ));
-    t.push(entry(
-        "var/lib/data/small.bin",
-        Content::Random {
-            seed: 511,
-            len: 777,
-        },
-    ));
+    t.extend((0..40u64).map(|i| {
+        let path = format!("etc/conf.d/service-{i:02}.conf");
+        text(path, 100 + i, 2048 + i * 457)
+    }));
+    t.extend((0..20u64).map(|i| {
+        let path = format!("usr/share/doc/package-{i:02}/README");
+        text(path, 200 + i, 50_000 + i * 11_111)
+    }));
+    t.extend((0..5u64).map(|i| {
+        let path = format!("usr/lib/x86_64-linux-gnu/libfixture-{i}.so.1");
+        binary(path, 300 + i, MIB + i * 500_000)
+    }));
+    t.push(text("var/log/syslog", 400, 6 * MIB));
+    t.push(text("var/log/syslog.1", 401, 2 * MIB + 12_345));
+    t.extend((0..4u64).map(|i| {
+        let path = format!("var/lib/data/random-{i:02}.bin");
+        random(path, 500 + i, 4 * MIB)
+    }));
+    t.push(random("var/lib/data/odd-size.bin", 510, 1_500_001));
+    t.push(random("var/lib/data/small.bin", 511, 777));
     t.push(entry(
         "var/lib/sparse.img",
         Content::Sparse {
@@ -382,86 +461,25 @@ fn server_root_tree() -> Vec<Entry> {
         },
     ));
     // duplicates of earlier files, byte for byte
-    t.push(entry(
-        "srv/dup/random-00.copy",
-        Content::Random {
-            seed: 500,
-            len: 4 * MIB,
-        },
-    ));
-    t.push(entry(
-        "srv/dup/random-01.copy",
-        Content::Random {
-            seed: 501,
-            len: 4 * MIB,
-        },
-    ));
-    t.push(entry(
-        "srv/dup/syslog.copy",
-        Content::Text {
-            seed: 400,
-            len: 6 * MIB,
-        },
-    ));
-    t.push(entry(
-        "home/admin/notes.txt",
-        Content::Text {
-            seed: 600,
-            len: 100_000,
-        },
-    ));
-    t.push(entry(
-        "home/admin/empty",
-        Content::Literal {
-            text: String::new(),
-        },
-    ));
+    t.push(random("srv/dup/random-00.copy", 500, 4 * MIB));
+    t.push(random("srv/dup/random-01.copy", 501, 4 * MIB));
+    t.push(text("srv/dup/syslog.copy", 400, 6 * MIB));
+    t.push(text("home/admin/notes.txt", 600, 100_000));
+    t.push(literal("home/admin/empty", String::new()));
     t
 }
 
 fn esp_tree() -> Vec<Entry> {
     vec![
-        entry(
-            "EFI/BOOT/BOOTX64.EFI",
-            Content::Binary {
-                seed: 10,
-                len: 950_000,
-            },
-        ),
-        entry(
-            "EFI/debian/shimx64.efi",
-            Content::Binary {
-                seed: 10,
-                len: 950_000,
-            },
-        ),
-        entry(
-            "EFI/debian/grubx64.efi",
-            Content::Binary {
-                seed: 11,
-                len: 2 * MIB,
-            },
-        ),
-        entry(
+        binary("EFI/BOOT/BOOTX64.EFI", 10, 950_000),
+        binary("EFI/debian/shimx64.efi", 10, 950_000),
+        binary("EFI/debian/grubx64.efi", 11, 2 * MIB),
+        literal(
             "EFI/debian/grub.cfg",
-            Content::Literal {
-                text: "search.fs_uuid 0b4a3c1e-5a5a-4d22-8e33-000000000002 root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n".into(),
-            },
+            "search.fs_uuid 0b4a3c1e-5a5a-4d22-8e33-000000000002 root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n",
         ),
-        entry(
-            "EFI/debian/fwupdx64.efi",
-            Content::Random {
-                seed: 12,
-                len: 3 * MIB,
-            },
-        ),
-        entry(
-            "loader/entries/debian.conf",
-            Content::Text {
-                seed: 13,
-                len: 3_000,
-            },
-        ),
+        random("EFI/debian/fwupdx64.efi", 12, 3 * MIB),
+        text("loader/entries/debian.conf", 13, 3_000),
     ]
 }
 
@@ -469,6 +487,26 @@ fn esp_tree() -> Vec<Entry> {
 /// deleted file whose blocks still hold [`DELETED_MARKER`]), swap (32 MiB of garbage after the
 /// header), free space at the end.
 pub fn gpt_server_spec() -> DiskSpec {
+    let root = FsSpec::Ext {
+        kind: FsKind::Ext4,
+        block_size: 4096,
+        uuid: "0b4a3c1e-5a5a-4d22-8e33-000000000002".into(),
+        label: "root".into(),
+        features: vec!["64bit".into()],
+        tree: server_root_tree(),
+        deleted: Some(entry(
+            "var/tmp/deleted-secret.bin",
+            Content::Pattern {
+                marker: DELETED_MARKER.into(),
+                len: 3 * MIB,
+            },
+        )),
+    };
+    let swap = FsSpec::Swap {
+        uuid: "5b1f0c2d-5a5a-4e11-9d44-000000000003".into(),
+        label: "swap".into(),
+        garbage_seed: 700,
+    };
     DiskSpec {
         name: "gpt_server".into(),
         sector_size: 512,
@@ -477,67 +515,33 @@ pub fn gpt_server_spec() -> DiskSpec {
             disk_guid: "B3E0C1A2-5F6D-4E7A-9C1B-2D3E4F506070".into(),
         },
         parts: vec![
-            PartSpec {
-                number: 1,
-                start: 2048,
-                sectors: 64 * MIB / 512,
-                gpt_type: Some(GPT_ESP.into()),
-                uuid: Some("B3E0C1A2-0001-4E7A-9C1B-2D3E4F506071".into()),
-                name: Some("EFI System Partition".into()),
-                attrs: None,
-                mbr_type: None,
-                bootable: false,
-                fs: Some(FsSpec::Fat {
-                    bits: 32,
-                    sector_size: 512,
-                    cluster_sectors: 1,
-                    label: "ESP".into(),
-                    volume_id: 0x1A2B_3C4D,
-                    tree: esp_tree(),
-                }),
-            },
-            PartSpec {
-                number: 2,
-                start: 2048 + 64 * MIB / 512,
-                sectors: 200 * MIB / 512,
-                gpt_type: Some(GPT_LINUX_ROOT_X86_64.into()),
-                uuid: Some("B3E0C1A2-0002-4E7A-9C1B-2D3E4F506072".into()),
-                name: Some("root".into()),
-                attrs: Some("LegacyBIOSBootable".into()),
-                mbr_type: None,
-                bootable: false,
-                fs: Some(FsSpec::Ext {
-                    kind: FsKind::Ext4,
-                    block_size: 4096,
-                    uuid: "0b4a3c1e-5a5a-4d22-8e33-000000000002".into(),
-                    label: "root".into(),
-                    features: vec!["64bit".into()],
-                    tree: server_root_tree(),
-                    deleted: Some(entry(
-                        "var/tmp/deleted-secret.bin",
-                        Content::Pattern {
-                            marker: DELETED_MARKER.into(),
-                            len: 3 * MIB,
-                        },
-                    )),
-                }),
-            },
-            PartSpec {
-                number: 3,
-                start: 2048 + 264 * MIB / 512,
-                sectors: 32 * MIB / 512,
-                gpt_type: Some(GPT_LINUX_SWAP.into()),
-                uuid: Some("B3E0C1A2-0003-4E7A-9C1B-2D3E4F506073".into()),
-                name: Some("swap".into()),
-                attrs: Some("GUID:63".into()),
-                mbr_type: None,
-                bootable: false,
-                fs: Some(FsSpec::Swap {
-                    uuid: "5b1f0c2d-5a5a-4e11-9d44-000000000003".into(),
-                    label: "swap".into(),
-                    garbage_seed: 700,
-                }),
-            },
+            PartSpec::esp(
+                1,
+                2048,
+                64 * MIB / 512,
+                "B3E0C1A2-0001-4E7A-9C1B-2D3E4F506071",
+            )
+            .with_fs(FsSpec::fat(32, 512, 1, "ESP", 0x1A2B_3C4D, esp_tree())),
+            PartSpec::gpt(
+                2,
+                2048 + 64 * MIB / 512,
+                200 * MIB / 512,
+                GPT_LINUX_ROOT_X86_64,
+                "B3E0C1A2-0002-4E7A-9C1B-2D3E4F506072",
+                "root",
+            )
+            .with_attrs("LegacyBIOSBootable")
+            .with_fs(root),
+            PartSpec::gpt(
+                3,
+                2048 + 264 * MIB / 512,
+                32 * MIB / 512,
+                GPT_LINUX_SWAP,
+                "B3E0C1A2-0003-4E7A-9C1B-2D3E4F506073",
+                "swap",
+            )
+            .with_attrs("GUID:63")
+            .with_fs(swap),
         ],
     }
 }
@@ -550,129 +554,39 @@ pub fn gpt_server() -> Result<Fixture> {
 /// primary NTFS (96 MiB), extended container with one logical ext2 (64 MiB, 1 KiB blocks).
 pub fn mbr_mixed_spec() -> DiskSpec {
     let fat_tree = vec![
-        entry(
-            "AUTOEXEC.BAT",
-            Content::Literal {
-                text: "@ECHO OFF\r\nPATH C:\\DOS\r\n".into(),
-            },
-        ),
-        entry(
-            "DOS/COMMAND.COM",
-            Content::Binary {
-                seed: 20,
-                len: 93_000,
-            },
-        ),
-        entry(
-            "DOS/Long File Name.txt",
-            Content::Text {
-                seed: 21,
-                len: 40_000,
-            },
-        ),
-        entry(
-            "DATA/archive.bin",
-            Content::Random {
-                seed: 22,
-                len: 5 * MIB,
-            },
-        ),
-        entry(
-            "DATA/sub/dir/report.txt",
-            Content::Text {
-                seed: 23,
-                len: 2 * MIB,
-            },
-        ),
-        entry(
-            "DATA/sub/tool.exe",
-            Content::Binary {
-                seed: 24,
-                len: 1_234_567,
-            },
-        ),
+        literal("AUTOEXEC.BAT", "@ECHO OFF\r\nPATH C:\\DOS\r\n"),
+        binary("DOS/COMMAND.COM", 20, 93_000),
+        text("DOS/Long File Name.txt", 21, 40_000),
+        random("DATA/archive.bin", 22, 5 * MIB),
+        text("DATA/sub/dir/report.txt", 23, 2 * MIB),
+        binary("DATA/sub/tool.exe", 24, 1_234_567),
     ];
     let ntfs_tree = vec![
-        entry(
-            "readme.txt",
-            Content::Text {
-                seed: 30,
-                len: 20_000,
-            },
-        ),
-        entry(
-            "data.bin",
-            Content::Random {
-                seed: 31,
-                len: 8 * MIB,
-            },
-        ),
-        entry(
-            "data-copy.bin",
-            Content::Random {
-                seed: 31,
-                len: 8 * MIB,
-            },
-        ),
-        entry(
-            "report.doc",
-            Content::Binary {
-                seed: 32,
-                len: 3 * MIB,
-            },
-        ),
-        entry(
-            "log.txt",
-            Content::Text {
-                seed: 33,
-                len: 5 * MIB,
-            },
-        ),
-        entry(
-            "tiny.txt",
-            Content::Literal {
-                text: "resident in the MFT record\n".into(),
-            },
-        ),
+        text("readme.txt", 30, 20_000),
+        random("data.bin", 31, 8 * MIB),
+        random("data-copy.bin", 31, 8 * MIB),
+        binary("report.doc", 32, 3 * MIB),
+        text("log.txt", 33, 5 * MIB),
+        literal("tiny.txt", "resident in the MFT record\n"),
     ];
     let mut ext_tree = vec![
-        entry(
-            "etc/hostname",
-            Content::Literal {
-                text: "mbr-mixed\n".into(),
-            },
-        ),
-        entry(
-            "var/log/messages",
-            Content::Text {
-                seed: 40,
-                len: 6 * MIB,
-            },
-        ),
-        entry(
-            "opt/app/blob.bin",
-            Content::Random {
-                seed: 41,
-                len: 6 * MIB + 333,
-            },
-        ),
-        entry(
-            "opt/app/lib.so",
-            Content::Binary {
-                seed: 42,
-                len: 3 * MIB,
-            },
-        ),
+        literal("etc/hostname", "mbr-mixed\n"),
+        text("var/log/messages", 40, 6 * MIB),
+        random("opt/app/blob.bin", 41, 6 * MIB + 333),
+        binary("opt/app/lib.so", 42, 3 * MIB),
     ];
-    for i in 0..30u64 {
-        ext_tree.push(entry(
-            format!("home/user{}/file-{i:02}.txt", i % 3),
-            Content::Text {
-                seed: 50 + i,
-                len: 1000 + i * 3_000,
-            },
-        ));
-    }
+    ext_tree.extend((0..30u64).map(|i| {
+        let path = format!("home/user{}/file-{i:02}.txt", i % 3);
+        text(path, 50 + i, 1000 + i * 3_000)
+    }));
+    let fat = FsSpec::fat(16, 512, 0, "DOSDATA", 0x0DD5_F00D, fat_tree);
+    let ntfs = FsSpec::Ntfs {
+        label: "DATA".into(),
+        cluster_size: 4096,
+        tree: ntfs_tree,
+    };
+    let ext2_uuid = "6c2d1e0f-5a5a-4c33-8b55-000000000005";
+    let ext2 = FsSpec::ext(FsKind::Ext2, 1024, ext2_uuid, "data2", ext_tree);
     DiskSpec {
         name: "mbr_mixed".into(),
         sector_size: 512,
@@ -681,73 +595,12 @@ pub fn mbr_mixed_spec() -> DiskSpec {
             signature: 0x1234_5678,
         },
         parts: vec![
-            PartSpec {
-                number: 1,
-                start: 2048,
-                sectors: 48 * MIB / 512,
-                gpt_type: None,
-                uuid: None,
-                name: None,
-                attrs: None,
-                mbr_type: Some(0x0e),
-                bootable: true,
-                fs: Some(FsSpec::Fat {
-                    bits: 16,
-                    sector_size: 512,
-                    cluster_sectors: 0,
-                    label: "DOSDATA".into(),
-                    volume_id: 0x0DD5_F00D,
-                    tree: fat_tree,
-                }),
-            },
-            PartSpec {
-                number: 2,
-                start: 2048 + 48 * MIB / 512,
-                sectors: 96 * MIB / 512,
-                gpt_type: None,
-                uuid: None,
-                name: None,
-                attrs: None,
-                mbr_type: Some(0x07),
-                bootable: false,
-                fs: Some(FsSpec::Ntfs {
-                    label: "DATA".into(),
-                    cluster_size: 4096,
-                    tree: ntfs_tree,
-                }),
-            },
-            PartSpec {
-                number: 3,
-                start: 2048 + 144 * MIB / 512,
-                sectors: 65 * MIB / 512,
-                gpt_type: None,
-                uuid: None,
-                name: None,
-                attrs: None,
-                mbr_type: Some(0x05),
-                bootable: false,
-                fs: None,
-            },
-            PartSpec {
-                number: 5,
-                start: 2048 + 145 * MIB / 512,
-                sectors: 64 * MIB / 512,
-                gpt_type: None,
-                uuid: None,
-                name: None,
-                attrs: None,
-                mbr_type: Some(0x83),
-                bootable: false,
-                fs: Some(FsSpec::Ext {
-                    kind: FsKind::Ext2,
-                    block_size: 1024,
-                    uuid: "6c2d1e0f-5a5a-4c33-8b55-000000000005".into(),
-                    label: "data2".into(),
-                    features: vec![],
-                    tree: ext_tree,
-                    deleted: None,
-                }),
-            },
+            PartSpec::mbr(1, 2048, 48 * MIB / 512, 0x0e)
+                .with_boot_flag()
+                .with_fs(fat),
+            PartSpec::mbr(2, 2048 + 48 * MIB / 512, 96 * MIB / 512, 0x07).with_fs(ntfs),
+            PartSpec::mbr(3, 2048 + 144 * MIB / 512, 65 * MIB / 512, 0x05),
+            PartSpec::mbr(5, 2048 + 145 * MIB / 512, 64 * MIB / 512, 0x83).with_fs(ext2),
         ],
     }
 }
@@ -761,35 +614,15 @@ pub fn mbr_mixed() -> Result<Fixture> {
 /// (96 MiB, 4 KiB blocks).
 pub fn gpt_4k_spec() -> DiskSpec {
     let mut ext_tree = vec![
-        entry(
-            "etc/hostname",
-            Content::Literal {
-                text: "gpt-4k\n".into(),
-            },
-        ),
-        entry(
-            "var/log/syslog",
-            Content::Text {
-                seed: 80,
-                len: 5 * MIB,
-            },
-        ),
-        entry(
-            "var/lib/blob.bin",
-            Content::Random {
-                seed: 81,
-                len: 10 * MIB + 4097,
-            },
-        ),
-        entry(
-            "usr/lib/libx.so",
-            Content::Binary {
-                seed: 82,
-                len: 4 * MIB,
-            },
-        ),
+        literal("etc/hostname", "gpt-4k\n"),
+        text("var/log/syslog", 80, 5 * MIB),
+        random("var/lib/blob.bin", 81, 10 * MIB + 4097),
+        binary("usr/lib/libx.so", 82, 4 * MIB),
     ];
     ext_tree.extend(host_binaries());
+    let esp = FsSpec::fat(32, 4096, 1, "ESP4K", 0x4096_4096, esp_tree());
+    let ext4_uuid = "7d3e2f10-4096-4d44-9c66-000000000002";
+    let ext4 = FsSpec::ext(FsKind::Ext4, 4096, ext4_uuid, "data4k", ext_tree);
     DiskSpec {
         name: "gpt_4k".into(),
         sector_size: 4096,
@@ -798,45 +631,22 @@ pub fn gpt_4k_spec() -> DiskSpec {
             disk_guid: "C4C4C4C4-4096-4B4B-8A8A-000000004096".into(),
         },
         parts: vec![
-            PartSpec {
-                number: 1,
-                start: 256,
-                sectors: 260 * MIB / 4096,
-                gpt_type: Some(GPT_ESP.into()),
-                uuid: Some("C4C4C4C4-4096-4B4B-8A8A-000000000001".into()),
-                name: Some("EFI System Partition".into()),
-                attrs: None,
-                mbr_type: None,
-                bootable: false,
-                fs: Some(FsSpec::Fat {
-                    bits: 32,
-                    sector_size: 4096,
-                    cluster_sectors: 1,
-                    label: "ESP4K".into(),
-                    volume_id: 0x4096_4096,
-                    tree: esp_tree(),
-                }),
-            },
-            PartSpec {
-                number: 2,
-                start: 256 + 260 * MIB / 4096,
-                sectors: 96 * MIB / 4096,
-                gpt_type: Some(GPT_LINUX_FS.into()),
-                uuid: Some("C4C4C4C4-4096-4B4B-8A8A-000000000002".into()),
-                name: Some("data".into()),
-                attrs: None,
-                mbr_type: None,
-                bootable: false,
-                fs: Some(FsSpec::Ext {
-                    kind: FsKind::Ext4,
-                    block_size: 4096,
-                    uuid: "7d3e2f10-4096-4d44-9c66-000000000002".into(),
-                    label: "data4k".into(),
-                    features: vec![],
-                    tree: ext_tree,
-                    deleted: None,
-                }),
-            },
+            PartSpec::esp(
+                1,
+                256,
+                260 * MIB / 4096,
+                "C4C4C4C4-4096-4B4B-8A8A-000000000001",
+            )
+            .with_fs(esp),
+            PartSpec::gpt(
+                2,
+                256 + 260 * MIB / 4096,
+                96 * MIB / 4096,
+                GPT_LINUX_FS,
+                "C4C4C4C4-4096-4B4B-8A8A-000000000002",
+                "data",
+            )
+            .with_fs(ext4),
         ],
     }
 }
@@ -912,12 +722,10 @@ pub fn big_mixed_spec(size: u64, used_fraction: f64) -> DiskSpec {
         filled += content.len().div_ceil(4096) * 4096;
         tree.push(entry(path, content));
     }
-    tree.push(entry(
-        "etc/hostname",
-        Content::Literal {
-            text: "big-mixed\n".into(),
-        },
-    ));
+    tree.push(literal("etc/hostname", "big-mixed\n"));
+    let ext4_uuid = "b16b16b1-0000-4b16-8b16-000000000003";
+    let ext4 = FsSpec::ext(FsKind::Ext4, 4096, ext4_uuid, "bigdata", tree);
+    let part_uuid = "B1B1B1B1-0000-4B1B-9B1B-000000000002";
     DiskSpec {
         name: format!(
             "big_mixed-{}M-{}",
@@ -929,26 +737,9 @@ pub fn big_mixed_spec(size: u64, used_fraction: f64) -> DiskSpec {
         table: TableSpec::Gpt {
             disk_guid: "B1B1B1B1-0000-4B1B-9B1B-000000000001".into(),
         },
-        parts: vec![PartSpec {
-            number: 1,
-            start: 2048,
-            sectors: part_sectors,
-            gpt_type: Some(GPT_LINUX_FS.into()),
-            uuid: Some("B1B1B1B1-0000-4B1B-9B1B-000000000002".into()),
-            name: Some("data".into()),
-            attrs: None,
-            mbr_type: None,
-            bootable: false,
-            fs: Some(FsSpec::Ext {
-                kind: FsKind::Ext4,
-                block_size: 4096,
-                uuid: "b16b16b1-0000-4b16-8b16-000000000003".into(),
-                label: "bigdata".into(),
-                features: vec![],
-                tree,
-                deleted: None,
-            }),
-        }],
+        parts: vec![
+            PartSpec::gpt(1, 2048, part_sectors, GPT_LINUX_FS, part_uuid, "data").with_fs(ext4),
+        ],
     }
 }
 

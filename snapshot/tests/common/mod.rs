@@ -1,12 +1,19 @@
 //! Helpers shared by the integration tests: run the real tools (failing loudly, naming the tool,
-//! when one is missing), scratch images, loop devices, byte patches.
+//! when one is missing), scratch images, loop devices, byte patches, and the probes and checks
+//! the filesystem tests share.
 #![allow(dead_code)]
 
+use snapshot::fs::{Found, Probe};
+use snapshot::{DiskSource, ReadAt};
+use std::collections::HashMap;
+use std::fmt::Display;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+pub const MIB: u64 = 1 << 20;
 
 /// Path of a required tool; panics naming it when it is not installed.
 pub fn tool(name: &str) -> PathBuf {
@@ -89,6 +96,27 @@ pub fn tmp() -> tempfile::TempDir {
         .prefix("snapshot-test-")
         .tempdir()
         .expect("tempdir")
+}
+
+/// A new sparse image of `size` bytes at `path`, formatted by `tool args… path` (mkfs.*,
+/// mkntfs, mkswap).
+pub fn mkfs_image(path: &Path, size: u64, tool: &str, args: &[&str]) {
+    sparse(path, size);
+    run(cmd(tool).args(args).arg(path));
+}
+
+/// A scratch directory holding a test tree ([`make_tree`] at `scale`), and the tree's path.
+pub fn tmp_with_tree(scale: usize) -> (tempfile::TempDir, PathBuf) {
+    let d = tmp();
+    let tree = d.path().join("tree");
+    make_tree(&tree, scale);
+    (d, tree)
+}
+
+/// An empty directory at `path`, whatever was there before.
+pub fn fresh_dir(path: &Path) {
+    let _ = std::fs::remove_dir_all(path);
+    std::fs::create_dir_all(path).unwrap();
 }
 
 /// Apply byte patches to a file.
@@ -251,4 +279,116 @@ pub fn complement(free: &[(u64, u64)], total: u64) -> Vec<(u64, u64)> {
         out.push((at, total));
     }
     out
+}
+
+/// What blkid (`-p -o export`) says of an image: TYPE, UUID, LABEL, VERSION and the rest.
+pub fn blkid(img: &Path) -> HashMap<String, String> {
+    run(cmd("blkid").args(["-p", "-o", "export"]).arg(img))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("\\ ", " ")))
+        .collect()
+}
+
+/// What our filesystem probe finds in the `len` bytes of `img` from `offset`.
+pub fn probe_at(img: &Path, offset: u64, len: u64) -> Found {
+    snapshot::fs::probe(&DiskSource::open(img).unwrap(), offset, len)
+}
+
+/// The filesystem our probe finds in the `len` bytes of `img` from `offset`; panics on anything
+/// else.
+pub fn known_at(img: &Path, offset: u64, len: u64) -> Probe {
+    match probe_at(img, offset, len) {
+        Found::Known(p) => p,
+        other => panic!("{}: {other:?}", img.display()),
+    }
+}
+
+/// The filesystem that fills the whole image `img`; panics when the probe finds none.
+pub fn known(img: &Path) -> Probe {
+    let len = std::fs::metadata(img).unwrap().len();
+    known_at(img, 0, len)
+}
+
+/// Panics unless the probe of the first `len` bytes of `img` reports damage whose reason
+/// mentions every one of `what`.
+pub fn expect_damaged(img: &Path, len: u64, what: &[&str]) {
+    match probe_at(img, 0, len) {
+        Found::Damaged { reason, .. } => {
+            for w in what {
+                assert!(reason.contains(w), "{reason:?} should mention {w:?}");
+            }
+        }
+        other => panic!("expected damage mentioning {what:?}, got {other:?}"),
+    }
+}
+
+/// Put the filesystem image `fsimg` 1 MiB into a new `disk_size`-byte image `disk`, in a
+/// partition of `part_len` bytes; returns the probes of the filesystem alone and of the partition.
+pub fn probe_in_partition(
+    fsimg: &Path,
+    disk: &Path,
+    disk_size: u64,
+    part_len: u64,
+) -> (Probe, Probe) {
+    let whole = known(fsimg);
+    sparse(disk, disk_size);
+    apply(disk, &[(MIB, std::fs::read(fsimg).unwrap())]);
+    (whole, known_at(disk, MIB, part_len))
+}
+
+/// Panics unless `p` maps as used exactly what `before` does plus `[from, to)`; `what` names the
+/// case in the message.
+pub fn assert_used_plus(p: &Probe, before: &Probe, (from, to): (u64, u64), what: impl Display) {
+    let mut expect = before.used.clone();
+    expect.add(from, to);
+    assert_eq!(p.used, expect, "{what}");
+}
+
+/// Copy only the used ranges of the filesystem filling `img` to `work/copy.img`; returns its path.
+pub fn used_copy(img: &Path, p: &Probe, work: &Path) -> PathBuf {
+    let copy = work.join("copy.img");
+    copy_used(img, &copy, &p.used, 0);
+    copy
+}
+
+/// Panics unless every file of `tree` is under `copy` with the same bytes; `what` names the
+/// image in messages.
+pub fn assert_same_files(tree: &Path, copy: &Path, what: impl Display) {
+    let files = list_files(tree);
+    assert!(!files.is_empty(), "{what}: no files in {}", tree.display());
+    for f in &files {
+        let a = std::fs::read(tree.join(f)).unwrap();
+        let b =
+            std::fs::read(copy.join(f)).unwrap_or_else(|e| panic!("{what}: {}: {e}", f.display()));
+        assert!(a == b, "{what}: file {} differs in the copy", f.display());
+    }
+}
+
+/// Bit-flip fuzzing: `rounds` times, flip `flips` bits of a copy of `base`, run `probe` on it
+/// (it must not panic, whatever it returns) and restore the bytes. Flip `k` of round `i` takes
+/// `r = rnd[(flips * i + k) % rnd.len()]` and flips bit `r % 8` of byte
+/// `spot(r * 7919 + i * 104_729)`.
+pub fn flip_bits<T>(
+    base: &[u8],
+    rnd: &[u8],
+    rounds: usize,
+    flips: usize,
+    spot: impl Fn(usize) -> usize,
+    probe: impl Fn(&dyn ReadAt, u64, u64) -> T,
+) {
+    let mut b = base.to_vec();
+    for i in 0..rounds {
+        let mut flipped = Vec::new();
+        for k in 0..flips {
+            let r = rnd[(flips * i + k) % rnd.len()] as usize;
+            let pos = spot(r * 7919 + i * 104_729);
+            b[pos] ^= 1 << (r % 8);
+            flipped.push(pos);
+        }
+        let _ = probe(&Bytes(&b), 0, b.len() as u64);
+        for pos in flipped {
+            b[pos] = base[pos];
+        }
+    }
 }

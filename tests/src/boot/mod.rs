@@ -12,7 +12,8 @@ pub mod appliance;
 mod grub_bios;
 pub mod watch;
 
-use crate::fixtures::{self, DiskSpec, Entry, Fixture, FsKind, FsSpec, PartSpec, TableSpec};
+use crate::fixtures::{self, binary, literal, DiskSpec, Entry, Fixture, FsKind, FsSpec};
+use crate::fixtures::{PartSpec, TableSpec, GPT_LINUX_ROOT_X86_64};
 use crate::prng::Content;
 use crate::util::Workspace;
 use anyhow::{bail, Context, Result};
@@ -24,9 +25,7 @@ use std::process::Command;
 pub const BOOT_OK: &str = "BOOT-OK host=";
 
 const MIB: u64 = 1 << 20;
-const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const GPT_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
-const GPT_LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const ROOT_UUID: &str = "5a3e0b1e-0000-4b00-8000-00000000b007";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -244,13 +243,6 @@ fn copy_modules(k: &Kernel, names: &[&str], root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn lit(path: &str, text: String) -> Entry {
-    Entry {
-        path: path.into(),
-        content: Content::Literal { text },
-    }
-}
-
 fn copy(path: &str, src: &Path) -> Entry {
     Entry {
         path: path.into(),
@@ -265,6 +257,8 @@ pub fn sample_cmdline() -> String {
     format!("root=UUID={ROOT_UUID} console=tty0 console=ttyS0,115200n8")
 }
 
+/// The sample servers' ext4 root (160 MiB at `start`): hostname, fstab, kernel and initramfs,
+/// some data, and `extra`.
 fn root_part(
     number: u32,
     start: u64,
@@ -274,39 +268,39 @@ fn root_part(
     extra: Vec<Entry>,
 ) -> PartSpec {
     let mut tree = vec![
-        lit("etc/hostname", format!("{host}\n")),
-        lit("etc/fstab", format!("UUID={ROOT_UUID} / ext4 ro 0 1\n")),
+        literal("etc/hostname", format!("{host}\n")),
+        literal("etc/fstab", format!("UUID={ROOT_UUID} / ext4 ro 0 1\n")),
         copy("boot/vmlinuz", &k.vmlinuz),
         copy("boot/initrd.img", initrd),
-        Entry {
-            path: "srv/data.bin".into(),
-            content: Content::Binary {
-                seed: 4242,
-                len: 8 * MIB,
-            },
-        },
+        binary("srv/data.bin", 4242, 8 * MIB),
     ];
     tree.extend(extra);
-    PartSpec {
-        number,
-        start,
-        sectors: 160 * MIB / 512,
-        gpt_type: Some(GPT_LINUX_ROOT_X86_64.into()),
-        uuid: Some(format!("5A3E0B1E-000{number}-4B00-8000-00000000B007")),
-        name: Some("root".into()),
-        attrs: None,
-        mbr_type: None,
-        bootable: false,
-        fs: Some(FsSpec::Ext {
-            kind: FsKind::Ext4,
-            block_size: 4096,
-            uuid: ROOT_UUID.into(),
-            label: "root".into(),
-            features: vec![],
-            tree,
-            deleted: None,
-        }),
+    let ext4 = FsSpec::ext(FsKind::Ext4, 4096, ROOT_UUID, "root", tree);
+    let uuid = format!("5A3E0B1E-000{number}-4B00-8000-00000000B007");
+    let sectors = 160 * MIB / 512;
+    PartSpec::gpt(number, start, sectors, GPT_LINUX_ROOT_X86_64, uuid, "root").with_fs(ext4)
+}
+
+/// The sample servers' ESP (64 MiB at `start`): shim and GRUB signed for Secure Boot, in
+/// Debian's directory (found through a boot entry) and as the removable-media fallback.
+fn sample_esp(number: u32, start: u64) -> Result<PartSpec> {
+    let shim = Path::new("/usr/lib/shim/shimx64.efi.signed");
+    let grub = Path::new("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed");
+    for (f, pkg) in [(shim, "shim-signed"), (grub, "grub-efi-amd64-signed")] {
+        if !f.exists() {
+            bail!("{} missing: apt-get install {pkg}", f.display());
+        }
     }
+    let tree = vec![
+        copy("EFI/BOOT/BOOTX64.EFI", shim),
+        copy("EFI/BOOT/grubx64.efi", grub),
+        copy("EFI/debian/shimx64.efi", shim),
+        copy("EFI/debian/grubx64.efi", grub),
+        literal("EFI/debian/grub.cfg", grub_entry()),
+    ];
+    let uuid = format!("5A3E0B1E-000{number}-4B00-8000-0000000000EF");
+    let fat = FsSpec::fat(32, 512, 1, "ESP", 0x5A3E_0B1E, tree);
+    Ok(PartSpec::esp(number, start, 64 * MIB / 512, uuid).with_fs(fat))
 }
 
 fn grub_entry() -> String {
@@ -326,76 +320,40 @@ fn grub_entry() -> String {
 pub fn sample_server(host: &str, fw: Firmware) -> Result<Fixture> {
     let k = kernel()?;
     let initrd = sample_initrd(&k)?;
-    let esp = |number: u32, start: u64| -> Result<PartSpec> {
-        let shim = Path::new("/usr/lib/shim/shimx64.efi.signed");
-        let grub = Path::new("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed");
-        for (f, pkg) in [(shim, "shim-signed"), (grub, "grub-efi-amd64-signed")] {
-            if !f.exists() {
-                bail!("{} missing: apt-get install {pkg}", f.display());
-            }
-        }
-        Ok(PartSpec {
-            number,
-            start,
-            sectors: 64 * MIB / 512,
-            gpt_type: Some(GPT_ESP.into()),
-            uuid: Some(format!("5A3E0B1E-000{number}-4B00-8000-0000000000EF")),
-            name: Some("EFI System Partition".into()),
-            attrs: None,
-            mbr_type: None,
-            bootable: false,
-            fs: Some(FsSpec::Fat {
-                bits: 32,
-                sector_size: 512,
-                cluster_sectors: 1,
-                label: "ESP".into(),
-                volume_id: 0x5A3E_0B1E,
-                // As Debian installs it: its own directory (found through a boot entry)
-                // plus the removable-media fallback.
-                tree: vec![
-                    copy("EFI/BOOT/BOOTX64.EFI", shim),
-                    copy("EFI/BOOT/grubx64.efi", grub),
-                    copy("EFI/debian/shimx64.efi", shim),
-                    copy("EFI/debian/grubx64.efi", grub),
-                    lit("EFI/debian/grub.cfg", grub_entry()),
-                ],
-            }),
-        })
-    };
-    let bios_boot = PartSpec {
-        number: 1,
-        start: 2048,
-        sectors: MIB / 512,
-        gpt_type: Some(GPT_BIOS_BOOT.into()),
-        uuid: Some("5A3E0B1E-0001-4B00-8000-0000000000B1".into()),
-        name: Some("BIOS boot".into()),
-        attrs: None,
-        mbr_type: None,
-        bootable: false,
-        fs: None,
-    };
+    let spec = sample_server_spec(host, fw, &k, &initrd)?;
+    let fixture = fixtures::build(&spec)?;
+    if fw != Firmware::Uefi {
+        grub_bios::install(&fixture, 2048, &grub_entry())?;
+    }
+    Ok(fixture)
+}
+
+/// The recipe of [`sample_server`]'s disk, booting `k` with `initrd`.
+pub fn sample_server_spec(host: &str, fw: Firmware, k: &Kernel, initrd: &Path) -> Result<DiskSpec> {
+    let bios_uuid = "5A3E0B1E-0001-4B00-8000-0000000000B1";
+    let bios_boot = PartSpec::gpt(1, 2048, MIB / 512, GPT_BIOS_BOOT, bios_uuid, "BIOS boot");
     let (tag, parts) = match fw {
         Firmware::Uefi => (
             "uefi",
             vec![
-                esp(1, 2048)?,
-                root_part(2, 2048 + 64 * MIB / 512, host, &k, &initrd, vec![]),
+                sample_esp(1, 2048)?,
+                root_part(2, 2048 + 64 * MIB / 512, host, k, initrd, vec![]),
             ],
         ),
         Firmware::Bios => (
             "bios",
-            vec![bios_boot, root_part(2, 4096, host, &k, &initrd, vec![])],
+            vec![bios_boot, root_part(2, 4096, host, k, initrd, vec![])],
         ),
         Firmware::Hybrid => (
             "hybrid",
             vec![
                 bios_boot,
-                esp(2, 4096)?,
-                root_part(3, 4096 + 64 * MIB / 512, host, &k, &initrd, vec![]),
+                sample_esp(2, 4096)?,
+                root_part(3, 4096 + 64 * MIB / 512, host, k, initrd, vec![]),
             ],
         ),
     };
-    let spec = DiskSpec {
+    Ok(DiskSpec {
         name: format!("sample_{tag}_{host}"),
         sector_size: 512,
         size: 256 * MIB,
@@ -403,12 +361,7 @@ pub fn sample_server(host: &str, fw: Firmware) -> Result<Fixture> {
             disk_guid: format!("5A3E0B1E-0000-4B00-8000-0000000000{:02X}", tag.len()),
         },
         parts,
-    };
-    let fixture = fixtures::build(&spec)?;
-    if fw != Firmware::Uefi {
-        grub_bios::install(&fixture, 2048, &grub_entry())?;
-    }
-    Ok(fixture)
+    })
 }
 /// A built boot image (`bootimg build` output directory).
 pub struct BootImage {
