@@ -187,8 +187,10 @@ pub struct FailbackArgs {
     /// How long the VM gets to power off at cutover before the appliance forces it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub stop_timeout: Duration,
-    /// After cutover, read back the whole target (`full`) or only the final delta (`delta`).
-    #[arg(long, value_parser = ["full", "delta"], default_value = "full")]
+    /// After cutover, read back every slot this failback wrote (`written`: with round 1's
+    /// comparison, every slot of the target is then proven), the whole target (`full`), or only
+    /// the final delta, which the cutover window always checks (`delta`).
+    #[arg(long, value_parser = ["written", "full", "delta"], default_value = "written")]
     pub verify: String,
     #[arg(long)]
     pub json: bool,

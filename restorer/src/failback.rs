@@ -31,7 +31,7 @@ use snapshot::sign::PublicKey;
 use snapshot::store::http::{Attempt, HttpStore};
 use snapshot::store::{check_name, FetchError, Store};
 use snapshot::{ChunkIndex, Digest, Slot, CHUNK_SIZE};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -77,7 +77,8 @@ pub struct Summary {
     /// From the final-round request (the VM is stopped on it) to the final delta written,
     /// flushed, read back and verified.
     pub cutover_window_seconds: f64,
-    /// Slots verified in the whole-target verification after cutover (0 with `--verify delta`).
+    /// Slots read back and checked after cutover (`--verify`: every slot written before the
+    /// final round, or the whole target; 0 with `delta`).
     pub verified_slots: u64,
     pub verify_seconds: f64,
     pub total_bytes_fetched: u64,
@@ -122,6 +123,8 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
     let mut applied: Option<Vec<ChunkIndex>> = None;
     let mut rounds: Vec<RoundStats> = Vec::new();
     let mut want_final = false;
+    // Per disk, the slots written by the rounds before the final one.
+    let mut written: Vec<BTreeSet<usize>> = Vec::new();
     let (window, last) = loop {
         let asked = Instant::now();
         let n = request_round(&api, &a.vm, want_final, a.stop_timeout)?;
@@ -138,7 +141,7 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
                 );
             }
         }
-        let mut st = apply(&store, &disks, &round, applied.as_deref(), threads)?;
+        let (mut st, wrote) = apply(&store, &disks, &round, applied.as_deref(), threads)?;
         st.bytes_fetched += round.meta_bytes;
         st.seconds = asked.elapsed().as_secs_f64();
         if !a.json {
@@ -162,8 +165,15 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
         rounds.push(st);
         if is_final {
             // The final delta read back and checked: the end of the cutover window.
-            verify(&disks, &round.indexes, applied.as_deref(), threads)?;
+            let delta: Vec<Vec<usize>> = (0..disks.len())
+                .map(|k| round_slots(&round.indexes[k], applied.as_deref().map(|p| &p[k])))
+                .collect();
+            verify(&disks, &round.indexes, &delta, threads)?;
             break (asked.elapsed().as_secs_f64(), round);
+        }
+        written.resize_with(disks.len(), BTreeSet::new);
+        for (w, s) in written.iter_mut().zip(wrote) {
+            w.extend(s);
         }
         applied = Some(round.indexes.clone());
         if fetched <= a.threshold || rounds.len() as u32 >= a.max_rounds {
@@ -171,11 +181,27 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
         }
     };
     let verify_started = Instant::now();
-    let verified = if a.verify == "full" {
-        verify(&disks, &last.indexes, None, threads)?
-    } else {
-        0
+    let check: Vec<Vec<usize>> = match a.verify.as_str() {
+        "full" => last.indexes.iter().map(|i| round_slots(i, None)).collect(),
+        // Slots written earlier and changed again by the final round were checked in the window.
+        "written" => written
+            .iter()
+            .enumerate()
+            .map(|(k, w)| {
+                let fin = &last.indexes[k];
+                w.iter()
+                    .copied()
+                    .filter(|&i| {
+                        applied
+                            .as_ref()
+                            .is_none_or(|p| p[k].digest(i) == fin.digest(i))
+                    })
+                    .collect()
+            })
+            .collect(),
+        _ => Vec::new(),
     };
+    let verified = verify(&disks, &last.indexes, &check, threads)?;
     let summary = Summary {
         vm: a.vm.clone(),
         host: last.file.host.clone(),
@@ -197,13 +223,16 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
             summary.rounds.len(),
             report::bytes(summary.total_bytes_fetched),
             summary.cutover_window_seconds,
-            if a.verify == "full" {
-                format!(
+            match a.verify.as_str() {
+                "full" => format!(
                     "; whole target verified ({} slots, {:.1}s)",
                     summary.verified_slots, summary.verify_seconds
-                )
-            } else {
-                String::new()
+                ),
+                "written" => format!(
+                    "; the {} slots written before cutover verified ({:.1}s)",
+                    summary.verified_slots, summary.verify_seconds
+                ),
+                _ => String::new(),
             },
             summary.total_seconds
         );
@@ -225,7 +254,8 @@ fn request_round(api: &HttpStore, vm: &str, cutover: bool, stop_timeout: Duratio
     let url = api.url(&format!("failover/{vm}/rounds"));
     let body = serde_json::json!({
         "final": cutover,
-        "timeout_seconds": stop_timeout.as_secs(),
+        // Whole seconds on the wire: a part of a second still gives the VM that second.
+        "timeout_seconds": stop_timeout.as_secs_f64().ceil() as u64,
     })
     .to_string();
     let post = |cutover_body: &str| {
@@ -352,32 +382,37 @@ struct Counters {
     fetched_chunks: AtomicU64,
 }
 
-/// Apply one round to every disk: compare everything (`prev` = None) or only the slots whose
+/// The slots of `idx` a round considers: every data and zero slot (`prev` = None), or those whose
 /// digest differs from `prev`.
+fn round_slots(idx: &ChunkIndex, prev: Option<&ChunkIndex>) -> Vec<usize> {
+    idx.slots()
+        .filter(|&(i, s)| s != Slot::Unused && prev.is_none_or(|p| p.digest(i) != idx.digest(i)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Apply one round to every disk: compare everything (`prev` = None) or only the slots whose
+/// digest differs from `prev`. Also returns, per disk, the slots written.
 fn apply(
     store: &dyn Store,
     disks: &[Disk],
     round: &Round,
     prev: Option<&[ChunkIndex]>,
     threads: usize,
-) -> Result<RoundStats> {
+) -> Result<(RoundStats, Vec<Vec<usize>>)> {
     let c = Counters::default();
     let mut considered = 0;
+    let mut written = Vec::new();
     for (k, disk) in disks.iter().enumerate() {
         let idx = &round.indexes[k];
-        let slots: Vec<usize> = idx
-            .slots()
-            .filter(|&(i, s)| {
-                s != Slot::Unused && prev.is_none_or(|p| p[k].digest(i) != idx.digest(i))
-            })
-            .map(|(i, _)| i)
-            .collect();
+        let slots = round_slots(idx, prev.map(|p| &p[k]));
         considered += slots.len() as u64;
         let what = format!("disk {} ({})", round.file.disks[k].number, disk.name);
-        apply_disk(store, disk, idx, &slots, prev.is_none(), threads, &c)
+        let wrote = apply_disk(store, disk, idx, &slots, prev.is_none(), threads, &c)
             .with_context(|| format!("round {}, {what}", round.file.round))?;
+        written.push(wrote);
     }
-    Ok(RoundStats {
+    let stats = RoundStats {
         round: round.file.round,
         is_final: round.file.is_final,
         slots_considered: considered,
@@ -389,7 +424,8 @@ fn apply(
         chunks_fetched: c.fetched_chunks.into_inner(),
         appliance_changed_slots: round.file.disks.iter().map(|d| d.changed_slots).sum(),
         seconds: 0.0,
-    })
+    };
+    Ok((stats, written))
 }
 
 /// Read slot `i` of `disk` into `buf` (aligned, at least a chunk plus one alignment unit) and
@@ -444,8 +480,9 @@ fn apply_disk(
     compare: bool,
     threads: usize,
     c: &Counters,
-) -> Result<()> {
-    let readers = if compare { 2 } else { 0 };
+) -> Result<Vec<usize>> {
+    // Four readers, so that one thread's read overlaps another's hashing.
+    let readers = if compare { 4 } else { 0 };
     let (tx, rx) = crossbeam_channel::bounded::<usize>(threads * 4 + 8);
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -457,6 +494,7 @@ fn apply_disk(
     // Digest -> a slot already holding it on the target (copied from instead of fetched).
     let written: Mutex<HashMap<Digest, usize>> = Mutex::new(HashMap::new());
     let deferred: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let wrote: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     let work = |i: usize, scratch: &mut AlignedBuf, copy: &mut AlignedBuf| -> Result<()> {
         let len = idx.span(i).1;
         match idx.slot(i) {
@@ -491,6 +529,7 @@ fn apply_disk(
         }
         c.written_slots.fetch_add(1, Ordering::Relaxed);
         c.written_bytes.fetch_add(len, Ordering::Relaxed);
+        wrote.lock().expect("lock").push(i);
         Ok(())
     };
     std::thread::scope(|s| {
@@ -562,26 +601,18 @@ fn apply_disk(
         }
         disk.sync()?;
     }
-    Ok(())
+    Ok(wrote.into_inner().expect("lock"))
 }
 
-/// Read back every data and zero slot of every disk (only those whose digest differs from
-/// `prev` when given) and compare it with `indexes`. Returns the slots checked.
+/// Read back `slots` of every disk and compare them with `indexes`. Returns the slots checked.
 fn verify(
     disks: &[Disk],
     indexes: &[ChunkIndex],
-    prev: Option<&[ChunkIndex]>,
+    slots: &[Vec<usize>],
     threads: usize,
 ) -> Result<u64> {
     let mut total = 0;
-    for (k, (disk, idx)) in disks.iter().zip(indexes).enumerate() {
-        let slots: Vec<usize> = idx
-            .slots()
-            .filter(|&(i, s)| {
-                s != Slot::Unused && prev.is_none_or(|p| p[k].digest(i) != idx.digest(i))
-            })
-            .map(|(i, _)| i)
-            .collect();
+    for ((disk, idx), slots) in disks.iter().zip(indexes).zip(slots) {
         let next = AtomicU64::new(0);
         let bad: Mutex<Vec<usize>> = Mutex::new(Vec::new());
         let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);

@@ -309,7 +309,13 @@ fn drifted_target_ends_exact_over_several_rounds() {
     // Round 1 compared every slot: all 16 had drifted or changed.
     assert_eq!(rounds[0]["slots_hashed"], 16);
     assert!(v["cutover_window_seconds"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["verified_slots"], 16);
+    // --verify written (the default): every slot was written (all had drifted); those the final
+    // round did not change again are read back after cutover, the others inside the window.
+    assert_eq!(
+        v["verified_slots"].as_u64().unwrap() + rounds[3]["slots_considered"].as_u64().unwrap(),
+        16,
+        "{v}"
+    );
     assert_eq!(fx.state()["phase"], "failed-back");
     assert_same(&target, &fx.vm_disk());
 }
@@ -327,7 +333,7 @@ fn blank_target_gets_a_full_restore() {
         .unwrap()
         .set_len(size)
         .unwrap();
-    let (out, v) = run(fx.failback(&target, &[]));
+    let (out, v) = run(fx.failback(&target, &["--verify", "full"]));
     assert!(
         out.status.success(),
         "{}",
@@ -336,6 +342,8 @@ fn blank_target_gets_a_full_restore() {
     // Round 1 fetched everything; 64 MiB threshold: cutover right after it.
     let rounds = v["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2, "{v}");
+    // --verify full read back all 12 slots of the 48 MiB target.
+    assert_eq!(v["verified_slots"], 12, "{v}");
     // Random data does not compress: 24 MiB of snapshot data plus the 3 MiB written, in slots.
     let fetched = v["total_bytes_fetched"].as_u64().unwrap();
     assert!(
