@@ -82,6 +82,17 @@ pub struct Nic {
 }
 
 impl Nic {
+    /// A NIC that boots first by PXE: `bootfile` (a TFTP path under `tftp`, or an http:// URL
+    /// that the NIC's iPXE fetches) from QEMU's user network.
+    pub fn pxe(model: &str, tftp: &Path, bootfile: &str) -> Nic {
+        Nic {
+            tftp: Some(tftp.to_path_buf()),
+            bootfile: Some(bootfile.to_string()),
+            bootindex: Some(1),
+            ..Nic::new(model)
+        }
+    }
+
     pub fn new(model: &str) -> Nic {
         Nic {
             model: model.into(),

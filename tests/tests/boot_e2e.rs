@@ -190,18 +190,16 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
         spec.disks.push(Disk::new(&copy, *bus).boot(1));
     }
     spec.disks.push(Disk::new(&target, flow.target_bus));
-    let mut nic = Nic::new(flow.nic);
+    let mut nic = match &flow.pxe {
+        Some((tftp, bootfile)) => Nic::pxe(flow.nic, tftp, bootfile),
+        None => Nic::new(flow.nic),
+    };
     // shim cannot fetch GRUB through iPXE's PXE emulation: UEFI TFTP boot uses OVMF's PXE client.
     nic.no_rom = flow.fw != Firmware::Bios
         && flow
             .pxe
             .as_ref()
             .is_some_and(|(_, f)| !f.starts_with("http"));
-    if let Some((tftp, bootfile)) = &flow.pxe {
-        nic.tftp = Some(tftp.clone());
-        nic.bootfile = Some(bootfile.clone());
-        nic.bootindex = Some(1);
-    }
     spec.nics.push(nic);
     let mut vm = Vm::start(spec, dir).unwrap();
     let job_start = vm

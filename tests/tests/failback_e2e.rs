@@ -126,11 +126,11 @@ fn failover_then_pxe_failback_boots_with_the_vms_data() {
     let mut spec = VmSpec::new("server-pxe", Firmware::Bios);
     spec.memory_mib = 1536;
     spec.disks.push(Disk::new(&target, Bus::Ahci));
-    let mut nic = Nic::new("e1000");
-    nic.tftp = Some(image.pxe());
-    nic.bootfile = Some(format!("http://10.0.2.2:{PORT}/boot/pxe/boot.ipxe"));
-    nic.bootindex = Some(1);
-    spec.nics.push(nic);
+    spec.nics.push(Nic::pxe(
+        "e1000",
+        &image.pxe(),
+        &format!("http://10.0.2.2:{PORT}/boot/pxe/boot.ipxe"),
+    ));
     let mut server = Vm::start(spec, &dir).unwrap();
     let job = server
         .wait_for("restorer: starting `restorer failback", BOOT_TIMEOUT)

@@ -76,11 +76,11 @@ fn run() -> Result<()> {
     let mut spec = VmSpec::new("replacement", Firmware::Uefi);
     spec.memory_mib = 1536;
     spec.disks.push(Disk::new(&target, Bus::Nvme));
-    let mut nic = Nic::new("virtio-net-pci");
-    nic.tftp = Some(image.pxe());
-    nic.bootfile = Some(format!("http://10.0.2.2:{PORT}/boot/pxe/boot.ipxe"));
-    nic.bootindex = Some(1);
-    spec.nics.push(nic);
+    spec.nics.push(Nic::pxe(
+        "virtio-net-pci",
+        &image.pxe(),
+        &format!("http://10.0.2.2:{PORT}/boot/pxe/boot.ipxe"),
+    ));
     let power_on = Instant::now();
     let mut vm = None;
     s.step(
