@@ -1,1 +1,17 @@
-//! Adapt a restored OS to the target hardware.
+//! Adapt a restored OS to the target hardware: find the OS on the written disks, work out what
+//! this machine needs that the OS lacks (boot-path drivers in its initramfs, device names,
+//! NIC bindings, a loader the firmware finds), and change the OS the way its own tools would,
+//! listing every change with the original kept.
+//!
+//! The Linux half lives in [`linux`]; the restorer calls [`linux::adapt`] after the data is
+//! written (restore) or on already-restored disks (`restorer adapt`). The Windows half is not
+//! built yet.
+
+pub mod changes;
+pub mod initramfs;
+pub mod inventory;
+pub mod linux;
+pub mod volumes;
+
+pub use inventory::Inventory;
+pub use volumes::Volume;
