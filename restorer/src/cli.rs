@@ -25,6 +25,8 @@ pub enum Command {
     Capture(CaptureArgs),
     /// Bring a failover VM's disks back onto this machine: rounds, then cutover.
     Failback(FailbackArgs),
+    /// Adapt an already-restored (or moved) system on these disks to this machine.
+    Adapt(AdaptArgs),
     /// Run as PID 1 in the boot image.
     Init,
 }
@@ -115,6 +117,35 @@ pub struct RestoreArgs {
     /// (first in BootOrder; needs a UEFI-booted machine and block device targets).
     #[arg(long)]
     pub efi_boot_entry: bool,
+    /// Restore the bytes only: do not adapt the restored OS to this machine.
+    #[arg(long)]
+    pub no_adapt: bool,
+    #[command(flatten)]
+    pub adapt: AdaptOptions,
+}
+
+/// How the restored OS is adapted to this machine.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AdaptOptions {
+    /// Map a NIC of the restored system to one of this machine's: OLD (name or MAC) = NEW
+    /// (MAC, kernel name here, or PCI address); repeatable. Default: by PCI order.
+    #[arg(long = "nic-map", value_name = "OLD=NEW")]
+    pub nic_map: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AdaptArgs {
+    /// Disks of the restored system (block devices or image files), comma-separated, in its
+    /// disk order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub target: Vec<String>,
+    #[command(flatten)]
+    pub adapt: AdaptOptions,
+    /// Show what would change; write nothing (filesystems mounted read-only).
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1,5 +1,6 @@
 //! `restorer`: the program in the boot image (PID 1 mode) and a normal CLI on any Linux.
 
+mod adapt;
 mod bootentry;
 mod capture;
 mod cli;
@@ -26,6 +27,7 @@ fn main() {
         Command::Verify(a) => verify::run(&a),
         Command::Capture(a) => capture::run(&a),
         Command::Failback(a) => failback::run(&a),
+        Command::Adapt(a) => adapt::run(&a),
         Command::Init => init::run(),
     };
     if let Err(e) = result {

@@ -9,7 +9,7 @@ use crate::pipeline::DiskWriter;
 use crate::plan::{self, Plan, Source};
 use crate::report::{self, DiskSummary};
 use crate::target::{Kind, Safety};
-use crate::{bootentry, resize, table};
+use crate::{adapt, bootentry, resize, table};
 use anyhow::{Context, Result};
 use snapshot::Slot;
 use std::collections::HashSet;
@@ -24,6 +24,11 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
     let plan = plan::build(&src, targets, Some(&safety), a.layout.grow_last())?;
     if !a.json {
         plan.print();
+        if !a.no_adapt {
+            for l in adapt::plan_lines(&src.snapshot.manifest) {
+                println!("adapt: {l}");
+            }
+        }
     }
     if a.dry_run {
         if a.json {
@@ -56,16 +61,58 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
     match result {
         Ok(summaries) => {
             let secs = started.elapsed().as_secs_f64();
-            if a.json {
-                let v = serde_json::json!({ "plan": plan, "disks": summaries, "seconds": secs });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
+            if !a.json {
                 for s in &summaries {
                     s.print();
                 }
                 println!(
+                    "restore of {}/{} written and verified in {secs:.1}s",
+                    plan.host, plan.snapshot
+                );
+            }
+            // The data is in place whatever happens now: an adaptation failure is reported,
+            // never undone by wiping what was restored.
+            let adapted = if a.no_adapt {
+                if !a.json {
+                    println!(
+                        "adapt: skipped (--no-adapt): the restored OS is as it was on the source"
+                    );
+                }
+                None
+            } else {
+                let paths: Vec<&std::path::Path> =
+                    plan.disks.iter().map(|d| d.target.path.as_path()).collect();
+                let old = adapt::old_nics(&src.snapshot.manifest);
+                Some(
+                    adapt::adapt(&paths, old, &a.adapt, false, a.json).with_context(|| {
+                        format!(
+                            "{}/{} is restored, but adapting it to this machine failed",
+                            plan.host, plan.snapshot
+                        )
+                    }),
+                )
+            };
+            if a.json {
+                let adapt = match &adapted {
+                    Some(Ok(r)) => serde_json::to_value(r)?,
+                    Some(Err(e)) => serde_json::json!({ "error": format!("{e:#}") }),
+                    None => serde_json::Value::Null,
+                };
+                let v = serde_json::json!({
+                    "plan": plan, "disks": summaries, "adapt": adapt,
+                    "seconds": started.elapsed().as_secs_f64(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            if let Some(r) = adapted {
+                r?;
+            }
+            if !a.json {
+                println!(
                     "restore of {}/{} complete in {:.1}s",
-                    plan.host, plan.snapshot, secs
+                    plan.host,
+                    plan.snapshot,
+                    started.elapsed().as_secs_f64()
                 );
             }
             Ok(())

@@ -15,6 +15,10 @@ pub struct Params {
     pub token: Option<String>,
     /// `restorer.bootentry=0` keeps a UEFI-booted restore from writing a boot entry.
     pub no_boot_entry: bool,
+    /// `restorer.adapt=0`: restore the bytes only, do not adapt the restored OS.
+    pub no_adapt: bool,
+    /// `restorer.nicmap=OLD=NEW,...`: NIC pairs for the adaptation.
+    pub nic_map: Vec<String>,
     /// `ip=` values, in order.
     pub ip: Vec<String>,
 }
@@ -107,6 +111,20 @@ pub fn parse(cmdline: &str) -> Result<Params> {
                     _ => bail!("restorer.bootentry={v}: expected 0 or 1"),
                 }
             }
+            "restorer.adapt" => {
+                p.no_adapt = match v.as_str() {
+                    "0" => true,
+                    "1" => false,
+                    _ => bail!("restorer.adapt={v}: expected 0 or 1"),
+                }
+            }
+            "restorer.nicmap" => {
+                p.nic_map = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
             "ip" => p.ip.push(v),
             k if k.starts_with("restorer.") => bail!("unknown kernel parameter {k}="),
             _ => {}
@@ -136,6 +154,12 @@ mod tests {
         assert_eq!(p.mode, Mode::Restore);
         assert_eq!(p.after, After::Poweroff);
         assert_eq!(p.ip.len(), 1);
+        let p =
+            parse("restorer.adapt=0 restorer.nicmap=enp0s3=52:54:00:ab:cd:ef,eth1=0000:00:05.0")
+                .unwrap();
+        assert!(p.no_adapt);
+        assert_eq!(p.nic_map, ["enp0s3=52:54:00:ab:cd:ef", "eth1=0000:00:05.0"]);
+        assert!(parse("restorer.adapt=no").is_err());
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
             if !p.no_boot_entry && crate::bootentry::uefi_booted() {
                 a.push("--efi-boot-entry".into());
             }
+            if p.no_adapt {
+                a.push("--no-adapt".into());
+            }
+            for m in &p.nic_map {
+                a.extend(["--nic-map".into(), m.clone()]);
+            }
         }
         Mode::Failback => {
             a.extend([

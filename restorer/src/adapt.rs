@@ -1,0 +1,191 @@
+//! Adapting the restored OS to this machine (drivers-inject): after a restore, or alone on
+//! already-restored disks (`restorer adapt`, also the way to move a disk image onto new
+//! hardware). Image-file targets get loop devices with partition scanning for the time of it.
+
+use crate::cli::{AdaptArgs, AdaptOptions};
+use anyhow::{bail, Context, Result};
+use drivers_inject::linux::{self, network::OldNic, Options, Report};
+use drivers_inject::{Inventory, Volume};
+use std::path::Path;
+use std::process::Command;
+
+/// Loop devices attached for image files, detached when dropped.
+#[derive(Default)]
+struct Loops(Vec<String>);
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for l in self.0.drain(..) {
+            let _ = Command::new("losetup").arg("-d").arg(&l).status();
+        }
+    }
+}
+
+fn attach(file: &Path, loops: &mut Loops) -> Result<String> {
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--partscan"])
+        .arg(file)
+        .output()
+        .context("running losetup")?;
+    if !out.status.success() {
+        bail!(
+            "losetup {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    loops.0.push(dev.clone());
+    Ok(dev)
+}
+
+fn is_block(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+fn parse_map(o: &AdaptOptions) -> Result<Vec<(String, String)>> {
+    o.nic_map
+        .iter()
+        .map(|m| {
+            // OLD may itself be a MAC (with ':'), so split at the first '=' only.
+            m.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .with_context(|| format!("--nic-map {m}: expected OLD=NEW"))
+        })
+        .collect()
+}
+
+/// Adapts the system on `targets` (in disk order) to this machine; prints the report unless
+/// `json`.
+pub fn adapt(
+    targets: &[&Path],
+    old_nics: Vec<OldNic>,
+    o: &AdaptOptions,
+    dry_run: bool,
+    json: bool,
+) -> Result<Report> {
+    let inventory = Inventory::scan(Path::new("/sys"));
+    let mut loops = Loops::default();
+    let mut disks = Vec::new();
+    let mut hardware = true;
+    for t in targets {
+        if is_block(t) {
+            let dev = std::fs::canonicalize(t).with_context(|| format!("{}", t.display()))?;
+            let dev = dev.to_string_lossy().into_owned();
+            hardware &= !dev.starts_with("/dev/loop");
+            disks.push(dev);
+        } else {
+            hardware = false;
+            disks.push(attach(t, &mut loops)?);
+        }
+    }
+    let mut volumes: Vec<Volume> = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        volumes.extend(drivers_inject::volumes::probe(i, d)?);
+    }
+    let base = if Path::new("/run/bmr").is_dir() {
+        Path::new("/run/bmr").to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let work = base.join(format!("adapt-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let opts = Options {
+        dry_run,
+        nic_map: parse_map(o)?,
+        old_nics,
+        disks,
+        hardware,
+        work: work.clone(),
+    };
+    if !json {
+        for l in inventory.lines() {
+            println!("adapt: this machine: {l}");
+        }
+    }
+    let r = linux::adapt(&volumes, &inventory, &opts);
+    let _ = std::fs::remove_dir_all(&work);
+    let r = r?;
+    if !json {
+        print(&r);
+    }
+    Ok(r)
+}
+
+pub fn print(r: &Report) {
+    for l in &r.lines {
+        println!("adapt: {l}");
+    }
+    for w in &r.warnings {
+        println!("adapt: warning: {w}");
+    }
+    let verb = if r.dry_run { "would change" } else { "changed" };
+    for c in &r.changes {
+        println!(
+            "adapt: {verb} {} ({}){}",
+            c.path,
+            c.why,
+            c.original
+                .as_ref()
+                .map(|o| format!("; original kept as {o}"))
+                .unwrap_or_default()
+        );
+    }
+    if r.os.is_some() && !r.changed() {
+        println!("adapt: no adaptation needed: the restored system fits this machine");
+    }
+}
+
+/// The source's NICs as the manifest lists them.
+pub fn old_nics(m: &snapshot::Manifest) -> Vec<OldNic> {
+    m.hardware
+        .nics
+        .iter()
+        .map(|n| OldNic {
+            name: Some(n.name.clone()).filter(|s| !s.is_empty()),
+            mac: Some(n.mac.to_ascii_lowercase()).filter(|s| !s.is_empty()),
+            from: "the snapshot's manifest".into(),
+        })
+        .collect()
+}
+
+/// What the plan says about the adaptation before anything is written.
+pub fn plan_lines(m: &snapshot::Manifest) -> Vec<String> {
+    let inv = Inventory::scan(Path::new("/sys"));
+    let mut v: Vec<String> = inv
+        .lines()
+        .into_iter()
+        .map(|l| format!("this machine: {l}"))
+        .collect();
+    let src: Vec<&str> = m
+        .hardware
+        .storage
+        .iter()
+        .map(|d| d.pci_id.as_str())
+        .collect();
+    let here: Vec<&str> = inv.storage.iter().map(|d| d.pci_id.as_str()).collect();
+    if src.is_empty() {
+        v.push("source hardware: not in the snapshot (an ingested image); the restored system itself is checked after the write".into());
+    } else if src != here {
+        v.push(format!(
+            "storage controllers differ: source {}, here {}",
+            src.join(" "),
+            here.join(" ")
+        ));
+    }
+    v.push("after the write the restored OS is adapted to this machine (drivers in its initramfs, device names, NIC configs, UEFI fallback loader; --no-adapt skips it)".into());
+    v
+}
+
+pub fn run(a: &AdaptArgs) -> Result<()> {
+    let targets: Vec<&Path> = a.target.iter().map(Path::new).collect();
+    let r = adapt(&targets, Vec::new(), &a.adapt, a.dry_run, a.json)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    if r.os.is_none() {
+        bail!("no Linux system found on {}", a.target.join(", "));
+    }
+    Ok(())
+}
