@@ -39,6 +39,11 @@ fn attach(file: &Path, loops: &mut Loops) -> Result<String> {
     Ok(dev)
 }
 
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn is_block(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
@@ -77,7 +82,21 @@ pub fn adapt(
             disks.push(dev);
         } else {
             hardware = false;
-            disks.push(attach(t, &mut loops)?);
+            match attach(t, &mut loops) {
+                Ok(d) => disks.push(d),
+                // A restore into image files needs no root; adapting them does.
+                Err(e) if !is_root() => {
+                    let r = Report {
+                        lines: vec![format!("skipped: {e:#} (adapting image files needs root)")],
+                        ..Default::default()
+                    };
+                    if !json {
+                        print(&r);
+                    }
+                    return Ok(r);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     let mut volumes: Vec<Volume> = Vec::new();

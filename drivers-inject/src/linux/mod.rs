@@ -23,6 +23,7 @@ use std::time::Instant;
 pub use system::Generator;
 
 /// What the adaptation needs besides the restored partitions.
+#[derive(Clone)]
 pub struct Options {
     /// Analyse and report; write nothing (filesystems are mounted read-only).
     pub dry_run: bool,
@@ -112,7 +113,23 @@ fn find_root<'v>(volumes: &'v [Volume], work: &Path) -> Result<Option<(&'v Volum
     Ok(fallback)
 }
 
+/// Adapts the restored system on `volumes` to this machine. The analysis runs first with
+/// every filesystem mounted read-only; only when something must change is the system mounted
+/// read-write, so a system that fits is left bit for bit as restored.
 pub fn adapt(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Report> {
+    let dry = Options {
+        dry_run: true,
+        ..opts.clone()
+    };
+    let mut probe = run(volumes, inventory, &dry)?;
+    if opts.dry_run || !probe.changed() {
+        probe.dry_run = opts.dry_run;
+        return Ok(probe);
+    }
+    run(volumes, inventory, opts)
+}
+
+fn run(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Report> {
     let mut report = Report {
         dry_run: opts.dry_run,
         ..Default::default()

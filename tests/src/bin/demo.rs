@@ -111,9 +111,18 @@ fn run() -> Result<()> {
         .map(|t| t.saturating_duration_since(power_on));
     let restore_log = vm.map(|v| v.output()).unwrap_or_default();
     for line in restore_log.lines().filter(|l| {
-        ["disk 0 ->", "grew", "resize", "UEFI boot entry"]
-            .iter()
-            .any(|w| l.contains(w))
+        [
+            "disk 0 ->",
+            "grew",
+            "resize",
+            "UEFI boot entry",
+            "adapt: restored",
+            "adapt: no ",
+            "adapt: changed",
+            "adapt: this machine: disk",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
     }) {
         println!("    {}", line.trim());
     }

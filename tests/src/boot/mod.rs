@@ -270,6 +270,11 @@ fn root_part(
     let mut tree = vec![
         literal("etc/hostname", format!("{host}\n")),
         literal("etc/fstab", format!("UUID={ROOT_UUID} / ext4 ro 0 1\n")),
+        // What the restorer's adaptation recognises a Linux root by.
+        literal(
+            "etc/os-release",
+            "PRETTY_NAME=\"bmr sample server (mini Linux)\"\nNAME=\"bmr sample\"\nID=bmr-sample\n",
+        ),
         copy("boot/vmlinuz", &k.vmlinuz),
         copy("boot/initrd.img", initrd),
         binary("srv/data.bin", 4242, 8 * MIB),
