@@ -131,9 +131,15 @@ fn boot(t0: Instant) -> Result<After> {
         params.token.as_deref(),
     );
     if let Some(r) = &reporter {
+        // The appliance learns what this machine is (what a restore will adapt to).
+        let inventory = drivers_inject::Inventory::scan(std::path::Path::new("/sys")).lines();
         r.send(
             "starting",
-            &format!("{} s after boot", t0.elapsed().as_secs()),
+            &format!(
+                "{} s after boot; this machine: {}",
+                t0.elapsed().as_secs(),
+                inventory.join("; ")
+            ),
         );
     }
     let result = job::run(&args, &boot, reporter.as_ref());
