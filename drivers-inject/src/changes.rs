@@ -163,6 +163,10 @@ impl Changes {
                 .with_context(|| format!("keeping {} as {}", abs(rel), abs(&keep)))?;
         }
         let original = existed.then(|| abs(&keep));
+        if let Some(c) = self.list.iter_mut().find(|c| c.path == abs(rel)) {
+            c.why = why.into();
+            return Ok(original);
+        }
         self.list.push(Change {
             path: abs(rel),
             action: if existed {

@@ -53,9 +53,7 @@ pub fn list(mut data: &[u8]) -> Result<Listing> {
             data = &data[used..];
             continue;
         }
-        // A compressed segment runs to the end of the image (the kernel allows more after it,
-        // but neither initramfs-tools nor dracut write any).
-        let (kind, unpacked) = decompress(data)?;
+        let (kind, unpacked, used) = decompress(data)?;
         out.segments.push(kind);
         let mut rest = &unpacked[..];
         while !rest.is_empty() {
@@ -67,32 +65,40 @@ pub fn list(mut data: &[u8]) -> Result<Listing> {
             let used = cpio(rest, &mut out.files)?;
             rest = &rest[used..];
         }
-        break;
+        data = &data[used..];
     }
     Ok(out)
 }
 
-fn decompress(data: &[u8]) -> Result<(&'static str, Vec<u8>)> {
+/// Decompresses the one stream at the start of `data`: (kind, bytes, compressed length), so
+/// that segments after it (an appended cpio) are read too.
+fn decompress(data: &[u8]) -> Result<(&'static str, Vec<u8>, usize)> {
     let mut out = Vec::new();
+    let mut input = data;
     let kind = if data.starts_with(&[0x1f, 0x8b]) {
-        flate2::read::MultiGzDecoder::new(data)
+        flate2::bufread::GzDecoder::new(&mut input)
             .take(MAX_UNPACKED)
             .read_to_end(&mut out)
             .context("gzip segment")?;
         "gzip"
     } else if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        zstd::stream::read::Decoder::new(data)
+        zstd::stream::read::Decoder::with_buffer(&mut input)
             .context("zstd segment")?
+            .single_frame()
             .take(MAX_UNPACKED)
             .read_to_end(&mut out)
             .context("zstd segment")?;
         "zstd"
     } else if data.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        let mut r = std::io::BufReader::new(data);
-        lzma_rs::xz_decompress(&mut r, &mut out).map_err(|e| anyhow::anyhow!("xz segment: {e}"))?;
+        // The decoder refuses bytes after the stream: cut at the stream's footer.
+        let end = xz_end(data).context("xz segment: no stream footer")?;
+        lzma_rs::xz_decompress(&mut &data[..end], &mut out)
+            .map_err(|e| anyhow::anyhow!("xz segment: {e}"))?;
+        input = &data[end..];
         "xz"
     } else if data.starts_with(&[0x02, 0x21, 0x4c, 0x18]) {
-        lz4_legacy(&data[4..], &mut out)?;
+        let used = lz4_legacy(&data[4..], &mut out)?;
+        input = &data[4 + used..];
         "lz4"
     } else {
         bail!(
@@ -100,18 +106,40 @@ fn decompress(data: &[u8]) -> Result<(&'static str, Vec<u8>)> {
             &data[..data.len().min(6)]
         );
     };
-    Ok((kind, out))
+    if out.len() as u64 >= MAX_UNPACKED {
+        bail!("{kind} segment: more than {MAX_UNPACKED} bytes unpacked");
+    }
+    Ok((kind, out, data.len() - input.len()))
+}
+
+/// The end of the first xz stream of `data`: its 12-byte footer (CRC32 of backward size and
+/// flags, the header's stream flags, `YZ`) ends on a 4-byte boundary.
+fn xz_end(data: &[u8]) -> Option<usize> {
+    let flags = data.get(6..8)?;
+    (24..=data.len()).step_by(4).find(|&e| {
+        &data[e - 2..e] == b"YZ"
+            && &data[e - 4..e - 2] == flags
+            && crc32fast::hash(&data[e - 8..e - 2]).to_le_bytes() == data[e - 12..e - 8]
+    })
 }
 
 /// The kernel's lz4 "legacy" framing: little-endian u32 compressed size, then a block that
-/// decompresses to at most 8 MiB; ends at the data's end or at another magic.
-fn lz4_legacy(mut data: &[u8], out: &mut Vec<u8>) -> Result<()> {
+/// decompresses to at most 8 MiB. It has no end marker: it ends at the data's end, at zero
+/// padding, or where a size could not be a block's (a following cpio's `0707` magic).
+/// Returns the bytes used.
+fn lz4_legacy(data: &[u8], out: &mut Vec<u8>) -> Result<usize> {
     const BLOCK: usize = 8 << 20;
+    let bound = BLOCK + BLOCK / 255 + 16;
+    let total = data.len();
+    let mut data = data;
     while data.len() >= 4 {
         let n = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
         if n == 0x184c2102 {
             data = &data[4..];
             continue;
+        }
+        if n == 0 || n > bound {
+            break;
         }
         let block = data.get(4..4 + n).context("lz4 segment: truncated block")?;
         let start = out.len();
@@ -124,7 +152,7 @@ fn lz4_legacy(mut data: &[u8], out: &mut Vec<u8>) -> Result<()> {
         }
         data = &data[4 + n..];
     }
-    Ok(())
+    Ok(total - data.len())
 }
 
 fn hex_field(h: &[u8], i: usize) -> Result<usize> {
@@ -250,6 +278,12 @@ mod tests {
             assert_eq!(l.segments, ["cpio", kind]);
             let m: Vec<String> = l.modules().into_iter().collect();
             assert_eq!(m, ["nvme_core", "virtio_blk"], "{kind}");
+            // A segment appended after the compressed one (the adaptation's fallback).
+            img.resize(img.len().div_ceil(4) * 4, 0);
+            img.extend_from_slice(&newc(&["lib/modules/6.1.0-9-amd64/kernel/nvme.ko"]));
+            let l = list(&img).unwrap();
+            assert_eq!(l.segments, ["cpio", kind, "cpio"], "{kind}");
+            assert!(l.modules().contains("nvme"), "{kind}");
         }
     }
 

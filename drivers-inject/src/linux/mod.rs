@@ -9,6 +9,7 @@ mod initrd;
 pub mod modules;
 mod mount;
 pub mod network;
+mod segment;
 mod system;
 
 use crate::changes::{Change, Changes};
@@ -357,10 +358,35 @@ fn steps(
             if k.initramfs.is_none() && c.missing.is_empty() {
                 continue;
             }
-            let secs = initrd::rebuild(ctx, sys.generator, k, &c.missing, &why)
-                .with_context(|| format!("rebuilding the initramfs of {}", k.version))?;
-            c.rebuilt_seconds = Some(secs);
-            rebuilt.push(format!("{} ({secs:.1} s)", k.version));
+            match initrd::rebuild(ctx, sys.generator, k, &c.missing, &why) {
+                Ok(secs) => {
+                    c.rebuilt_seconds = Some(secs);
+                    rebuilt.push(format!("{} ({secs:.1} s)", k.version));
+                }
+                Err(e) if !c.missing.is_empty() => {
+                    // The distribution's way failed: the image it left is replaced by the
+                    // original, extended with the modules instead.
+                    if let Some(img) = &k.initramfs {
+                        let keep = ctx.changes.path(&format!("{img}.pre-restore"));
+                        if !ctx.dry_run && keep.exists() {
+                            std::fs::copy(&keep, ctx.changes.path(img))
+                                .with_context(|| format!("putting back /{img}"))?;
+                        }
+                    }
+                    segment::append(ctx, k, &c.missing, &why).with_context(|| {
+                        format!("rebuilding the initramfs of {} failed ({e:#}), and extending it", k.version)
+                    })?;
+                    ctx.warnings.push(format!(
+                        "rebuilding the initramfs of {} failed ({e:#}); the modules were appended to it as an extra cpio segment instead",
+                        k.version
+                    ));
+                    rebuilt.push(format!("{} (extended)", k.version));
+                }
+                Err(e) => ctx.warnings.push(format!(
+                    "the initramfs of {} was not rebuilt ({e:#}): it may name NICs differently until the next rebuild",
+                    k.version
+                )),
+            }
         }
         env.unmount_all()?;
         report.lines.push(format!(

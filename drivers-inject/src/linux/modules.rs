@@ -8,6 +8,8 @@ use std::path::Path;
 pub struct KernelModules {
     aliases: Vec<(String, String)>,
     deps: HashMap<String, Vec<String>>,
+    /// Module name -> its file, relative to the modules directory.
+    paths: HashMap<String, String>,
     softdeps: HashMap<String, Vec<String>>,
     builtin: HashSet<String>,
 }
@@ -40,6 +42,13 @@ impl KernelModules {
                 Some((name_of(m), d.split_whitespace().map(name_of).collect()))
             })
             .collect();
+        let paths = text("modules.dep")?
+            .lines()
+            .filter_map(|l| {
+                let (m, _) = l.split_once(':')?;
+                Some((name_of(m), m.to_string()))
+            })
+            .collect();
         let softdeps = text("modules.softdep")
             .unwrap_or_default()
             .lines()
@@ -69,6 +78,7 @@ impl KernelModules {
         Ok(KernelModules {
             aliases,
             deps,
+            paths,
             softdeps,
             builtin,
         })
@@ -85,6 +95,11 @@ impl KernelModules {
 
     pub fn is_builtin(&self, m: &str) -> bool {
         self.builtin.contains(m)
+    }
+
+    /// The file of loadable module `m`, relative to the modules directory.
+    pub fn path(&self, m: &str) -> Option<&str> {
+        self.paths.get(m).map(String::as_str)
     }
 
     pub fn exists(&self, m: &str) -> bool {
