@@ -230,11 +230,11 @@ mod tests {
             v.extend_from_slice(hdr.as_bytes());
             v.extend_from_slice(name.as_bytes());
             v.push(0);
-            while v.len() % 4 != 0 {
+            while !v.len().is_multiple_of(4) {
                 v.push(0);
             }
             v.extend_from_slice(body);
-            while v.len() % 4 != 0 {
+            while !v.len().is_multiple_of(4) {
                 v.push(0);
             }
         }
