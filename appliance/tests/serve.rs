@@ -1034,3 +1034,51 @@ fn boot_images_report_progress_per_host() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Issue 8 item 12: a symlinked directory (or file) inside the served tree is never followed,
+/// whether it points out of the tree (`private/`) or to another host's files.
+#[test]
+fn symlinks_inside_the_store_are_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = init_store(dir.path());
+    write_tokens(&store, tokens_json());
+    let srv = Server::start(&store, &[]);
+    let img = disk_image(11, 1, 1 << 20, &[]);
+    upload_snapshot(&srv, Some(ADMIN), "web1", &[img.clone()]);
+    let id2 = upload_snapshot(&srv, Some(ADMIN), "web2", &[img]);
+    let link = |target: &str, at: &str| {
+        std::os::unix::fs::symlink(target, store.join(at)).unwrap();
+    };
+    link("../../private", "hosts/web1/x");
+    link("../../web2/snapshots", "hosts/web1/y");
+    link("../../private/signing.key", "hosts/web1/key");
+    link("../private", "chunks/priv");
+    std::fs::create_dir_all(dir.path().join("outside")).unwrap();
+    std::fs::write(dir.path().join("outside/secret"), "secret").unwrap();
+    link(
+        dir.path().join("outside").to_str().unwrap(),
+        "hosts/web1/abs",
+    );
+    for path in [
+        "hosts/web1/x/signing.key".to_string(),
+        "hosts/web1/x/tokens.json".to_string(),
+        "hosts/web1/key".to_string(),
+        format!("hosts/web1/y/{id2}/manifest.json"),
+        "hosts/web1/abs/secret".to_string(),
+        "chunks/priv/signing.key".to_string(),
+    ] {
+        for token in [READ_WEB1, ADMIN] {
+            let r = get(&srv.url(&format!("/store/{path}")), Some(token));
+            assert!(
+                r.status == 404 || r.status == 403,
+                "{path} with {token}: {} {}",
+                r.status,
+                r.text()
+            );
+            assert!(!r.text().contains("secret") || r.status != 200);
+        }
+    }
+    // The real files are still served.
+    let r = get(&srv.url("/store/hosts/web1/latest"), Some(READ_WEB1));
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -3,7 +3,7 @@
 
 use super::http::{http_date, Body, Request, Response};
 use snapshot::format::Digest;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -53,17 +53,42 @@ pub enum Tree {
     Boot,
 }
 
+/// Open the file `comps` (safe components, see [`components`]) below `root` for reading without
+/// following a symbolic link anywhere on the way: a link inside the served tree (a directory
+/// `hosts/web1/x -> ../../private` or a file) is answered as not found, wherever it points.
+/// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` does it in one call; on kernels without
+/// it, every component is opened with `O_NOFOLLOW` from the previous one's descriptor. `root`
+/// itself may be a link (the administrator chose it). `O_NONBLOCK`: a FIFO cannot block the
+/// worker at open.
+pub fn open_beneath(root: &Path, comps: &[String]) -> std::io::Result<File> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(root)?;
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW;
+    match super::sys::openat2_beneath(&dir, &comps.join("/"), flags) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
+            walk_nofollow(dir, comps, flags)
+        }
+        r => r,
+    }
+}
+
+/// The fallback of [`open_beneath`]: one `openat(O_NOFOLLOW)` per component.
+fn walk_nofollow(mut dir: File, comps: &[String], flags: i32) -> std::io::Result<File> {
+    let Some((last, parents)) = comps.split_last() else {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+    };
+    for c in parents {
+        dir = super::sys::openat_nofollow(&dir, c, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    }
+    super::sys::openat_nofollow(&dir, last, flags)
+}
+
 /// Answer GET/HEAD for the file `comps` below `root`. The caller has checked access.
 pub fn serve(req: &Request, root: &Path, comps: &[String], tree: Tree) -> Response {
     let rel = comps.join("/");
-    let path = root.join(&rel);
-    // O_NOFOLLOW: a symlink planted as a file is not followed out of the tree. O_NONBLOCK: a
-    // FIFO cannot block the worker at open.
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
-    {
+    let file = match open_beneath(root, comps) {
         Ok(f) => f,
         Err(e) => return open_error(&rel, &e),
     };
@@ -160,9 +185,8 @@ fn etag_matches(header: &str, etag: &str) -> bool {
 
 fn open_error(rel: &str, e: &std::io::Error) -> Response {
     match e.raw_os_error() {
-        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP) | Some(libc::EISDIR) => {
-            Response::error(404, &format!("{rel}: not found"))
-        }
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP) | Some(libc::EISDIR)
+        | Some(libc::EXDEV) => Response::error(404, &format!("{rel}: not found")),
         _ => {
             eprintln!("appliance serve: error: opening {rel}: {e}");
             Response::error(500, &format!("{rel}: cannot be read ({e})"))
@@ -283,6 +307,30 @@ mod tests {
         assert!(chunk_digest(&ok).is_some());
         let bad: Vec<String> = vec!["chunks".into(), "0000".into(), d];
         assert!(chunk_digest(&bad).is_none());
+    }
+
+    #[test]
+    fn links_are_not_followed_by_either_way_of_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("hosts/web1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("private")).unwrap();
+        std::fs::write(dir.path().join("private/signing.key"), "k").unwrap();
+        std::fs::write(root.join("hosts/web1/latest"), "id").unwrap();
+        std::os::unix::fs::symlink("../../../private", root.join("hosts/web1/x")).unwrap();
+        std::os::unix::fs::symlink("latest", root.join("hosts/web1/l")).unwrap();
+        let comps = |s: &str| components(s).unwrap();
+        let open_dir = || File::open(&root).unwrap();
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW;
+        assert!(open_beneath(&root, &comps("hosts/web1/latest")).is_ok());
+        assert!(walk_nofollow(open_dir(), &comps("hosts/web1/latest"), flags).is_ok());
+        for bad in ["hosts/web1/x/signing.key", "hosts/web1/l"] {
+            assert!(open_beneath(&root, &comps(bad)).is_err(), "{bad}");
+            assert!(
+                walk_nofollow(open_dir(), &comps(bad), flags).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
