@@ -95,10 +95,12 @@ pub fn chunk_disk(
     let spans: Vec<(u64, u64)> = (0..n).map(|i| index.span(i)).collect();
 
     std::thread::scope(|s| -> Result<()> {
-        for _ in 0..opts.workers {
+        let (seen, stats) = (&seen, &stats);
+        // On a refusal, returning drops the senders and receivers this closure owns: the threads
+        // already started stop at their next receive or send.
+        crate::threads::start_scoped(s, opts.workers, "chunker", |_| {
             let (work_rx, done_tx, pool_tx) = (work_rx.clone(), done_tx.clone(), pool_tx.clone());
-            let (seen, stats) = (&seen, &stats);
-            s.spawn(move || {
+            move || {
                 for (i, buf) in work_rx {
                     let r = store_chunk(&buf, sink, opts, seen, stats);
                     let _ = pool_tx.send(buf);
@@ -109,15 +111,23 @@ pub fn chunk_disk(
                         return;
                     }
                 }
-            });
-        }
+            }
+        })?;
         drop(work_rx);
         // Reader: slots in disk order, only the used ranges.
         {
             let done_tx = done_tx.clone();
             let (spans, read) = (&spans, &read);
-            s.spawn(move || {
+            let reader = move || {
                 for (i, &(off, len)) in spans.iter().enumerate() {
+                    // An unused slot takes no buffer: a 4 TiB disk with a little data is a
+                    // million of them, and zero-filling 4 MiB for each took minutes.
+                    if used.within(off, off + len).next().is_none() {
+                        if done_tx.send(Ok((i, Slot::Unused))).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let mut buf = pool_rx.try_recv().unwrap_or_default();
                     buf.resize(len as usize, 0);
                     let r = read_slot(dev, used, off, &mut buf, read).map(|any| any.then_some(buf));
@@ -133,7 +143,8 @@ pub fn chunk_disk(
                         return;
                     }
                 }
-            });
+            };
+            crate::threads::start_one_scoped(s, "disk reader", reader)?;
         }
         drop(done_tx);
         let mut done_bytes = 0;

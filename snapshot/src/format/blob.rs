@@ -15,6 +15,9 @@ use thiserror::Error;
 pub const MAGIC: &[u8; 8] = b"BMRCHUNK";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
+/// Largest blob a reader accepts: the header and a 4 MiB chunk, plus zstd's worst-case expansion
+/// (writers store raw when zstd does not shrink, so theirs are never longer than header + chunk).
+pub const MAX_BLOB_LEN: u64 = HEADER_LEN as u64 + super::CHUNK_SIZE + (64 << 10);
 const ENC_RAW: u8 = 0;
 const ENC_ZSTD: u8 = 1;
 

@@ -18,6 +18,13 @@ pub const MAGIC: &[u8; 8] = b"BMRINDEX";
 pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 64;
 const UNUSED: [u8; 32] = [0; 32];
+/// Largest disk an index may describe: 64 TiB (16 Mi slots, a 512 MiB index).
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// Length in bytes of the index file of a disk of `disk_size` bytes.
+pub fn file_len(disk_size: u64) -> u64 {
+    HEADER_LEN as u64 + 32 * disk_size.div_ceil(CHUNK_SIZE)
+}
 
 /// What one 4 MiB slot of a disk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +146,9 @@ impl ChunkIndex {
         let (disk_size, chunk_size, count) = (u64_at(16), u64_at(24), u64_at(32));
         if chunk_size != CHUNK_SIZE {
             bail!("{origin}: chunk size {chunk_size} is not supported");
+        }
+        if disk_size > MAX_DISK_SIZE {
+            bail!("{origin}: a disk of {disk_size} bytes is larger than this build supports ({MAX_DISK_SIZE} bytes)");
         }
         if count != disk_size.div_ceil(chunk_size) {
             bail!("{origin}: {count} slots do not cover a disk of {disk_size} bytes");

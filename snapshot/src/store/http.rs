@@ -200,7 +200,7 @@ fn describe(e: &Attempt) -> String {
 }
 
 impl Store for HttpStore {
-    fn get(&self, path: &str) -> std::result::Result<Vec<u8>, FetchError> {
+    fn get_max(&self, path: &str, max: u64) -> std::result::Result<Vec<u8>, FetchError> {
         let url = self.url(path);
         self.with_retry(&url, |agent, token| {
             let mut req = agent.get(&url);
@@ -208,10 +208,26 @@ impl Store for HttpStore {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
             let resp = req.call()?;
-            let mut body = Vec::new();
+            let too_large = |n: String| {
+                Attempt::Refused(format!(
+                    "the server sent {n} bytes, more than the {max} a file of this kind may hold"
+                ))
+            };
+            let declared = resp
+                .header("Content-Length")
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(n) = declared.filter(|n| *n > max) {
+                return Err(too_large(n.to_string()));
+            }
+            // Sized from Content-Length (bounded by `max`): a 32 MiB index is read into one
+            // allocation, not grown by doubling.
+            let mut body = Vec::with_capacity(declared.unwrap_or(0).min(max) as usize);
             resp.into_reader()
-                .take(crate::CHUNK_SIZE * 2)
+                .take(max.saturating_add(1))
                 .read_to_end(&mut body)?;
+            if body.len() as u64 > max {
+                return Err(too_large(format!("at least {}", body.len())));
+            }
             Ok(body)
         })
         .inspect(|b| {

@@ -255,7 +255,7 @@ impl LocalStore {
 }
 
 impl Store for LocalStore {
-    fn get(&self, path: &str) -> Result<Vec<u8>, FetchError> {
+    fn get_max(&self, path: &str, max: u64) -> Result<Vec<u8>, FetchError> {
         let public = !path
             .split('/')
             .any(|c| c.is_empty() || c == "." || c == "..")
@@ -265,7 +265,7 @@ impl Store for LocalStore {
             return Err(FetchError::NotFound(path.to_string()));
         }
         let p = self.root.join(path);
-        match fs::read(&p) {
+        match read_max(&p, max) {
             Ok(b) => Ok(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(FetchError::NotFound(p.display().to_string()))
@@ -306,6 +306,28 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
         }
     }
     v.sort();
+    Ok(v)
+}
+
+/// Read a whole file, refusing one larger than `max` bytes (as an `InvalidData` error).
+fn read_max(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{len} bytes, more than the {max} a file of this kind may hold"),
+        ));
+    }
+    let mut v = Vec::with_capacity(len as usize);
+    f.take(max.saturating_add(1)).read_to_end(&mut v)?;
+    if v.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("grew past the {max} bytes a file of this kind may hold"),
+        ));
+    }
     Ok(v)
 }
 

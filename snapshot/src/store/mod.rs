@@ -26,9 +26,31 @@ pub enum FetchError {
 
 /// Read access to a store's files by relative path (`hosts/web1/latest`, `chunks/ab12/...`).
 pub trait Store: Send + Sync {
-    fn get(&self, path: &str) -> Result<Vec<u8>, FetchError>;
+    /// The file at `path`, refused (never cut short) when it is larger than `max` bytes.
+    fn get_max(&self, path: &str, max: u64) -> Result<Vec<u8>, FetchError>;
+    /// The file at `path`, at most as large as a file of its kind may be ([`max_len`]).
+    fn get(&self, path: &str) -> Result<Vec<u8>, FetchError> {
+        self.get_max(path, max_len(path))
+    }
     /// Where this store is, for messages.
     fn location(&self) -> String;
+}
+
+/// Largest small file of a store: `store.json`, `latest`, a manifest or its signature, a round.
+pub const SMALL_FILE_MAX: u64 = 16 << 20;
+
+/// The most bytes a file at `path` may hold, by kind: a chunk blob its largest encoding, an index
+/// the index of the largest supported disk (readers that know the disk ask for its exact length
+/// with [`Store::get_max`]), anything else [`SMALL_FILE_MAX`]. One cap for every kind cut a 1 TiB
+/// disk's index short (issue 8).
+pub fn max_len(path: &str) -> u64 {
+    if path.starts_with("chunks/") {
+        crate::format::blob::MAX_BLOB_LEN
+    } else if path.ends_with(".idx") {
+        crate::format::index::file_len(crate::format::index::MAX_DISK_SIZE)
+    } else {
+        SMALL_FILE_MAX
+    }
 }
 
 /// Open a store by location: `http://` / `https://` URLs or a local directory path.
@@ -121,10 +143,21 @@ pub fn open_snapshot(
     for disk in &manifest.disks {
         let name = disk.index_name();
         let origin = format!("{}/{dir}/{name}", store.location());
-        let bytes = store.get(&format!("{dir}/{name}")).map_err(|e| match e {
-            FetchError::NotFound(_) => anyhow::anyhow!("{origin}: index missing"),
-            FetchError::Other(e) => e,
-        })?;
+        if disk.size > crate::format::index::MAX_DISK_SIZE {
+            bail!(
+                "{origin}: disk {} of {} bytes is larger than this build supports ({} bytes)",
+                disk.number,
+                disk.size,
+                crate::format::index::MAX_DISK_SIZE
+            );
+        }
+        let len = crate::format::index::file_len(disk.size);
+        let bytes = store
+            .get_max(&format!("{dir}/{name}"), len)
+            .map_err(|e| match e {
+                FetchError::NotFound(_) => anyhow::anyhow!("{origin}: index missing"),
+                FetchError::Other(e) => e,
+            })?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != disk.index_sha256 {
             bail!(
