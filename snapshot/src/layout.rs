@@ -61,6 +61,7 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
             offset: 0,
             size,
             fs: None,
+            whole: None,
         });
     }
     for p in &mut partitions {
@@ -79,14 +80,17 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
             }
             Found::Unknown => {}
             Found::Damaged { kind, reason } => {
+                let kind = format!("{kind:?}").to_lowercase();
+                let whole = format!("{kind}: {reason}");
                 notes.push(format!(
-                    "{name}: {kind:?} metadata damaged ({reason}); copied whole"
+                    "{name}: copied whole, its used-block map cannot be trusted: {whole}"
                 ));
+                p.whole = Some(whole);
             }
         }
     }
     if table == PartitionTable::None {
-        if partitions[0].fs.is_none() {
+        if partitions[0].fs.is_none() && partitions[0].whole.is_none() {
             partitions.clear();
             let mut sig = [0u8; 2];
             if dev.read_at(&mut sig, 510).is_ok() && sig == [0x55, 0xaa] {

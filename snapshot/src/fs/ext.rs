@@ -12,6 +12,11 @@
 //! A mismatch is damage: a flipped BLOCK_UNINIT flag or a cleared bitmap bit would otherwise drop
 //! data from the map silently.
 //!
+//! The bitmaps are cross-checked against the filesystem's own counts and structures: each
+//! group's free count in its descriptor, the superblock's total, and every group's superblock
+//! backup, descriptor blocks, bitmaps and inode table, which must be marked used. Any
+//! disagreement is damage (a bitmap with bits cleared, without checksums to notice): copied whole.
+//!
 //! A filesystem whose journal still needs recovery (not cleanly unmounted, or a crash-consistent
 //! snapshot of a running system) may have on-disk bitmaps that miss blocks allocated by
 //! transactions only the journal holds. The journal (jbd2, internal, v1/v2, 32/64-bit tags,
@@ -19,7 +24,7 @@
 //! superset of what the filesystem uses once the journal is replayed. Journals that cannot be
 //! read that way (external, fast commits, a pending resize) make the probe fail: copied whole.
 
-use super::{bit_runs, extents_from, le, Filesystem, FsKind, Part, Probe};
+use super::{bit_runs, extents_from, le, uncovered, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -322,6 +327,8 @@ impl Geometry {
 }
 
 struct Desc {
+    /// Free clusters the descriptor counts.
+    free: u64,
     /// Stored checksum of the block bitmap (metadata_csum; 16 or 32 bits).
     bitmap_csum: u32,
     block_bitmap: u64,
@@ -398,6 +405,12 @@ fn read_descriptors(part: &Part, geo: &Geometry) -> Result<Vec<Desc>> {
             );
         }
         let desc = Desc {
+            free: u64::from(le::u16(d, 0x0C))
+                | if geo.has_64bit && geo.desc_size >= 64 {
+                    u64::from(le::u16(d, 0x2C)) << 16
+                } else {
+                    0
+                },
             bitmap_csum: u32::from(le::u16(d, 0x18))
                 | if geo.desc_size >= BG_BLOCK_BITMAP_CSUM_HI_END {
                     u32::from(le::u16(d, 0x38)) << 16
@@ -468,8 +481,10 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
         Vec::new()
     };
     let bs = geo.bs;
-    // Used block ranges; sorted and merged at the end.
+    // Used block ranges; sorted and merged at the end. What the bitmaps say is kept apart from
+    // what is used whatever they say, to cross-check the one against the other.
     let mut used: Vec<(u64, u64)> = Vec::new();
+    let mut from_bitmaps: Vec<(u64, u64)> = Vec::new();
     // Boot block and primary superblock.
     used.push((0, geo.first_data_block + 1));
     let mut to_read: Vec<(u64, u64)> = Vec::new(); // (bitmap block, group)
@@ -484,6 +499,24 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
             to_read.push((d.block_bitmap, g));
         }
     }
+    let mut read_group = vec![false; descs.len()];
+    let group_clusters = |g: u64| {
+        (geo.blocks - geo.group_first(g))
+            .div_ceil(geo.ratio)
+            .min(geo.clusters_per_group)
+    };
+    let add_bits = |g: u64, bm: &[u8], out: &mut Vec<(u64, u64)>| -> u64 {
+        let first = geo.group_first(g);
+        let mut set = 0;
+        bit_runs(bm, group_clusters(g), |s, e| {
+            set += e - s;
+            out.push((
+                first + s * geo.ratio,
+                (first + e * geo.ratio).min(geo.blocks),
+            ));
+        });
+        set
+    };
     to_read.sort_unstable();
     let mut i = 0;
     while i < to_read.len() {
@@ -522,31 +555,29 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
                     );
                 }
             }
-            let first = geo.group_first(g);
-            let clusters = (geo.blocks - first)
-                .div_ceil(geo.ratio)
-                .min(geo.clusters_per_group);
-            bit_runs(bm, clusters, |s, e| {
-                used.push((
-                    first + s * geo.ratio,
-                    (first + e * geo.ratio).min(geo.blocks),
-                ));
-            });
+            let set = add_bits(g, bm, &mut from_bitmaps);
+            if let Some(r) = read_group.get_mut(g as usize) {
+                *r = true;
+            }
+            // Until the journal is replayed, the on-disk counts may lag the bitmaps.
+            let free = descs.get(g as usize).map_or(0, |d| d.free);
+            let total = group_clusters(g);
+            if !recovering && total - set.min(total) != free {
+                bail!(
+                    "the block bitmap of group {g} (block {bb}) leaves {} of its {total} clusters \
+                     free, but its group descriptor counts {free} free: the allocation data is \
+                     damaged",
+                    total - set.min(total)
+                );
+            }
         }
         i = j;
     }
     for (g, bm) in &journaled {
-        let first = geo.group_first(*g);
-        let clusters = (geo.blocks - first)
-            .div_ceil(geo.ratio)
-            .min(geo.clusters_per_group);
-        bit_runs(bm, clusters, |s, e| {
-            used.push((
-                first + s * geo.ratio,
-                (first + e * geo.ratio).min(geo.blocks),
-            ));
-        });
+        add_bits(*g, bm, &mut from_bitmaps);
     }
+    check_allocation(&geo, sb, &descs, &read_group, &from_bitmaps, recovering)?;
+    used.extend(from_bitmaps);
     let mut bytes: Vec<(u64, u64)> = used.into_iter().map(|(s, e)| (s * bs, e * bs)).collect();
     let fs_size = geo.blocks * bs;
     bytes.push((fs_size, part.len));
@@ -578,6 +609,75 @@ fn map(part: &Part, sb: &[u8]) -> Result<Probe> {
         },
         used,
     })
+}
+
+/// Cross-check the block bitmaps (`from_bitmaps`, block ranges of the groups in `read_group`
+/// and of the journal's copies) against the filesystem's own structures: the superblock's free
+/// count must be the sum of the groups' (the groups' own counts are checked as their bitmaps
+/// are read), and every group's superblock backup, descriptor blocks, bitmaps and inode table
+/// must be marked used in the bitmap that covers them. A bitmap with cleared bits (no checksum
+/// to catch it) would otherwise drop data from the map silently.
+fn check_allocation(
+    geo: &Geometry,
+    sb: &[u8],
+    descs: &[Desc],
+    read_group: &[bool],
+    from_bitmaps: &[(u64, u64)],
+    recovering: bool,
+) -> Result<()> {
+    if !recovering {
+        let sb_free = u64::from(le::u32(sb, 0x0C))
+            | if geo.has_64bit {
+                u64::from(le::u32(sb, 0x158)) << 32
+            } else {
+                0
+            };
+        let groups_free = descs
+            .iter()
+            .map(|d| d.free)
+            .sum::<u64>()
+            .saturating_mul(geo.ratio);
+        if sb_free != groups_free {
+            bail!(
+                "the superblock counts {sb_free} free blocks, its group descriptors {groups_free}: \
+                 the allocation data is damaged"
+            );
+        }
+    }
+    let bm = extents_from(from_bitmaps.to_vec());
+    let mut meta = Vec::new();
+    for (g, d) in descs.iter().enumerate() {
+        let g = g as u64;
+        let mut sg = Vec::new();
+        geo.super_and_gdt(g, &mut sg);
+        meta.extend(
+            sg.into_iter()
+                .map(|r| (g, "superblock backup or descriptor blocks", r)),
+        );
+        meta.push((g, "block bitmap", (d.block_bitmap, d.block_bitmap + 1)));
+        meta.push((g, "inode bitmap", (d.inode_bitmap, d.inode_bitmap + 1)));
+        let it = (d.inode_table, d.inode_table + geo.inode_table_blocks);
+        meta.push((g, "inode table", it));
+    }
+    for (g, what, (start, end)) in meta {
+        // Only where a bitmap was read: a BLOCK_UNINIT group has none on disk.
+        let mut s = start.max(geo.first_data_block);
+        while s < end {
+            let holder = (s - geo.first_data_block) / geo.blocks_per_group;
+            let e = end.min(geo.group_first(holder + 1));
+            if read_group.get(holder as usize).copied().unwrap_or(false) {
+                if let Some((first, missing)) = uncovered(&bm, s, e) {
+                    bail!(
+                        "the block bitmap of group {holder} marks {missing} block(s) of group {g}'s \
+                         {what} (blocks {start}..{end}) free, from block {first}: the allocation \
+                         data is damaged"
+                    );
+                }
+            }
+            s = e;
+        }
+    }
+    Ok(())
 }
 
 /// Just enough of jbd2 to find the block bitmaps a journal would replay.

@@ -4,6 +4,10 @@
 //! FAT16, else FAT32). The reserved sectors, every FAT copy and the FAT12/16 root directory are
 //! used; a data cluster is used when its (active) FAT entry is non-zero (FAT32 entries are 28
 //! bits). Sectors past the last whole cluster, and the partition past the filesystem, are used.
+//!
+//! The active FAT is cross-checked first: entry 0 holds the media descriptor, every mirrored
+//! copy agrees with it, and the FAT32 root directory's chain is allocated. Otherwise the
+//! allocation data is damaged and the filesystem is copied whole.
 
 use super::{extents_from, le, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
@@ -66,7 +70,12 @@ pub(crate) fn kind_hint(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<FsKin
 struct Layout {
     kind: FsKind,
     cluster: u64,
+    /// The active FAT (the one read), and where every copy starts.
     fat_start: u64,
+    fats: Vec<u64>,
+    /// Whether every copy is kept equal to the active one (all but FAT32 with mirroring off).
+    mirrored: bool,
+    media: u8,
     fat_bytes: u64,
     root_start: u64,
     root_bytes: u64,
@@ -161,9 +170,11 @@ fn layout(bs: &[u8; 512], len: u64) -> Result<Layout> {
         );
     }
     let mut active = 0;
+    let mut mirrored = true;
     if kind == FsKind::Fat32 {
         let flags = le::u16(bs, 0x28);
         if flags & 0x80 != 0 {
+            mirrored = false;
             active = u64::from(flags & 0xF);
             if active >= nfats {
                 bail!("FAT32 boot sector: active FAT {active} of {nfats} does not exist");
@@ -174,6 +185,9 @@ fn layout(bs: &[u8; 512], len: u64) -> Result<Layout> {
         kind,
         cluster: spc * bps,
         fat_start: (rsvd + active * fatsz) * bps,
+        fats: (0..nfats).map(|i| (rsvd + i * fatsz) * bps).collect(),
+        mirrored,
+        media: bs[0x15],
         fat_bytes: needed,
         root_start: (rsvd + nfats * fatsz) * bps,
         root_bytes: root_sectors * bps,
@@ -226,6 +240,7 @@ fn trim_label(raw: &[u8]) -> Option<String> {
 fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
     let l = layout(bs, part.len)?;
     let fat = part.read_vec(l.fat_start, l.fat_bytes, "file allocation table")?;
+    check_fat(part, &l, &fat)?;
     let mut used = vec![(0, l.data_start)];
     let mut run: Option<u64> = None;
     let cluster_off = |c: u64| l.data_start + (c - 2) * l.cluster;
@@ -272,6 +287,83 @@ fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
         },
         used,
     })
+}
+
+/// FAT bytes compared at a time.
+const COMPARE_CHUNK: u64 = 8 << 20;
+
+/// Cross-check the active FAT before trusting it: its entry 0 carries the boot sector's media
+/// descriptor, every mirrored copy holds the same entries (a zeroed first FAT beside an intact
+/// second one would otherwise lose every file), and the FAT32 root directory's cluster chain is
+/// allocated. Any disagreement is damage: the filesystem is copied whole.
+fn check_fat(part: &Part, l: &Layout, fat: &[u8]) -> Result<()> {
+    if l.mirrored {
+        // Entries 0 and 1 (media, clean-shutdown flags) may differ between copies.
+        let skip: u64 = match l.kind {
+            FsKind::Fat12 => 3,
+            FsKind::Fat16 => 4,
+            _ => 8,
+        };
+        for (i, &start) in l.fats.iter().enumerate() {
+            if start == l.fat_start {
+                continue;
+            }
+            let mut off = skip;
+            while off < l.fat_bytes {
+                let n = (l.fat_bytes - off).min(COMPARE_CHUNK);
+                let other = part.read_vec(start + off, n, &format!("FAT copy {}", i + 1))?;
+                let ours = fat
+                    .get(off as usize..(off + n) as usize)
+                    .unwrap_or_default();
+                if let Some(at) = ours.iter().zip(&other).position(|(a, b)| a != b) {
+                    bail!(
+                        "FAT copy {} differs from the active FAT (first at byte {} of the table): \
+                         one of them is damaged",
+                        i + 1,
+                        off + at as u64
+                    );
+                }
+                off += n;
+            }
+        }
+    }
+    let e0 = fat_entry(fat, l.kind, 0);
+    if e0 & 0xFF != u32::from(l.media) {
+        bail!(
+            "FAT entry 0 is 0x{e0:x}, not the media descriptor 0x{:02x} of the boot sector: the \
+             file allocation table is damaged",
+            l.media
+        );
+    }
+    if l.kind == FsKind::Fat32 {
+        let mut c = u64::from(l.root_cluster);
+        let mut steps = 0;
+        loop {
+            if c < 2 || c >= l.clusters + 2 {
+                bail!(
+                    "FAT32 root directory: cluster {c} lies outside the {} data clusters",
+                    l.clusters
+                );
+            }
+            let next = fat_entry(fat, l.kind, c);
+            if next == 0 || next == 0x0FFF_FFF7 {
+                bail!(
+                    "FAT32 root directory: its cluster {c} is {} in the FAT: the file allocation \
+                     table is damaged",
+                    if next == 0 { "free" } else { "marked bad" }
+                );
+            }
+            if next >= 0x0FFF_FFF8 {
+                break;
+            }
+            steps += 1;
+            if steps > l.clusters {
+                bail!("FAT32 root directory: its cluster chain loops");
+            }
+            c = u64::from(next);
+        }
+    }
+    Ok(())
 }
 
 /// The FAT32 root directory's volume label, following the cluster chain a little way.

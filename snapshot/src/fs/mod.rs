@@ -204,6 +204,25 @@ pub(crate) fn extents_from(mut v: Vec<(u64, u64)>) -> Extents {
     e
 }
 
+/// The first byte of `[start, end)` that `used` leaves out, and how many bytes it leaves out;
+/// `None` when `used` covers it all. Cross-checks of allocation data against the structures a
+/// filesystem cannot live without use it.
+pub(crate) fn uncovered(used: &Extents, start: u64, end: u64) -> Option<(u64, u64)> {
+    let (mut first, mut at, mut missing) = (None, start, 0);
+    for (s, e) in used.within(start, end) {
+        if s > at {
+            first.get_or_insert(at);
+            missing += s - at;
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        first.get_or_insert(at);
+        missing += end - at;
+    }
+    first.map(|f| (f, missing))
+}
+
 type ProbeFn = fn(&dyn ReadAt, u64, u64) -> Option<anyhow::Result<Probe>>;
 
 /// Probe the partition at `offset`/`len` of `dev`. Each probe answers `None` when its signature
@@ -251,6 +270,19 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn uncovered_finds_the_first_gap() {
+        let mut e = Extents::new();
+        e.add(10, 20);
+        e.add(30, 40);
+        assert_eq!(uncovered(&e, 10, 20), None);
+        assert_eq!(uncovered(&e, 12, 15), None);
+        assert_eq!(uncovered(&e, 5, 20), Some((5, 5)));
+        assert_eq!(uncovered(&e, 15, 35), Some((20, 10)));
+        assert_eq!(uncovered(&e, 35, 50), Some((40, 10)));
+        assert_eq!(uncovered(&Extents::new(), 0, 8), Some((0, 8)));
     }
 
     #[test]

@@ -6,11 +6,16 @@
 //! with sparse runs and signed LCN deltas, every run checked against the volume. The partition
 //! past the last whole cluster (which holds the backup boot sector) is used.
 //!
+//! `$Bitmap` is cross-checked against the MFT before it is trusted: every cluster an in-use
+//! record maps (the system files among them) and the boot sector must be marked used, or the
+//! allocation data is damaged and the partition is copied whole.
+//!
 //! A volume whose `$LogFile` is not clean (Windows was running or crashed) is refused, as ntfs-3g
 //! refuses to mount it: the log may hold `$Bitmap` updates the disk does not have yet, so the
 //! partition is copied whole.
 
-use super::{bit_runs, extents_from, le, Filesystem, FsKind, Part, Probe};
+use super::{bit_runs, extents_from, le, uncovered, Filesystem, FsKind, Part, Probe};
+use crate::extents::Extents;
 use crate::source::ReadAt;
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -332,7 +337,7 @@ fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
     let rec0 = vol
         .record(0, &format!("MFT record 0 ($MFT) at cluster {mft_lcn}"))
         .context("NTFS")?;
-    let (mft_runs, _) = data_runs(&rec0, clusters, "MFT record 0 ($MFT)").context("NTFS")?;
+    let (mft_runs, mft_size) = data_runs(&rec0, clusters, "MFT record 0 ($MFT)").context("NTFS")?;
     vol.mft_runs = mft_runs;
     let rec2 = vol.record(2, "MFT record 2 ($LogFile)").context("NTFS")?;
     let (log_runs, log_size) =
@@ -361,9 +366,10 @@ fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
         });
         off += n;
     }
+    let mut used = extents_from(used);
+    check_allocation(&vol, &used, clusters, mft_size).context("NTFS")?;
     // Past the last whole cluster: the rest of the volume and the backup boot sector.
-    used.push((clusters * cluster, part.len));
-    let used = extents_from(used);
+    used.add(clusters * cluster, part.len);
     let label = vol
         .record(3, "MFT record 3 ($Volume)")
         .ok()
@@ -379,6 +385,74 @@ fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
         },
         used,
     })
+}
+
+/// Names of the system files in the first MFT records.
+const SYSTEM_FILES: [&str; 12] = [
+    "$MFT",
+    "$MFTMirr",
+    "$LogFile",
+    "$Volume",
+    "$AttrDef",
+    "root directory",
+    "$Bitmap",
+    "$Boot",
+    "$BadClus",
+    "$Secure",
+    "$UpCase",
+    "$Extend",
+];
+
+/// MFT bytes read at a time by [`check_allocation`].
+const MFT_CHUNK: u64 = 4 << 20;
+
+/// Cross-check `$Bitmap` (as `used`, bytes of the volume) against the MFT: every cluster that an
+/// in-use record's non-resident attribute maps (the system files `$MFT`, `$MFTMirr`, `$LogFile`,
+/// `$Bitmap`, `$Boot` among them), and the boot sector, must be marked used. A zeroed or partly
+/// cleared `$Bitmap` would otherwise drop files from the map silently: it is damage, and the
+/// volume is copied whole.
+fn check_allocation(vol: &Volume, used: &Extents, clusters: u64, mft_size: u64) -> Result<()> {
+    let (c, rs) = (vol.cluster, vol.record_size);
+    let records = mft_size / rs;
+    let per = (MFT_CHUNK / rs).max(1);
+    let mut buf = Vec::new();
+    let mut n = 0;
+    while n < records {
+        let k = per.min(records - n);
+        buf.resize((k * rs) as usize, 0);
+        vol.read_stream(&vol.mft_runs, n * rs, &mut buf, "$MFT")?;
+        for (i, rec) in buf.chunks_exact_mut(rs as usize).enumerate() {
+            let r = n + i as u64;
+            // Free and never-used records hold nothing that needs clusters.
+            if rec.get(0..4) != Some(&b"FILE"[..]) || le::u16(rec, 0x16) & 1 == 0 {
+                continue;
+            }
+            let what = match SYSTEM_FILES.get(r as usize) {
+                Some(name) => format!("MFT record {r} ({name})"),
+                None => format!("MFT record {r}"),
+            };
+            fixup(rec, &what)?;
+            for a in attributes(rec, &what)?.iter().filter(|a| a.non_resident) {
+                for run in runlist(a, clusters, &what)? {
+                    let Some(l) = run.lcn else { continue };
+                    if let Some((first, missing)) = uncovered(used, l * c, (l + run.len) * c) {
+                        bail!(
+                            "$Bitmap marks {} of the {} clusters of {what} free (from cluster {}): \
+                             the allocation data is damaged",
+                            missing.div_ceil(c),
+                            run.len,
+                            first / c
+                        );
+                    }
+                }
+            }
+        }
+        n += k;
+    }
+    if uncovered(used, 0, c).is_some() {
+        bail!("$Bitmap marks cluster 0 (the boot sector) free: the allocation data is damaged");
+    }
+    Ok(())
 }
 
 fn is_restart_page(p: &[u8]) -> bool {

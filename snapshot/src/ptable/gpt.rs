@@ -455,6 +455,7 @@ impl Gpt {
                     .saturating_sub(p.first_lba)
                     .saturating_mul(ss),
                 fs: None,
+                whole: None,
             })
             .collect()
     }

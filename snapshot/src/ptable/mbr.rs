@@ -263,6 +263,7 @@ impl Mbr {
                 offset: p.first_lba.saturating_mul(ss),
                 size: p.sectors.saturating_mul(ss),
                 fs: None,
+                whole: None,
             })
             .collect()
     }

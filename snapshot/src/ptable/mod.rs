@@ -92,6 +92,11 @@ pub struct Partition {
     /// The filesystem found in it at ingest, if any was recognised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Filesystem>,
+    /// Why a filesystem that was recognised is copied whole instead of by its used-block map
+    /// (its metadata is damaged, or its allocation data disagrees with its own counts and
+    /// structures). Absent in manifests from older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<String>,
 }
 
 impl PartitionTable {
