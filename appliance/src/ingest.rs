@@ -8,22 +8,21 @@ use anyhow::{Context, Result};
 use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkStats};
 use snapshot::layout::{analyze, firmware_of};
 use snapshot::manifest::{Firmware, Hardware, Manifest, MANIFEST_VERSION};
-use snapshot::store::{check_name, LocalStore};
+use snapshot::store::{check_name, check_snapshot_id, LocalStore};
 use snapshot::CHUNK_SIZE;
 use std::time::Instant;
 
 pub fn run(a: &IngestArgs) -> Result<()> {
     check_name(&a.host, "host")?;
-    let store = LocalStore::open(&a.store)?;
-    let id = match &a.snapshot {
-        Some(id) => id.clone(),
-        None => store.new_snapshot_id(&a.host, |_| false)?,
-    };
-    check_name(&id, "snapshot")?;
-    if store.snapshots(&a.host)?.contains(&id) {
-        anyhow::bail!("snapshot {}/{id} already exists", a.host);
+    if let Some(id) = &a.snapshot {
+        check_snapshot_id(id)?;
     }
-    let _writer = store.writer()?;
+    let store = LocalStore::open(&a.store)?;
+    let writer = store.writer()?;
+    // Reserved now, for the whole ingest: parallel ingests and upload sessions of this host
+    // never pick the same id.
+    let reservation = store.reserve_snapshot(&writer, &a.host, a.snapshot.as_deref())?;
+    let id = reservation.id.clone();
     let started = Instant::now();
     let opts = ChunkOptions {
         zstd_level: a.level,
@@ -70,7 +69,7 @@ pub fn run(a: &IngestArgs) -> Result<()> {
         chunk_size: CHUNK_SIZE,
         disks,
     };
-    store.commit_snapshot(&manifest, &indexes)?;
+    store.commit_reserved(&reservation, &manifest, &indexes)?;
     summary(a, &id, &all_stats, started.elapsed().as_secs_f64())
 }
 

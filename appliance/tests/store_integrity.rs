@@ -141,3 +141,177 @@ fn four_tib_sparse_disk_restores_over_http() {
         "too slow"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writers of one host: ids reserved at the start, `latest` by commit order.
+
+/// Sleep until just after the next second boundary, so that writers started now all make the
+/// same time-based snapshot id unless ids are reserved.
+fn sync_to_second() {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    std::thread::sleep(Duration::from_nanos(1_000_000_000 - ns as u64 + 5_000_000));
+}
+
+/// A small raw disk image of noise (no partition table: kept whole).
+fn small_image(env: &Env, name: &str, seed: u64) -> std::path::PathBuf {
+    let p = env.path(name);
+    std::fs::write(&p, noise(seed, 6 << 20)).unwrap();
+    p
+}
+
+fn ingest_cmd(env: &Env, host: &str, img: &Path) -> Cmd {
+    Cmd::new(common::BIN)
+        .arg("ingest")
+        .arg("--store")
+        .arg(&env.store)
+        .args(["--host", host])
+        .arg(img)
+        .timeout(common::CMD_TIMEOUT)
+}
+
+fn snapshot_ids(env: &Env, host: &str) -> Vec<String> {
+    let v = env.list_json();
+    let mut ids: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["host"] == host)
+        .map(|s| s["snapshot"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn latest_of(env: &Env, host: &str) -> String {
+    std::fs::read_to_string(env.store.join(format!("hosts/{host}/latest")))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Issue 8 item 9: of 6 parallel ingests of one host, 5 used to fail at their commit
+/// (`Directory not empty`, `already exists`): they had all picked the same id.
+#[test]
+fn six_parallel_ingests_of_one_host_all_commit() {
+    let env = Env::new("six_parallel_ingests_of_one_host_all_commit");
+    let img = small_image(&env, "d.img", 7);
+    sync_to_second();
+    let mut procs: Vec<_> = (0..6)
+        .map(|i| {
+            ingest_cmd(&env, "web1", &img)
+                .spawn(&env.logs, &format!("ingest-{i}"))
+                .unwrap()
+        })
+        .collect();
+    for p in procs.iter_mut() {
+        let (st, timed_out) = p.wait(Duration::from_secs(300)).unwrap();
+        assert!(st.success() && !timed_out, "{}", p.describe());
+    }
+    let ids = snapshot_ids(&env, "web1");
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    env.verify(&[]).ok();
+}
+
+/// Issue 8 item 9: an upload session and an ingest started in the same second used to get the
+/// same id; the capture's commit then failed with `409 already exists` after uploading all.
+#[test]
+fn upload_session_and_ingest_started_together_both_commit() {
+    use common::http::{post_json, send};
+    use snapshot::format::index::{ChunkIndex, Slot};
+    use snapshot::manifest::{Disk, DiskTotals, Firmware, Hardware, Manifest, MANIFEST_VERSION};
+    let env = Env::new("upload_session_and_ingest_started_together_both_commit");
+    let img = small_image(&env, "d.img", 8);
+    let srv = Server::start(&env.store, &[]);
+    sync_to_second();
+    let r = post_json(
+        &srv.url("/api/v1/uploads"),
+        None,
+        serde_json::json!({ "host": "web1" }),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let ingest = ingest_cmd(&env, "web1", &img).run();
+    env.log("ingest", &ingest);
+    assert!(ingest.success(), "{}", ingest.describe());
+    let u = r.json()["upload"].as_str().unwrap().to_string();
+    let session_id = r.json()["snapshot"].as_str().unwrap().to_string();
+    // Upload a one-chunk disk.
+    let data = noise(9, 4 << 20);
+    let d = snapshot::Digest::of(&data);
+    let r = send(
+        "PUT",
+        &srv.url(&format!("/api/v1/uploads/{u}/chunks/{d}")),
+        None,
+        &[],
+        Some(&snapshot::encode_chunk(&data, 3)),
+    );
+    assert!(r.status == 201 || r.status == 200, "{}", r.text());
+    let mut idx = ChunkIndex::new(data.len() as u64);
+    idx.set(0, Slot::Data(d));
+    let r = send(
+        "PUT",
+        &srv.url(&format!("/api/v1/uploads/{u}/indexes/0")),
+        None,
+        &[],
+        Some(&idx.to_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let m = Manifest {
+        version: MANIFEST_VERSION,
+        host: "web1".into(),
+        snapshot: "x".into(),
+        created: "1970-01-01T00:00:00Z".into(),
+        firmware: Firmware::Bios,
+        hardware: Hardware::default(),
+        chunk_size: snapshot::CHUNK_SIZE,
+        disks: vec![Disk {
+            number: 0,
+            size: idx.disk_size,
+            logical_sector: 512,
+            physical_sector: 512,
+            table: snapshot::ptable::PartitionTable::None,
+            partitions: Vec::new(),
+            index_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(idx.to_bytes())),
+            totals: DiskTotals::default(),
+        }],
+    };
+    let r = send(
+        "POST",
+        &srv.url(&format!("/api/v1/uploads/{u}/commit")),
+        None,
+        &[],
+        Some(&m.to_bytes()),
+    );
+    assert_eq!(r.status, 201, "commit of the upload: {}", r.text());
+    let ids = snapshot_ids(&env, "web1");
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&session_id), "{ids:?}");
+    // The upload committed last: it is `latest`.
+    assert_eq!(latest_of(&env, "web1"), session_id);
+}
+
+/// Issue 8 item 2: `latest` used to move only when the new id sorted after the old one as a
+/// string, so a named snapshot froze it; and `latest` itself was accepted as a snapshot name.
+#[test]
+fn latest_follows_commit_order_whatever_the_names() {
+    let env = Env::new("latest_follows_commit_order_whatever_the_names");
+    let img = small_image(&env, "d.img", 10);
+    env.ingest_ok("web1", "before-upgrade", &[&img]);
+    assert_eq!(latest_of(&env, "web1"), "before-upgrade");
+    let out = ingest_cmd(&env, "web1", &img).run();
+    assert!(out.success(), "{}", out.describe());
+    let ids = snapshot_ids(&env, "web1");
+    let auto = ids.iter().find(|i| *i != "before-upgrade").unwrap().clone();
+    assert_eq!(latest_of(&env, "web1"), auto, "latest stayed behind");
+    // A name that sorts before the time ids still becomes latest when committed last.
+    env.ingest_ok("web1", "0-first", &[&img]);
+    assert_eq!(latest_of(&env, "web1"), "0-first");
+    for bad in ["latest", "LATEST", "Latest"] {
+        let out = env.ingest("web1", Some(bad), &[&img]);
+        assert!(!out.success(), "--snapshot {bad} accepted");
+        assert!(out.stderr.contains("reserved"), "{}", out.describe());
+    }
+    assert_eq!(snapshot_ids(&env, "web1").len(), 3);
+}

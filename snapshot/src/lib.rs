@@ -9,13 +9,18 @@
 //!
 //! - A chunk is written to `tmp/`, fsynced and renamed to `chunks/xxxx/<digest>`. An existing chunk
 //!   is never rewritten. A crash leaves at most a stray file in `tmp/`, never a half chunk.
+//! - A snapshot id is reserved when its writer starts (an ingest, an upload session): an exclusive
+//!   `flock` on `tmp/reserved/<host>/<id>`, so parallel writers of one host take distinct ids and
+//!   a writer that dies frees its id. Explicit ids (`--snapshot`) may not be reserved words
+//!   (`latest`).
 //! - A snapshot directory (manifest, signature, indexes) is assembled in `tmp/`, fsynced and renamed
 //!   into `hosts/<host>/snapshots/<id>` only after every chunk it references is durable. `latest`
 //!   moves last. A crash before the rename leaves no listed snapshot.
 //! - Locking: every writer (ingest, upload session) holds a shared `flock` on `private/gc.lock` for
 //!   its whole life; `gc` takes it exclusively, so it can never delete a chunk that a writer has
-//!   checked for existence but not yet referenced from a committed snapshot. `latest` is updated
-//!   under an exclusive per-host lock and only ever moves to a newer snapshot.
+//!   checked for existence but not yet referenced from a committed snapshot. The rename of a
+//!   snapshot into place and the update of `latest` happen under one exclusive per-host lock, so
+//!   `latest` always names the snapshot committed last, whatever its id.
 //! - `private/` (signing key, tokens) and `tmp/` are never served.
 
 pub mod chunker;

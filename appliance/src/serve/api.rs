@@ -526,18 +526,8 @@ fn commit(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
         });
         return Err(Response::new(409).bytes("application/json", json_bytes(&body)));
     }
-    let dest = app
-        .store
-        .root()
-        .join(format!("hosts/{}/snapshots/{}", m.host, m.snapshot));
-    if dest.exists() {
-        return Err(err(
-            409,
-            format!("snapshot {}/{} already exists", m.host, m.snapshot),
-        ));
-    }
     app.store
-        .commit_snapshot(&m, &indexes)
+        .commit_reserved(&s.reservation, &m, &indexes)
         .map_err(|e| internal(&format!("committing {}/{}", m.host, m.snapshot), e))?;
     app.uploads.remove(&s.id, "committed");
     ok_json(201, &json!({ "host": m.host, "snapshot": m.snapshot }))

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use snapshot::format::index::ChunkIndex;
-use snapshot::store::local::WriterGuard;
+use snapshot::store::local::{Reservation, WriterGuard};
 use snapshot::store::LocalStore;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -27,6 +27,9 @@ pub struct Session {
     pub indexes: Mutex<BTreeMap<u32, (ChunkIndex, String)>>,
     /// Set while a commit runs, so two commits of one session cannot race.
     pub committing: AtomicBool,
+    /// The snapshot id, reserved from the opening of the session to its commit (ingests and
+    /// other sessions of the host skip it).
+    pub reservation: Reservation,
     /// The writer lock; released when the last user of the session drops it.
     _lock: WriterGuard,
 }
@@ -69,8 +72,8 @@ impl Uploads {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Open a session for `host` with a new snapshot id: the UTC time, with `-1`, `-2`... when
-    /// that id is taken by a snapshot or another session of the host (as `appliance ingest`).
+    /// Open a session for `host` with a new snapshot id, reserved now: the UTC time, with `-1`,
+    /// `-2`... when a snapshot, an ingest or another session of the host has it.
     pub fn open(
         &self,
         store: &LocalStore,
@@ -85,11 +88,10 @@ impl Uploads {
         if map.len() >= MAX_SESSIONS {
             return Err(OpenError::TooMany);
         }
-        let snapshot = store
-            .new_snapshot_id(host, |id| {
-                map.values().any(|s| s.host == host && s.snapshot == id)
-            })
+        let reservation = store
+            .reserve_snapshot(&lock, host, None)
             .map_err(OpenError::Other)?;
+        let snapshot = reservation.id.clone();
         let id = random_id().map_err(OpenError::Other)?;
         let s = Arc::new(Session {
             id: id.clone(),
@@ -99,6 +101,7 @@ impl Uploads {
             last_used: Mutex::new(Instant::now()),
             indexes: Mutex::new(BTreeMap::new()),
             committing: AtomicBool::new(false),
+            reservation,
             _lock: lock,
         });
         map.insert(id, s.clone());

@@ -1,7 +1,7 @@
 //! A store in a local directory: the reader side, and the writer side used by ingest, uploads
 //! and gc. The crash-safety and locking rules are in the crate's design note.
 
-use super::{check_name, FetchError, Store};
+use super::{check_name, check_snapshot_id, FetchError, Store};
 use crate::format::index::ChunkIndex;
 use crate::format::{Digest, StoreInfo};
 use crate::manifest::Manifest;
@@ -20,6 +20,31 @@ pub struct LocalStore {
 
 /// Held by every writer for its whole life; `gc` waits for none of them to be left.
 pub struct WriterGuard(#[allow(dead_code)] File);
+
+/// A snapshot id held by one writer (an ingest, an upload session) from its start to its commit,
+/// so that writers of one host never pick the same id (issue 8: five of six parallel ingests
+/// failed at their commit). It is an exclusive `flock` on `tmp/reserved/<host>/<id>`: a writer
+/// that dies releases it with its descriptors. Taken only by holders of the writer lock, so `gc`
+/// (which clears `tmp/`) never runs while one is held.
+pub struct Reservation {
+    pub host: String,
+    pub id: String,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reservation({}/{})", self.host, self.id)
+    }
+}
+
+/// What trying one id found.
+enum Claim {
+    Got(Reservation),
+    Committed,
+    Busy,
+}
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -106,18 +131,78 @@ impl LocalStore {
         Ok(got.then_some(WriterGuard(f)))
     }
 
-    /// A new snapshot id for `host`: the UTC time, sortable (`20261123T051900Z`), with `-1`,
-    /// `-2`... when the store has it or `taken` says another writer is about to use it.
-    pub fn new_snapshot_id(&self, host: &str, taken: impl Fn(&str) -> bool) -> Result<String> {
-        let existing = self.snapshots(host)?;
-        let base = time_id(std::time::SystemTime::now());
-        let mut id = base.clone();
-        let mut n = 0;
-        while existing.contains(&id) || taken(&id) {
-            n += 1;
-            id = format!("{base}-{n}");
+    /// Reserve a snapshot id of `host` for a writer that holds the writer lock (`_writer`):
+    /// `wanted`, or else the UTC time (`20261123T051900Z`, sortable) with `-1`, `-2`... when a
+    /// committed snapshot or a live writer has it. The id stays reserved until the reservation
+    /// is dropped or committed ([`LocalStore::commit_reserved`]).
+    pub fn reserve_snapshot(
+        &self,
+        _writer: &WriterGuard,
+        host: &str,
+        wanted: Option<&str>,
+    ) -> Result<Reservation> {
+        check_name(host, "host")?;
+        let dir = self.root.join("tmp").join("reserved").join(host);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(id) = wanted {
+            check_snapshot_id(id)?;
+            return match self.try_reserve(&dir, host, id)? {
+                Claim::Got(r) => Ok(r),
+                Claim::Committed => bail!("snapshot {host}/{id} already exists"),
+                Claim::Busy => bail!(
+                    "snapshot {host}/{id} is being written by another ingest or upload right now"
+                ),
+            };
         }
-        Ok(id)
+        let base = time_id(std::time::SystemTime::now());
+        for n in 0..100_000u32 {
+            let id = if n == 0 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            if let Claim::Got(r) = self.try_reserve(&dir, host, &id)? {
+                return Ok(r);
+            }
+        }
+        bail!("no free snapshot id for {host} at {base}")
+    }
+
+    fn try_reserve(&self, dir: &Path, host: &str, id: &str) -> Result<Claim> {
+        let dest = self.snapshot_dir(host, id);
+        if dest.exists() {
+            return Ok(Claim::Committed);
+        }
+        let path = dir.join(id);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if !crate::sys::flock(&f, true, false)
+            .with_context(|| format!("locking {}", path.display()))?
+        {
+            return Ok(Claim::Busy);
+        }
+        // Again under the lock: the writer that held it may have committed and let go since.
+        if dest.exists() {
+            return Ok(Claim::Committed);
+        }
+        Ok(Claim::Got(Reservation {
+            host: host.to_string(),
+            id: id.to_string(),
+            path,
+            _lock: f,
+        }))
+    }
+
+    fn snapshot_dir(&self, host: &str, id: &str) -> PathBuf {
+        self.root
+            .join("hosts")
+            .join(host)
+            .join("snapshots")
+            .join(id)
     }
 
     /// Take the gc lock (exclusive) without waiting; `None` while a writer is active.
@@ -175,16 +260,56 @@ impl LocalStore {
         sync_dir(dest.parent().unwrap_or(&self.root))
     }
 
-    /// Publish a snapshot: everything it references must already be stored. The snapshot
-    /// directory appears whole or not at all; `latest` moves after it, and only forward.
+    /// Publish a snapshot under the id `manifest.snapshot`, reserving it first (for writers
+    /// that chose their id up front; ingest and uploads reserve at their start instead).
     pub fn commit_snapshot(&self, manifest: &Manifest, indexes: &[ChunkIndex]) -> Result<()> {
+        let writer = self.writer()?;
+        let r = self.reserve_snapshot(&writer, &manifest.host, Some(&manifest.snapshot))?;
+        self.commit_reserved(&r, manifest, indexes)
+    }
+
+    /// Publish a snapshot under the id `r` holds: everything it references must already be
+    /// stored. The snapshot directory appears whole or not at all. The rename and `latest` happen
+    /// under the host's lock, so `latest` names the snapshot committed last, whatever the ids.
+    pub fn commit_reserved(
+        &self,
+        r: &Reservation,
+        manifest: &Manifest,
+        indexes: &[ChunkIndex],
+    ) -> Result<()> {
+        if manifest.host != r.host || manifest.snapshot != r.id {
+            bail!(
+                "manifest names {}/{}, the reservation {}/{}",
+                manifest.host,
+                manifest.snapshot,
+                r.host,
+                r.id
+            );
+        }
         check_name(&manifest.host, "host")?;
-        check_name(&manifest.snapshot, "snapshot")?;
+        check_snapshot_id(&manifest.snapshot)?;
         let key = self.signing_key()?;
-        let host_dir = self.root.join("hosts").join(&manifest.host);
-        let snaps = host_dir.join("snapshots");
+        let snaps = self
+            .root
+            .join("hosts")
+            .join(&manifest.host)
+            .join("snapshots");
         fs::create_dir_all(&snaps).with_context(|| format!("creating {}", snaps.display()))?;
         let dest = snaps.join(&manifest.snapshot);
+        let tmp = self.tmp_path(&format!("snap-{}", manifest.host));
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        for (disk, idx) in manifest.disks.iter().zip(indexes) {
+            write_synced(&tmp.join(disk.index_name()), &idx.to_bytes())?;
+        }
+        // Chunks were fsynced one by one; their directory entries are made durable here, before
+        // anything refers to them.
+        syncfs(&self.root)?;
+        let lock = self.lock_file(&format!("host-{}.lock", manifest.host))?;
+        crate::sys::flock(&lock, true, true).context("locking the host for the commit")?;
+        let bytes = manifest.to_bytes();
+        write_synced(&tmp.join("manifest.json"), &bytes)?;
+        write_synced(&tmp.join("manifest.sig"), key.sign(&bytes).as_bytes())?;
+        sync_dir(&tmp)?;
         if dest.exists() {
             bail!(
                 "snapshot {}/{} already exists",
@@ -192,31 +317,13 @@ impl LocalStore {
                 manifest.snapshot
             );
         }
-        let tmp = self.tmp_path(&format!("snap-{}", manifest.host));
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let bytes = manifest.to_bytes();
-        write_synced(&tmp.join("manifest.json"), &bytes)?;
-        write_synced(&tmp.join("manifest.sig"), key.sign(&bytes).as_bytes())?;
-        for (disk, idx) in manifest.disks.iter().zip(indexes) {
-            write_synced(&tmp.join(disk.index_name()), &idx.to_bytes())?;
-        }
-        sync_dir(&tmp)?;
-        // Chunks were fsynced one by one; their directory entries are made durable here, before
-        // anything refers to them.
-        syncfs(&self.root)?;
         fs::rename(&tmp, &dest).with_context(|| format!("publishing {}", dest.display()))?;
         sync_dir(&snaps)?;
-        self.advance_latest(&manifest.host, &manifest.snapshot)
-    }
-
-    fn advance_latest(&self, host: &str, id: &str) -> Result<()> {
-        let lock = self.lock_file(&format!("host-{host}.lock"))?;
-        crate::sys::flock(&lock, true, true).context("locking latest")?;
-        let rel = PathBuf::from(format!("hosts/{host}/latest"));
-        let current = fs::read_to_string(self.root.join(&rel)).unwrap_or_default();
-        if current.trim() < id {
-            self.write_atomic(&rel, format!("{id}\n").as_bytes())?;
-        }
+        let rel = PathBuf::from(format!("hosts/{}/latest", manifest.host));
+        self.write_atomic(&rel, format!("{}\n", manifest.snapshot).as_bytes())?;
+        // The id is taken by the directory now: a writer that opens the reservation file after
+        // this finds the snapshot committed, so the file may go.
+        let _ = fs::remove_file(&r.path);
         Ok(())
     }
 

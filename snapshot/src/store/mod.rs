@@ -190,6 +190,22 @@ pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<Vec<u8>> {
     Ok(crate::decode_chunk(&blob, digest)?)
 }
 
+/// Words a snapshot may not be named: readers give them a meaning (`--snapshot latest`).
+pub const RESERVED_IDS: &[&str] = &["latest"];
+
+/// A snapshot id a writer may use: a safe name ([`check_name`]) that starts with a letter or digit
+/// (not an option-like `-x`) and is not reserved ([`RESERVED_IDS`], in any letter case).
+pub fn check_snapshot_id(id: &str) -> Result<()> {
+    check_name(id, "snapshot")?;
+    if RESERVED_IDS.iter().any(|r| r.eq_ignore_ascii_case(id)) {
+        bail!("snapshot name {id:?} is reserved (it names the newest snapshot when reading)");
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        bail!("invalid snapshot name {id:?} (must start with a letter or digit)");
+    }
+    Ok(())
+}
+
 /// Host names and snapshot ids become path components: keep them to a safe alphabet.
 pub fn check_name(name: &str, what: &str) -> Result<()> {
     let ok = !name.is_empty()
