@@ -36,6 +36,19 @@ fn attach(file: &Path, loops: &mut Loops) -> Result<String> {
     }
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
     loops.0.push(dev.clone());
+    // Some kernels do not scan a loop device's table (partscan or not): add the partitions
+    // with BLKPG (partx) when none appeared.
+    let name = dev.trim_start_matches("/dev/");
+    let has_parts = |n: &str| {
+        std::fs::read_dir(format!("/sys/class/block/{n}"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("partition").exists())
+    };
+    if !has_parts(name) {
+        let _ = Command::new("partx").args(["-a", &dev]).output();
+    }
     Ok(dev)
 }
 

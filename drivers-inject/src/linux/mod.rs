@@ -164,14 +164,23 @@ fn run(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Repo
             continue;
         };
         let t = v.fstype.clone().unwrap_or_else(|| e.fstype.clone());
-        mounts
-            .mount(&v.device, &root.join(&dir[1..]), &t, opts.dry_run)
-            .with_context(|| format!("mounting the restored {dir}"))?;
+        let is_esp = t == "vfat" && (dir == "/boot/efi" || dir == "/efi");
+        match mounts.mount(&v.device, &root.join(&dir[1..]), &t, opts.dry_run) {
+            Ok(()) => {}
+            // Nothing but the fallback loader needs the ESP.
+            Err(e) if is_esp => {
+                report
+                    .warnings
+                    .push(format!("{e:#}: the UEFI fallback loader is not checked"));
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("mounting the restored {dir}"))),
+        }
         if dir == "/boot" {
             boot_vol = v;
             fstypes.push(t.clone());
         }
-        if t == "vfat" && (dir == "/boot/efi" || dir == "/efi") {
+        if is_esp {
             esp = Some(dir[1..].to_string());
         }
     }
