@@ -117,6 +117,7 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
         safety.check(&t)?;
         targets.push(t);
     }
+    crate::target::check_distinct(&targets)?;
     let threads = a.jobs as usize;
 
     let mut disks: Vec<Disk> = Vec::new();

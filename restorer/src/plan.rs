@@ -178,18 +178,12 @@ pub fn targets(layout: &LayoutArgs, disks: &[Disk], safety: &Safety) -> Result<V
             layout.target.len()
         );
     }
-    let mut out: Vec<Target> = Vec::new();
-    for spec in &layout.target {
-        let t = Target::from_path(spec)?;
-        let same = |o: &Target| match (o.devno, t.devno) {
-            (Some(a), Some(b)) => a == b,
-            _ => std::fs::canonicalize(&o.path).ok() == std::fs::canonicalize(&t.path).ok(),
-        };
-        if out.iter().any(same) {
-            bail!("target {spec} is given twice");
-        }
-        out.push(t);
-    }
+    let out = layout
+        .target
+        .iter()
+        .map(|spec| Target::from_path(spec))
+        .collect::<Result<Vec<Target>>>()?;
+    target::check_distinct(&out)?;
     Ok(out)
 }
 

@@ -39,6 +39,80 @@ pub struct Target {
     pub rotational: bool,
     pub removable: bool,
     pub read_only: bool,
+    /// A file target's own identity (device and inode).
+    #[serde(skip)]
+    pub inode: Option<Identity>,
+    /// The file behind a loop-device target.
+    #[serde(skip)]
+    pub backing: Option<Backing>,
+}
+
+/// What a target is beneath its path. Paths are many (hard links, a second device node, a second
+/// loop device over one file, a renamed or unlinked backing file); these are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// A block device, by (major, minor).
+    Block((u32, u32)),
+    /// A file, by the (major, minor) of its filesystem and its inode number.
+    File { dev: (u32, u32), ino: u64 },
+}
+
+impl Identity {
+    fn of(meta: &fs::Metadata) -> Identity {
+        let d = meta.dev();
+        Identity::File {
+            dev: (libc::major(d), libc::minor(d)),
+            ino: meta.ino(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Identity::Block((a, b)) => format!("block device {a}:{b}"),
+            Identity::File { dev: (a, b), ino } => format!("inode {ino} on device {a}:{b}"),
+        }
+    }
+}
+
+/// The file a loop device reads and writes: its path as sysfs shows it (`NAME (deleted)` once its
+/// name is gone) and its identities, from the kernel's loop status (`LOOP_GET_STATUS64`, which
+/// survives renames and unlinks) and from a stat of the path.
+#[derive(Debug, Clone)]
+pub struct Backing {
+    pub path: String,
+    pub ids: Vec<Identity>,
+}
+
+/// The backing file of loop device `name` (sysfs name), asked through the device node `node`.
+/// `None` when no file is bound.
+fn loop_backing(name: &str, node: &Path) -> Option<Backing> {
+    let path = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    let path = path.trim_end_matches('\n').to_string();
+    let mut ids = Vec::new();
+    let status = fs::File::open(node)
+        .ok()
+        .and_then(|f| snapshot::sys::loop_backing(&f).ok().flatten());
+    if let Some(b) = status {
+        ids.push(Identity::File {
+            dev: b.dev,
+            ino: b.ino,
+        });
+        if b.rdev != (0, 0) {
+            ids.push(Identity::Block(b.rdev));
+        }
+    }
+    // The path names the file only while it is not deleted (another file may have its name now).
+    if !path.ends_with(" (deleted)") {
+        if let Ok(m) = fs::metadata(&path) {
+            ids.push(Identity::of(&m));
+            if m.file_type().is_block_device() {
+                let r = m.rdev();
+                ids.push(Identity::Block((libc::major(r), libc::minor(r))));
+            }
+        }
+    }
+    ids.dedup();
+    Some(Backing { path, ids })
 }
 
 impl Target {
@@ -63,6 +137,9 @@ impl Target {
                 bail!("target {spec} is a partition of /dev/{parent}: give the whole disk");
             }
             let mut t = from_sysfs(&sys)?;
+            if t.name.as_deref().is_some_and(|n| n.starts_with("loop")) {
+                t.backing = loop_backing(t.name.as_deref().unwrap_or_default(), &path);
+            }
             t.path = path;
             Ok(t)
         } else if meta.is_file() {
@@ -80,6 +157,8 @@ impl Target {
                 rotational: false,
                 removable: false,
                 read_only: meta.permissions().readonly(),
+                inode: Some(Identity::of(&meta)),
+                backing: None,
             })
         } else {
             bail!("target {spec} is neither a block device nor a regular file");
@@ -107,6 +186,72 @@ impl Target {
         }
         format!("{} ({})", self.path.display(), parts.join(", "))
     }
+
+    /// Everything this target is: its device number or inode, and a loop device's backing file.
+    pub fn identities(&self) -> Vec<Identity> {
+        let mut v: Vec<Identity> = self.devno.map(Identity::Block).into_iter().collect();
+        v.extend(self.inode);
+        if let Some(b) = &self.backing {
+            v.extend(b.ids.iter().copied());
+        }
+        v
+    }
+
+    fn is_loop(&self) -> bool {
+        self.backing.is_some()
+    }
+}
+
+/// Refuse two targets that are one disk underneath: the same device, hard links to one file, a
+/// loop device and its backing file, two loop devices over one file. The second would overwrite
+/// the first.
+pub fn check_distinct(targets: &[Target]) -> Result<()> {
+    for (j, b) in targets.iter().enumerate() {
+        for a in &targets[..j] {
+            let ids = b.identities();
+            let Some(id) = a.identities().into_iter().find(|i| ids.contains(i)) else {
+                continue;
+            };
+            if a.path == b.path {
+                bail!("target {} is given twice", b.path.display());
+            }
+            let backing = |t: &Target| {
+                t.backing
+                    .as_ref()
+                    .map(|k| k.path.clone())
+                    .unwrap_or_default()
+            };
+            let why = match (a.is_loop(), b.is_loop()) {
+                (true, true) => format!(
+                    "both are loop devices over one file ({}, {})",
+                    backing(b),
+                    id.describe()
+                ),
+                (true, false) => format!(
+                    "{} is a loop device over it ({}, {})",
+                    a.path.display(),
+                    backing(a),
+                    id.describe()
+                ),
+                (false, true) => format!(
+                    "{} is a loop device over it ({}, {})",
+                    b.path.display(),
+                    backing(b),
+                    id.describe()
+                ),
+                (false, false) if a.kind == Kind::File => {
+                    format!("hard links to one file ({})", id.describe())
+                }
+                (false, false) => format!("both are {}", id.describe()),
+            };
+            bail!(
+                "target {} is the same disk as target {}: {why}; each disk needs its own target",
+                b.path.display(),
+                a.path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Describe the whole-disk block device at sysfs directory `sys` (`/sys/devices/.../block/sda`).
@@ -147,6 +292,8 @@ fn from_sysfs(sys: &Path) -> Result<Target> {
         read_only: read("ro") == "1",
         name: Some(name),
         devno,
+        inode: None,
+        backing: None,
     })
 }
 
@@ -274,12 +421,24 @@ pub fn auto_assign(sources: &[u64], disks: Vec<Target>, safety: &Safety) -> Resu
 pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
 
 /// What this machine is using right now: mounted filesystems, active swap, the root and the
-/// medium the program runs from, loop-device backing files. Read once, checked per target.
+/// medium the program runs from, loop devices and their backing files. Read once, checked per
+/// target. Everything is compared by device number and inode, never by path.
 pub struct Safety {
     /// Whole disks (major:minor) in use, each with the reason.
     disks: Vec<((u32, u32), String)>,
-    /// Files backing a loop device, with the device.
-    loop_files: Vec<(PathBuf, String)>,
+    /// Every loop device bound to a file.
+    loops: Vec<LoopDev>,
+    /// Active swap files, with their path.
+    swap_files: Vec<(Identity, String)>,
+}
+
+/// A bound loop device.
+struct LoopDev {
+    /// `/dev/loopN`.
+    path: String,
+    name: String,
+    devno: Option<(u32, u32)>,
+    backing: Backing,
 }
 
 impl Safety {
@@ -324,6 +483,7 @@ impl Safety {
                 }
             }
         }
+        let mut swap_files = Vec::new();
         if let Ok(swaps) = fs::read_to_string("/proc/swaps") {
             for line in swaps.lines().skip(1) {
                 let Some(dev) = line.split_whitespace().next() else {
@@ -336,6 +496,8 @@ impl Safety {
                         for d in whole_disks((libc::major(r), libc::minor(r))) {
                             disks.push((d, format!("is in use as swap ({dev})")));
                         }
+                    } else {
+                        swap_files.push((Identity::of(&m), dev));
                     }
                 }
             }
@@ -363,55 +525,113 @@ impl Safety {
                 }
             }
         }
-        let mut loop_files = Vec::new();
+        let mut loops = Vec::new();
         if let Ok(rd) = fs::read_dir("/sys/block") {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
-                    let b = b.trim().trim_end_matches(" (deleted)");
-                    loop_files.push((PathBuf::from(b), format!("/dev/{name}")));
+                let node = PathBuf::from(format!("/dev/{name}"));
+                if let Some(backing) = loop_backing(&name, &node) {
+                    loops.push(LoopDev {
+                        path: node.display().to_string(),
+                        devno: read_devno(&e.path()),
+                        name,
+                        backing,
+                    });
                 }
             }
         }
-        Ok(Safety { disks, loop_files })
+        Ok(Safety {
+            disks,
+            loops,
+            swap_files,
+        })
+    }
+
+    /// Why whole disk `devno` (sysfs name `name`) is in use, if it is.
+    fn busy(&self, devno: (u32, u32), name: Option<&str>) -> Option<String> {
+        if let Some((_, why)) = self.disks.iter().find(|(d, _)| *d == devno) {
+            return Some(why.clone());
+        }
+        let held = name.map(holders).unwrap_or_default();
+        (!held.is_empty()).then(|| {
+            format!(
+                "is held by {} (device-mapper, md or LVM on top of it)",
+                held.join(", ")
+            )
+        })
     }
 
     /// Why `t` must not be written, if it must not.
     pub fn check(&self, t: &Target) -> Result<()> {
+        let p = t.path.display();
         if t.read_only {
-            bail!("{} is read-only", t.path.display());
+            bail!("{p} is read-only");
         }
-        match t.kind {
-            Kind::Block => {
-                let Some(devno) = t.devno else {
-                    return Ok(());
-                };
-                if let Some((_, why)) = self.disks.iter().find(|(d, _)| *d == devno) {
-                    bail!("{} {why}", t.path.display());
-                }
-                if let Some(name) = &t.name {
-                    let holders = holders(name);
-                    if !holders.is_empty() {
-                        bail!(
-                            "{} is held by {} (device-mapper, md or LVM on top of it)",
-                            t.path.display(),
-                            holders.join(", ")
-                        );
-                    }
-                }
-                Ok(())
-            }
-            Kind::File => {
-                let canon = fs::canonicalize(&t.path).unwrap_or_else(|_| t.path.clone());
-                if let Some((_, dev)) = self.loop_files.iter().find(|(f, _)| *f == canon) {
-                    bail!(
-                        "{} is in use as the backing file of {dev}",
-                        t.path.display()
-                    );
-                }
-                Ok(())
+        if let Some(devno) = t.devno {
+            if let Some(why) = self.busy(devno, t.name.as_deref()) {
+                bail!("{p} {why}");
             }
         }
+        // The files underneath: a file target's own inode, a loop target's backing file (and the
+        // block device it stands for, when a loop device is over a block device).
+        let (files, over): (Vec<Identity>, String) = match (&t.inode, &t.backing) {
+            (Some(i), _) => (vec![*i], String::new()),
+            (None, Some(b)) => (
+                b.ids.clone(),
+                format!("{p} is a loop device over {}, ", b.path),
+            ),
+            (None, None) => return Ok(()),
+        };
+        for id in &files {
+            if let Identity::Block(d) = id {
+                if let Some(why) = self.busy(*d, None) {
+                    bail!("{over}a block device that {why}");
+                }
+                continue;
+            }
+            if let Some((_, swap)) = self.swap_files.iter().find(|(s, _)| s == id) {
+                if over.is_empty() {
+                    bail!("{p} is in use as swap ({swap}, {})", id.describe());
+                }
+                bail!(
+                    "{over}the same file as the active swap file {swap} ({})",
+                    id.describe()
+                );
+            }
+            let Some(l) = self
+                .loops
+                .iter()
+                .find(|l| l.devno != t.devno && l.backing.ids.contains(id))
+            else {
+                continue;
+            };
+            let state = l
+                .devno
+                .and_then(|d| self.busy(d, Some(&l.name)))
+                .map(|why| format!(", which {why}"))
+                .unwrap_or_default();
+            if over.is_empty() && Path::new(&l.backing.path) == t.path {
+                bail!("{p} is in use as the backing file of {}{state}", l.path);
+            }
+            if over.is_empty() {
+                bail!(
+                    "{p} is the same file ({}) as {}, the backing file of {}{state}",
+                    id.describe(),
+                    l.backing.path,
+                    l.path
+                );
+            }
+            let named = match &t.backing {
+                Some(b) if b.path == l.backing.path => String::new(),
+                _ => format!(" ({})", l.backing.path),
+            };
+            bail!(
+                "{over}the same file ({}) as the backing file of {}{named}{state}",
+                id.describe(),
+                l.path
+            );
+        }
+        Ok(())
     }
 }
 
@@ -437,8 +657,9 @@ fn holders(name: &str) -> Vec<String> {
     out.into_iter().collect()
 }
 
-/// The whole disks under a block device: itself, its parent when it is a partition, and the
-/// disks beneath device-mapper or md devices (their `slaves`), recursively.
+/// The whole disks under a block device: itself, its parent when it is a partition, the disks
+/// beneath device-mapper or md devices (their `slaves`) and beneath a loop device over a block
+/// device, recursively.
 fn whole_disks(devno: (u32, u32)) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut todo = vec![devno];
@@ -464,6 +685,16 @@ fn whole_disks(devno: (u32, u32)) -> Vec<(u32, u32)> {
                 if let Ok(s) = fs::canonicalize(e.path()) {
                     if let Some(sd) = read_devno(&s) {
                         todo.push(sd);
+                    }
+                }
+            }
+        }
+        let name = disk.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(name) = name.filter(|n| n.starts_with("loop")) {
+            if let Some(b) = loop_backing(&name, Path::new(&format!("/dev/{name}"))) {
+                for id in b.ids {
+                    if let Identity::Block(bd) = id {
+                        todo.push(bd);
                     }
                 }
             }
@@ -516,6 +747,8 @@ mod tests {
             rotational: false,
             removable: false,
             read_only: false,
+            inode: None,
+            backing: None,
         }
     }
 
@@ -523,7 +756,8 @@ mod tests {
     fn auto_matches_largest_to_largest() {
         let safety = Safety {
             disks: vec![],
-            loop_files: vec![],
+            loops: vec![],
+            swap_files: vec![],
         };
         let got = auto_assign(
             &[100, 500],

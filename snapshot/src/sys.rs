@@ -1,4 +1,4 @@
-//! The only unsafe code of the toolkit: block-device ioctls and `flock`.
+//! The only unsafe code of the toolkit: block- and loop-device ioctls and `flock`.
 //!
 //! Invariants: every call passes a valid open file descriptor borrowed from a live `File`, and
 //! out-pointers to properly sized, initialised locals. Nothing here keeps a pointer past the call.
@@ -14,6 +14,36 @@ const BLKRRPART: libc::Ioctl = 0x125f;
 const BLKPBSZGET: libc::Ioctl = 0x127b;
 const BLKGETSIZE64: libc::Ioctl = 0x80081272_u32 as libc::Ioctl;
 const BLKDISCARDZEROES: libc::Ioctl = 0x127c;
+const LOOP_GET_STATUS64: libc::Ioctl = 0x4c05;
+
+/// `struct loop_info64` of `<linux/loop.h>` (232 bytes).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+
+/// The file behind a loop device, as the kernel holds it: the (major, minor) of the filesystem
+/// it lives on and its inode number, and the device number it stands for when it is itself a
+/// block device. Unlike its sysfs path, this survives a rename or the removal of its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopBacking {
+    pub dev: (u32, u32),
+    pub ino: u64,
+    pub rdev: (u32, u32),
+}
 
 fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
@@ -59,6 +89,34 @@ pub fn discard_zeroes(f: &File) -> io::Result<bool> {
 pub fn reread_partitions(f: &File) -> io::Result<()> {
     // SAFETY: BLKRRPART takes no argument.
     check(unsafe { libc::ioctl(f.as_raw_fd(), BLKRRPART, 0) })
+}
+
+/// The backing file of loop device `f`; `Ok(None)` when no file is bound to it.
+pub fn loop_backing(f: &File) -> io::Result<Option<LoopBacking>> {
+    // SAFETY: LoopInfo64 is plain data; all-zero bytes are a valid value.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64 through the pointer.
+    let rc = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            LOOP_GET_STATUS64,
+            &mut info as *mut LoopInfo64,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // The kernel encodes device numbers as huge_encode_dev, which libc's major/minor decode.
+    let split = |d: u64| (libc::major(d as libc::dev_t), libc::minor(d as libc::dev_t));
+    Ok(Some(LoopBacking {
+        dev: split(info.lo_device),
+        ino: info.lo_inode,
+        rdev: split(info.lo_rdevice),
+    }))
 }
 
 /// Take an advisory lock on `f`: shared or exclusive, waiting or not.
