@@ -311,11 +311,17 @@ fn capture(
     let mut reports = Vec::new();
     let mut indexes = Vec::new();
     std::thread::scope(|s| -> Result<()> {
-        for _ in 0..a.jobs.max(1) {
-            let rx = rx.clone();
-            s.spawn(move || sink.uploader(rx));
-        }
+        let started =
+            snapshot::threads::start_scoped(s, a.jobs.max(1) as usize, "uploader", |_| {
+                let rx = rx.clone();
+                move || sink.uploader(rx)
+            });
         drop(rx);
+        if let Err(e) = started {
+            // The uploaders already started see the queue closed and stop.
+            sink.close();
+            return Err(e);
+        }
         let r = (|| -> Result<()> {
             for (n, dev) in sources.iter().enumerate() {
                 let t0 = Instant::now();

@@ -30,6 +30,7 @@ use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::{Attempt, HttpStore};
 use snapshot::store::{check_name, FetchError, Store};
+use snapshot::threads::{start_one_scoped, start_scoped};
 use snapshot::{ChunkIndex, Digest, Slot, CHUNK_SIZE};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -534,10 +535,10 @@ fn apply_disk(
         Ok(())
     };
     std::thread::scope(|s| {
-        for _ in 0..readers {
+        let (next, stop, fail) = (&next, &stop, &fail);
+        let readers = start_scoped(s, readers, "reader", |_| {
             let tx = tx.clone();
-            let (next, stop, fail) = (&next, &stop, &fail);
-            s.spawn(move || {
+            move || {
                 let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -555,23 +556,26 @@ fn apply_disk(
                         return;
                     }
                 }
-            });
-        }
-        if !compare {
+            }
+        });
+        let feeder = if compare {
+            Ok(Vec::new())
+        } else {
             let tx = tx.clone();
-            s.spawn(move || {
+            start_one_scoped(s, "feeder", move || {
                 for &i in slots {
                     if tx.send(i).is_err() {
                         return;
                     }
                 }
-            });
-        }
+            })
+            .map(|h| vec![h])
+        };
         drop(tx);
-        for _ in 0..threads.max(1) {
+        let (work, deferred) = (&work, &deferred);
+        let workers = start_scoped(s, threads.max(1), "worker", |_| {
             let rx = rx.clone();
-            let (stop, fail, work, deferred) = (&stop, &fail, &work, &deferred);
-            s.spawn(move || {
+            move || {
                 let mut scratch = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
                 let mut copy = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
                 for i in rx {
@@ -586,7 +590,12 @@ fn apply_disk(
                         return fail(e);
                     }
                 }
-            });
+            }
+        });
+        // Once every worker has gone, the readers' and the feeder's sends fail and they stop.
+        drop(rx);
+        if let Err(e) = readers.and(feeder).and(workers) {
+            fail(e);
         }
     });
     if let Some(e) = failed.into_inner().expect("lock") {
@@ -618,12 +627,13 @@ fn verify(
         let bad: Mutex<Vec<usize>> = Mutex::new(Vec::new());
         let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         std::thread::scope(|s| {
-            for _ in 0..threads.clamp(1, 4) {
-                s.spawn(|| {
+            let (next, bad, failed) = (&next, &bad, &failed);
+            let started = start_scoped(s, threads.clamp(1, 4), "reader", |_| {
+                move || {
                     let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        if k >= slots.len() {
+                        if k >= slots.len() || failed.lock().expect("lock").is_some() {
                             return;
                         }
                         let i = slots[k];
@@ -636,7 +646,11 @@ fn verify(
                             }
                         }
                     }
-                });
+                }
+            });
+            // The readers already started see the error and stop.
+            if let Err(e) = started {
+                failed.lock().expect("lock").get_or_insert(e);
             }
         });
         if let Some(e) = failed.into_inner().expect("lock") {

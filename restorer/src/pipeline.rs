@@ -19,6 +19,7 @@ use crate::plan::DiskPlan;
 use anyhow::{anyhow, Context, Result};
 use indicatif::ProgressBar;
 use snapshot::store::{FetchError, Store};
+use snapshot::threads::start_scoped;
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -169,8 +170,9 @@ impl<'a> DiskWriter<'a> {
         let ok = Mutex::new(HashSet::new());
         let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         std::thread::scope(|s| {
-            for _ in 0..threads.clamp(1, 4) {
-                s.spawn(|| {
+            let (next, ok, failed, todo) = (&next, &ok, &failed, &todo);
+            let started = start_scoped(s, threads.clamp(1, 4), "reader", |_| {
+                move || {
                     let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +196,11 @@ impl<'a> DiskWriter<'a> {
                             pb.inc(len);
                         }
                     }
-                });
+                }
+            });
+            // The readers already started see the error and stop.
+            if let Err(e) = started {
+                failed.lock().expect("lock").get_or_insert(e);
             }
         });
         if let Some(e) = failed.into_inner().expect("lock") {
@@ -265,8 +271,9 @@ impl<'a> DiskWriter<'a> {
         let stop = AtomicBool::new(false);
         let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
+            let (next, stop, failed, jobs) = (&next, &stop, &failed, &jobs);
+            let started = start_scoped(s, threads.max(1), "worker", |_| {
+                move || {
                     let mut scratch: Option<AlignedBuf> = None;
                     loop {
                         if stop.load(Ordering::Relaxed) {
@@ -282,7 +289,12 @@ impl<'a> DiskWriter<'a> {
                             return;
                         }
                     }
-                });
+                }
+            });
+            // The workers already started stop before their next job.
+            if let Err(e) = started {
+                stop.store(true, Ordering::Relaxed);
+                failed.lock().expect("lock").get_or_insert(e);
             }
         });
         match failed.into_inner().expect("lock") {

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use snapshot::chunker::is_zero;
 use snapshot::store::Store;
+use snapshot::threads::start_scoped;
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -162,8 +163,11 @@ fn verify_disk(
     let diffs = Mutex::new(Vec::new());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
+        let (next, diffs, failed, slots) = (&next, &diffs, &failed, &slots);
+        let (disk, special, patches, grown, part_of) =
+            (&disk, &special, &patches, &grown, &part_of);
+        let started = start_scoped(s, threads.max(1), "reader", |_| {
+            move || {
                 let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 4096);
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +176,7 @@ fn verify_disk(
                     }
                     let i = slots[k];
                     let (off, len) = index.span(i);
-                    let r = compare_slot(store, &disk, index, i, &mut buf, &special, d, &patches);
+                    let r = compare_slot(store, disk, index, i, &mut buf, special, d, patches);
                     match r {
                         Ok(None) => {}
                         Ok(Some((kind, expected, found))) => {
@@ -195,7 +199,11 @@ fn verify_disk(
                         }
                     }
                 }
-            });
+            }
+        });
+        // The readers already started see the error and stop.
+        if let Err(e) = started {
+            failed.lock().expect("lock").get_or_insert(e);
         }
     });
     if let Some(e) = failed.into_inner().expect("lock") {

@@ -36,6 +36,7 @@ pub mod sign;
 pub mod source;
 pub mod store;
 pub mod sys;
+pub mod threads;
 
 pub use extents::Extents;
 pub use format::blob::{decode_chunk, encode_chunk};

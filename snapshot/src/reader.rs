@@ -50,8 +50,9 @@ pub fn fetch_chunks(
     let next = Mutex::new(0usize);
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
+        let (next, failed) = (&next, &failed);
+        let started = crate::threads::start_scoped(s, threads.max(1), "fetch", |_| {
+            move || loop {
                 let k = {
                     let mut n = next.lock().expect("lock");
                     if *n >= jobs.len() || failed.lock().expect("lock").is_some() {
@@ -66,7 +67,11 @@ pub fn fetch_chunks(
                     failed.lock().expect("lock").get_or_insert(e);
                     return;
                 }
-            });
+            }
+        });
+        // The threads already started see the error and stop.
+        if let Err(e) = started {
+            failed.lock().expect("lock").get_or_insert(e);
         }
     });
     match failed.into_inner().expect("lock") {
