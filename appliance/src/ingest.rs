@@ -31,6 +31,8 @@ pub fn run(a: &IngestArgs) -> Result<()> {
     let mut disks = Vec::new();
     let mut indexes = Vec::new();
     let mut all_stats = Vec::new();
+    // Filesystems copied whole because their allocation data could not be trusted.
+    let mut warnings = Vec::new();
     let mut firmware = Firmware::Unknown;
     for (n, path) in a.sources.iter().enumerate() {
         let opened = crate::images::open(path, &store.root().join("tmp"))?;
@@ -39,6 +41,14 @@ pub fn run(a: &IngestArgs) -> Result<()> {
             .with_context(|| format!("disk {n} ({})", path.display()))?;
         for note in &layout.notes {
             eprintln!("disk {n} ({}): {note}", path.display());
+        }
+        for p in &layout.partitions {
+            if let Some(why) = &p.whole {
+                warnings.push(format!(
+                    "disk {n} partition {}: copied whole: {why}",
+                    p.number
+                ));
+            }
         }
         if firmware == Firmware::Unknown {
             firmware = firmware_of(&layout.table).unwrap_or(Firmware::Unknown);
@@ -70,10 +80,22 @@ pub fn run(a: &IngestArgs) -> Result<()> {
         disks,
     };
     store.commit_reserved(&reservation, &manifest, &indexes)?;
-    summary(a, &id, &all_stats, started.elapsed().as_secs_f64())
+    summary(
+        a,
+        &id,
+        &all_stats,
+        &warnings,
+        started.elapsed().as_secs_f64(),
+    )
 }
 
-fn summary(a: &IngestArgs, id: &str, stats: &[(String, ChunkStats)], secs: f64) -> Result<()> {
+fn summary(
+    a: &IngestArgs,
+    id: &str,
+    stats: &[(String, ChunkStats)],
+    warnings: &[String],
+    secs: f64,
+) -> Result<()> {
     let total = |f: fn(&ChunkStats) -> u64| stats.iter().map(|(_, s)| f(s)).sum::<u64>();
     let (size, used, new, referenced, read) = (
         total(|s| s.disk_size),
@@ -90,6 +112,7 @@ fn summary(a: &IngestArgs, id: &str, stats: &[(String, ChunkStats)], secs: f64) 
         let v = serde_json::json!({
             "host": a.host, "snapshot": id, "seconds": secs, "logical_bytes": size, "used_bytes": used,
             "read_bytes": read, "new_bytes": new, "referenced_bytes": referenced, "disks": disks,
+            "warnings": warnings,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -107,6 +130,9 @@ fn summary(a: &IngestArgs, id: &str, stats: &[(String, ChunkStats)], secs: f64) 
             s.zero_chunks,
             s.unused_chunks
         );
+    }
+    for w in warnings {
+        println!("  warning: {w}");
     }
     let dedupe = if new > 0 {
         referenced as f64 / new as f64
