@@ -32,6 +32,8 @@ type Item = (Digest, Vec<u8>);
 /// The appliance's upload API.
 struct Api {
     http: HttpStore,
+    /// Token, CA and timeouts: every request of the capture, the store probe too, uses them.
+    opts: snapshot::store::http::Options,
 }
 
 impl Api {
@@ -200,8 +202,10 @@ pub fn run(a: &CaptureArgs) -> Result<()> {
         a.to.trim_end_matches('/')
             .trim_end_matches("/store")
             .to_string();
+    let opts = a.net.http_options();
     let api = Api {
-        http: HttpStore::new(&base, a.net.http_options())?,
+        http: HttpStore::new(&base, opts.clone())?,
+        opts,
     };
     let mut sources = Vec::new();
     let safety = crate::target::Safety::scan()?;
@@ -402,19 +406,19 @@ fn commit(api: &Api, upload: &str, m: &Manifest) -> Result<()> {
                 m.host,
                 m.snapshot
             );
-            let probe = HttpStore::new(&format!("{}/store", api.http.base()), Default::default())
-                .and_then(|s| {
-                    snapshot::store::Store::get(
-                        &s,
-                        &format!("hosts/{}/snapshots/{}/manifest.json", m.host, m.snapshot),
-                    )
-                    .map_err(|e| anyhow!("{e}"))
-                });
+            let store = HttpStore::new(&format!("{}/store", api.http.base()), api.opts.clone())?;
+            let probe = snapshot::store::Store::get(
+                &store,
+                &format!("hosts/{}/snapshots/{}/manifest.json", m.host, m.snapshot),
+            );
             match probe {
                 Ok(_) => Ok(()),
-                Err(_) => {
+                Err(FetchError::NotFound(_)) => {
                     bail!("committing the upload: the session is gone and {path} does not exist")
                 }
+                Err(FetchError::Other(e)) => bail!(
+                    "committing the upload: the session is gone, and checking for {path} failed: {e:#}"
+                ),
             }
         }
         Err(e) => Err(anyhow!("committing the upload: {e}")),
