@@ -74,6 +74,7 @@ pub fn run(a: &IngestArgs) -> Result<()> {
         host: a.host.clone(),
         snapshot: id.clone(),
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        sequence: None,
         firmware,
         hardware: Hardware::default(),
         chunk_size: CHUNK_SIZE,

@@ -109,6 +109,7 @@ fn manifest_for(disks: &[(&ChunkIndex, u64)]) -> Manifest {
         host: "client-says".into(),
         snapshot: "client-says".into(),
         created: "1970-01-01T00:00:00Z".into(),
+        sequence: None,
         firmware: Firmware::Bios,
         hardware: Hardware::default(),
         chunk_size: CHUNK_SIZE,
@@ -1044,7 +1045,7 @@ fn symlinks_inside_the_store_are_not_followed() {
     write_tokens(&store, tokens_json());
     let srv = Server::start(&store, &[]);
     let img = disk_image(11, 1, 1 << 20, &[]);
-    upload_snapshot(&srv, Some(ADMIN), "web1", &[img.clone()]);
+    upload_snapshot(&srv, Some(ADMIN), "web1", std::slice::from_ref(&img));
     let id2 = upload_snapshot(&srv, Some(ADMIN), "web2", &[img]);
     let link = |target: &str, at: &str| {
         std::os::unix::fs::symlink(target, store.join(at)).unwrap();

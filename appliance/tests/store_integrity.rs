@@ -263,6 +263,7 @@ fn upload_session_and_ingest_started_together_both_commit() {
         host: "web1".into(),
         snapshot: "x".into(),
         created: "1970-01-01T00:00:00Z".into(),
+        sequence: None,
         firmware: Firmware::Bios,
         hardware: Hardware::default(),
         chunk_size: snapshot::CHUNK_SIZE,
@@ -314,4 +315,44 @@ fn latest_follows_commit_order_whatever_the_names() {
         assert!(out.stderr.contains("reserved"), "{}", out.describe());
     }
     assert_eq!(snapshot_ids(&env, "web1").len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// `latest` and the signature.
+
+/// Issue 8 item 11: with a public key, a `latest` pointed back at an older snapshot used to be
+/// accepted (and shown as "signature verified"). The newest signed snapshot the store lists wins
+/// over `latest`: a rollback is refused with both ids named.
+#[test]
+fn rolled_back_latest_is_detected_with_the_key() {
+    use snapshot::store::{http::Options, open, open_snapshot};
+    let env = Env::new("rolled_back_latest_is_detected_with_the_key");
+    let img = small_image(&env, "d.img", 13);
+    env.ingest_ok("web1", "old", &[&img]);
+    env.ingest_ok("web1", "new", &[&img]);
+    assert_eq!(latest_of(&env, "web1"), "new");
+    std::fs::write(env.store.join("hosts/web1/latest"), "old\n").unwrap();
+    let key = env.pubkey();
+    let srv = Server::start(&env.store, &[]);
+    let opts = Options {
+        retry_for: Duration::from_secs(2),
+        ..Options::default()
+    };
+    for location in [srv.url("/store"), env.store.display().to_string()] {
+        let store = open(&location, &opts).unwrap();
+        let r = open_snapshot(store.as_ref(), "web1", Some("latest"), Some(&key));
+        let e = match r {
+            Ok(s) => panic!(
+                "{location}: rolled-back latest accepted ({})",
+                s.manifest.snapshot
+            ),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains("old") && e.contains("new") && e.contains("rolled back"),
+            "{location}: {e}"
+        );
+        // Naming a snapshot explicitly is the operator's choice: accepted.
+        open_snapshot(store.as_ref(), "web1", Some("old"), Some(&key)).unwrap();
+    }
 }

@@ -376,6 +376,7 @@ fn capture(
         host: a.host.clone(),
         snapshot: snapshot_id.to_string(),
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        sequence: None,
         firmware,
         hardware: if sources.iter().any(|s| s.device_sectors.is_some()) {
             hardware(sources)

@@ -498,6 +498,7 @@ mod tests {
             host: "t".into(),
             snapshot: "s1".into(),
             created: "2026-01-01T00:00:00Z".into(),
+            sequence: None,
             firmware: Firmware::Unknown,
             hardware: Default::default(),
             chunk_size: CHUNK_SIZE,

@@ -27,6 +27,11 @@ pub struct Source {
     pub signature_checked: bool,
 }
 
+/// What a plan says about `latest` (empty when the snapshot was named or nothing is verified).
+fn latest_note(s: &Snapshot) -> String {
+    s.latest.describe()
+}
+
 impl Source {
     /// Open the store and the snapshot: manifest (signature checked when `--pubkey` is given),
     /// then every index against the SHA-256 the manifest records.
@@ -53,6 +58,9 @@ pub struct Plan {
     pub created: String,
     pub firmware: Firmware,
     pub signature_checked: bool,
+    /// How `latest` was checked to be the newest snapshot (empty when the snapshot was named).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub latest_check: String,
     pub disks: Vec<DiskPlan>,
 }
 
@@ -215,6 +223,7 @@ pub fn build(
         created: m.created.clone(),
         firmware: m.firmware,
         signature_checked: src.signature_checked,
+        latest_check: latest_note(&src.snapshot),
         disks,
     })
 }
@@ -428,10 +437,10 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
 impl Plan {
     /// The plan in words, as shown before the first write.
     pub fn print(&self) {
-        let sig = if self.signature_checked {
-            "signature verified"
-        } else {
-            "signature not checked (no --pubkey)"
+        let sig = match (self.signature_checked, self.latest_check.is_empty()) {
+            (true, true) => "signature verified".to_string(),
+            (true, false) => format!("signature verified; {}", self.latest_check),
+            (false, _) => "signature not checked (no --pubkey)".to_string(),
         };
         println!(
             "snapshot {}/{} (created {}, {:?} firmware, {sig})",

@@ -14,6 +14,11 @@ pub struct Manifest {
     pub snapshot: String,
     /// RFC 3339, UTC.
     pub created: String,
+    /// Commit order among the snapshots of the host: 1, 2, 3... assigned (and signed) by the
+    /// appliance at commit, so a restorer can tell the newest snapshot from an older one that a
+    /// rolled-back `latest` names. Absent in manifests written before it existed (order 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     pub firmware: Firmware,
     #[serde(default)]
     pub hardware: Hardware,
@@ -89,6 +94,12 @@ impl Disk {
 }
 
 impl Manifest {
+    /// Where this snapshot stands among its host's: by sequence, then creation time (RFC 3339
+    /// UTC strings of one format sort by time). Both are signed.
+    pub fn order(&self) -> (u64, &str) {
+        (self.sequence.unwrap_or(0), &self.created)
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("manifest serialises");
         v.push(b'\n');

@@ -36,6 +36,7 @@ fn manifest(host: &str, id: &str, size: u64, index_sha256: String) -> Manifest {
         host: host.into(),
         snapshot: id.into(),
         created: "2026-11-23T00:00:00Z".into(),
+        sequence: None,
         firmware: Firmware::Unknown,
         hardware: Hardware::default(),
         chunk_size: CHUNK_SIZE,
@@ -129,8 +130,10 @@ fn ingest_commit_read_back_and_tamper() {
     assert!(store.get("hosts/../private/signing.key").is_err());
 }
 
+/// `latest` names the snapshot committed last, whatever the ids (issue 8: it used to move only to
+/// an id sorting after the old one), and each commit gets the next signed sequence number.
 #[test]
-fn latest_only_moves_forward() {
+fn latest_follows_commit_order() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = LocalStore::init(&dir.path().join("s")).unwrap();
     let empty = snapshot::ChunkIndex::new(CHUNK_SIZE);
@@ -146,8 +149,14 @@ fn latest_only_moves_forward() {
     let latest = store.get("hosts/h/latest").unwrap();
     assert_eq!(
         String::from_utf8(latest).unwrap().trim(),
-        "20260102T000000Z"
+        "20260101T000000Z"
     );
+    for (id, seq) in [("20260102T000000Z", 1), ("20260101T000000Z", 2)] {
+        let s = open_snapshot(&store, "h", Some(id), None).unwrap();
+        assert_eq!(s.manifest.sequence, Some(seq), "{id}");
+    }
+    let s = open_snapshot(&store, "h", None, None).unwrap();
+    assert_eq!(s.manifest.snapshot, "20260101T000000Z");
     let dup = store.commit_snapshot(
         &manifest("h", "20260101T000000Z", CHUNK_SIZE, sha),
         &[empty],

@@ -209,6 +209,7 @@ fn list_snapshots(app: &App, who: &Who, host: &str) -> Answer {
         out.push(json!({
             "snapshot": id,
             "created": m.created,
+            "sequence": m.sequence,
             "latest": latest.as_deref() == Some(id.as_str()),
             "disks": m.disks.iter().map(|d| json!({
                 "size": d.size,

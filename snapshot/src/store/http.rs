@@ -238,6 +238,48 @@ impl Store for HttpStore {
     fn location(&self) -> String {
         self.base.clone()
     }
+
+    /// `appliance serve` lists snapshots at `/api/v1/hosts/<host>/snapshots` next to `/store`;
+    /// any other server (no such base, 404) cannot list.
+    fn list_snapshots(
+        &self,
+        host: &str,
+    ) -> std::result::Result<Option<Vec<super::Listed>>, FetchError> {
+        let Some(root) = self.base.strip_suffix("/store") else {
+            return Ok(None);
+        };
+        let url = format!("{root}/api/v1/hosts/{host}/snapshots");
+        let body = match self.with_retry(&url, |agent, token| {
+            let mut req = agent.get(&url);
+            if let Some(t) = token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let mut body = Vec::new();
+            req.call()?
+                .into_reader()
+                .take(super::SMALL_FILE_MAX * 4)
+                .read_to_end(&mut body)?;
+            Ok(body)
+        }) {
+            Ok(b) => b,
+            Err(FetchError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&body)
+            .map_err(|e| anyhow::anyhow!("{url}: malformed snapshot listing: {e}"))?;
+        Ok(Some(
+            v.iter()
+                .filter_map(|s| {
+                    let id = s.get("snapshot")?.as_str()?.to_string();
+                    let order = s.get("created").and_then(|c| c.as_str()).map(|c| {
+                        let seq = s.get("sequence").and_then(|q| q.as_u64()).unwrap_or(0);
+                        (seq, c.to_string())
+                    });
+                    Some(super::Listed { id, order })
+                })
+                .collect(),
+        ))
+    }
 }
 
 /// An HTTP agent with the timeout and the CA of `opts` (without `ca`, the built-in web roots).

@@ -306,6 +306,8 @@ impl LocalStore {
         syncfs(&self.root)?;
         let lock = self.lock_file(&format!("host-{}.lock", manifest.host))?;
         crate::sys::flock(&lock, true, true).context("locking the host for the commit")?;
+        let mut manifest = manifest.clone();
+        manifest.sequence = Some(self.next_sequence(&manifest.host)?);
         let bytes = manifest.to_bytes();
         write_synced(&tmp.join("manifest.json"), &bytes)?;
         write_synced(&tmp.join("manifest.sig"), key.sign(&bytes).as_bytes())?;
@@ -325,6 +327,30 @@ impl LocalStore {
         // this finds the snapshot committed, so the file may go.
         let _ = fs::remove_file(&r.path);
         Ok(())
+    }
+
+    /// The sequence number of the next commit of `host` (the caller holds the host lock): one
+    /// more than any the host's manifests carry or `private/host-<host>.seq` remembers (so a
+    /// number is not given twice even when snapshots are deleted). Written before it is used.
+    fn next_sequence(&self, host: &str) -> Result<u64> {
+        let mut top = 0;
+        let counter = PathBuf::from(format!("private/host-{host}.seq"));
+        if let Ok(t) = fs::read_to_string(self.root.join(&counter)) {
+            top = t.trim().parse().unwrap_or(0);
+        }
+        for id in self.snapshots(host)? {
+            let p = self.snapshot_dir(host, &id).join("manifest.json");
+            if let Some(s) = fs::read(&p)
+                .ok()
+                .and_then(|b| Manifest::parse(&b, &p.display().to_string()).ok())
+                .and_then(|m| m.sequence)
+            {
+                top = top.max(s);
+            }
+        }
+        let next = top + 1;
+        self.write_atomic(&counter, format!("{next}\n").as_bytes())?;
+        Ok(next)
     }
 
     pub fn hosts(&self) -> Result<Vec<String>> {
@@ -385,6 +411,15 @@ impl Store for LocalStore {
 
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn list_snapshots(&self, host: &str) -> Result<Option<Vec<super::Listed>>, FetchError> {
+        let ids = self.snapshots(host).map_err(FetchError::Other)?;
+        Ok(Some(
+            ids.into_iter()
+                .map(|id| super::Listed { id, order: None })
+                .collect(),
+        ))
     }
 }
 

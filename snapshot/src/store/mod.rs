@@ -34,6 +34,50 @@ pub trait Store: Send + Sync {
     }
     /// Where this store is, for messages.
     fn location(&self) -> String;
+    /// The committed snapshots of `host`, if this store can list them (a directory, `appliance
+    /// serve`); `None` when it cannot (a static HTTP server).
+    fn list_snapshots(&self, _host: &str) -> Result<Option<Vec<Listed>>, FetchError> {
+        Ok(None)
+    }
+}
+
+/// One snapshot of a listing, with its order (sequence, created) when the listing gives it. The
+/// listing is not signed: it only says which manifests to look at.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub id: String,
+    pub order: Option<(u64, String)>,
+}
+
+/// How the snapshot `latest` named was checked to be the newest. `latest` is a plain file, not
+/// signed: the signature covers each manifest, with its sequence number and creation time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LatestCheck {
+    /// The snapshot was named explicitly: no question of `latest`.
+    Named,
+    /// No public key: nothing about the snapshot is verified, `latest` included.
+    Unverified,
+    /// `latest` names the newest of the `listed` snapshots the store lists (their manifests
+    /// signed): a rollback would need a server that also hides the newer snapshots.
+    Newest { listed: usize },
+    /// The store cannot list its snapshots: that `latest` names the newest is not verified.
+    Unlisted,
+}
+
+impl LatestCheck {
+    /// What a restorer prints after "signature verified" (empty when there is nothing to say).
+    pub fn describe(&self) -> String {
+        match self {
+            LatestCheck::Named | LatestCheck::Unverified => String::new(),
+            LatestCheck::Newest { listed } => {
+                format!("`latest` checked: the newest of {listed} signed snapshots the store lists")
+            }
+            LatestCheck::Unlisted => "`latest` NOT verified: it is not signed and this store \
+                cannot list snapshots, so an older snapshot could be served as the newest; \
+                name the snapshot (--snapshot ID) to be sure"
+                .to_string(),
+        }
+    }
 }
 
 /// Largest small file of a store: `store.json`, `latest`, a manifest or its signature, a round.
@@ -75,6 +119,8 @@ pub fn open(location: &str, opts: &http::Options) -> Result<Box<dyn Store>> {
 pub struct Snapshot {
     pub manifest: Manifest,
     pub indexes: Vec<ChunkIndex>,
+    /// How far the choice of the snapshot by `latest` was verified.
+    pub latest: LatestCheck,
 }
 
 /// Resolve `snapshot` (an id, or `latest`/`None`) of `host` to an id.
@@ -101,7 +147,8 @@ pub fn resolve_id(store: &dyn Store, host: &str, snapshot: Option<&str>) -> Resu
 }
 
 /// Read a snapshot: manifest (signature checked when `key` is given), then every index, each
-/// checked against the SHA-256 the manifest records.
+/// checked against the SHA-256 the manifest records. Given `latest` and a key, `latest` is also
+/// checked to name the newest signed snapshot the store lists ([`LatestCheck`]).
 pub fn open_snapshot(
     store: &dyn Store,
     host: &str,
@@ -109,36 +156,14 @@ pub fn open_snapshot(
     key: Option<&PublicKey>,
 ) -> Result<Snapshot> {
     let id = resolve_id(store, host, snapshot)?;
+    let by_latest = snapshot.is_none_or(|s| s == "latest");
+    let manifest = read_manifest(store, host, &id, key)?;
     let dir = format!("hosts/{host}/snapshots/{id}");
-    let origin = format!("{}/{dir}/manifest.json", store.location());
-    let bytes = store
-        .get(&format!("{dir}/manifest.json"))
-        .map_err(|e| match e {
-            FetchError::NotFound(_) => anyhow::anyhow!(
-                "snapshot {id} of host {host:?} not found in {}",
-                store.location()
-            ),
-            FetchError::Other(e) => e,
-        })?;
-    if let Some(key) = key {
-        let sig = store
-            .get(&format!("{dir}/manifest.sig"))
-            .map_err(|e| match e {
-                FetchError::NotFound(_) => {
-                    anyhow::anyhow!("{origin}: no signature (manifest.sig missing)")
-                }
-                FetchError::Other(e) => e,
-            })?;
-        key.verify(&bytes, &sig, &origin)?;
-    }
-    let manifest = Manifest::parse(&bytes, &origin)?;
-    if manifest.host != host || manifest.snapshot != id {
-        bail!(
-            "{origin}: manifest names {}/{}, not {host}/{id}",
-            manifest.host,
-            manifest.snapshot
-        );
-    }
+    let latest = match (by_latest, key) {
+        (false, _) => LatestCheck::Named,
+        (true, None) => LatestCheck::Unverified,
+        (true, Some(key)) => check_latest(store, host, &manifest, key)?,
+    };
     let mut indexes = Vec::new();
     for disk in &manifest.disks {
         let name = disk.index_name();
@@ -175,7 +200,107 @@ pub fn open_snapshot(
         }
         indexes.push(idx);
     }
-    Ok(Snapshot { manifest, indexes })
+    Ok(Snapshot {
+        manifest,
+        indexes,
+        latest,
+    })
+}
+
+/// `latest` is not signed: with a key, make sure it names the newest snapshot the store lists.
+/// Each listed snapshot that the (unsigned) listing does not show as older has its manifest
+/// fetched and its signature checked; a signed manifest newer than the one `latest` names means
+/// `latest` was rolled back (or is stale), and the restore is refused with both ids named.
+fn check_latest(
+    store: &dyn Store,
+    host: &str,
+    current: &Manifest,
+    key: &PublicKey,
+) -> Result<LatestCheck> {
+    let listed = match store.list_snapshots(host) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(LatestCheck::Unlisted),
+        Err(FetchError::NotFound(_)) => return Ok(LatestCheck::Unlisted),
+        Err(FetchError::Other(e)) => {
+            return Err(e.context(format!("listing the snapshots of {host} to check `latest`")))
+        }
+    };
+    let (cur_seq, cur_created) = current.order();
+    let mut newest: Option<Manifest> = None;
+    for l in &listed {
+        if l.id == current.snapshot || check_name(&l.id, "snapshot").is_err() {
+            continue;
+        }
+        if let Some((seq, created)) = &l.order {
+            if (*seq, created.as_str()) <= (cur_seq, cur_created) {
+                continue;
+            }
+        }
+        // A manifest that does not verify proves nothing either way: skipped.
+        let Ok(m) = read_manifest(store, host, &l.id, Some(key)) else {
+            continue;
+        };
+        if m.order() > current.order() && newest.as_ref().is_none_or(|n| m.order() > n.order()) {
+            newest = Some(m);
+        }
+    }
+    if let Some(n) = newest {
+        bail!(
+            "{}/hosts/{host}/latest names snapshot {} (sequence {}, created {}), but snapshot {} \
+             (sequence {}, created {}) is newer and signed: `latest` was rolled back or is stale; \
+             name the snapshot to restore with --snapshot",
+            store.location(),
+            current.snapshot,
+            cur_seq,
+            cur_created,
+            n.snapshot,
+            n.order().0,
+            n.created
+        );
+    }
+    Ok(LatestCheck::Newest {
+        listed: listed.len(),
+    })
+}
+
+/// Read the manifest of `host`/`id`, its signature checked when `key` is given.
+fn read_manifest(
+    store: &dyn Store,
+    host: &str,
+    id: &str,
+    key: Option<&PublicKey>,
+) -> Result<Manifest> {
+    let dir = format!("hosts/{host}/snapshots/{id}");
+    let origin = format!("{}/{dir}/manifest.json", store.location());
+    let bytes = store
+        .get(&format!("{dir}/manifest.json"))
+        .map_err(|e| match e {
+            FetchError::NotFound(_) => anyhow::anyhow!(
+                "snapshot {id} of host {host:?} not found in {}",
+                store.location()
+            ),
+            FetchError::Other(e) => e,
+        })?;
+    if let Some(key) = key {
+        let sig = store
+            .get(&format!("{dir}/manifest.sig"))
+            .map_err(|e| match e {
+                FetchError::NotFound(_) => {
+                    anyhow::anyhow!("{origin}: no signature (manifest.sig missing)")
+                }
+                FetchError::Other(e) => e,
+            })?;
+        key.verify(&bytes, &sig, &origin)?;
+    }
+    let manifest = Manifest::parse(&bytes, &origin)?;
+    if manifest.host != host || manifest.snapshot != id {
+        bail!(
+            "{origin}: manifest names {}/{}, not {host}/{id}",
+            manifest.host,
+            manifest.snapshot
+        );
+    }
+    Ok(manifest)
 }
 
 /// Fetch a chunk and return its verified bytes.
