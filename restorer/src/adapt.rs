@@ -83,7 +83,9 @@ pub fn adapt(
     dry_run: bool,
     json: bool,
 ) -> Result<Report> {
+    let t0 = std::time::Instant::now();
     let inventory = Inventory::scan(Path::new("/sys"));
+    let inventory_secs = t0.elapsed().as_secs_f64();
     let mut loops = Loops::default();
     let mut disks = Vec::new();
     let mut hardware = true;
@@ -138,7 +140,18 @@ pub fn adapt(
     }
     let r = linux::adapt(&volumes, &inventory, &opts);
     let _ = std::fs::remove_dir_all(&work);
-    let r = r?;
+    let mut r = r?;
+    r.steps.insert(
+        0,
+        linux::Step {
+            step: "inventory",
+            seconds: inventory_secs,
+        },
+    );
+    r.steps.push(linux::Step {
+        step: "total",
+        seconds: t0.elapsed().as_secs_f64(),
+    });
     if !json {
         print(&r);
     }
@@ -167,6 +180,12 @@ pub fn print(r: &Report) {
     if r.os.is_some() && !r.changed() {
         println!("adapt: no adaptation needed: the restored system fits this machine");
     }
+    let steps: Vec<String> = r
+        .steps
+        .iter()
+        .map(|s| format!("{} {:.1} s", s.step, s.seconds))
+        .collect();
+    println!("adapt: timings: {}", steps.join(", "));
 }
 
 /// The source's NICs as the manifest lists them.
