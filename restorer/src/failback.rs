@@ -26,12 +26,13 @@ use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
+use snapshot::ptable::PartitionTable;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::{Attempt, HttpStore};
 use snapshot::store::{check_name, FetchError, Store};
 use snapshot::threads::{start_one_scoped, start_scoped};
-use snapshot::{ChunkIndex, Digest, Slot, CHUNK_SIZE};
+use snapshot::{ChunkIndex, Digest, ReadAt, Slot, CHUNK_SIZE};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -82,6 +83,10 @@ pub struct Summary {
     /// final round, or the whole target; 0 with `delta`).
     pub verified_slots: u64,
     pub verify_seconds: f64,
+    /// What was done to partition tables for targets bigger than the VM's disks (a GPT's backup
+    /// header and entry array moved to the target's end).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
     pub total_bytes_fetched: u64,
     pub total_seconds: f64,
 }
@@ -204,6 +209,18 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
         _ => Vec::new(),
     };
     let verified = verify(&disks, &last.indexes, &check, threads)?;
+    let verify_seconds = verify_started.elapsed().as_secs_f64();
+    // Last, once the copy is proven: a GPT copied onto a bigger target still has its backup where
+    // the VM's disk ended. It is laid out for the target, as a restore writes it.
+    let mut tables = Vec::new();
+    for ((disk, t), d) in disks.iter().zip(&targets).zip(&last.file.disks) {
+        if t.size > d.size {
+            let what = format!("disk {} ({})", d.number, disk.name);
+            if let Some(line) = relocate_gpt(disk, t, d.size).with_context(|| what.clone())? {
+                tables.push(format!("{what}: {line}"));
+            }
+        }
+    }
     let summary = Summary {
         vm: a.vm.clone(),
         host: last.file.host.clone(),
@@ -213,7 +230,8 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
         rounds,
         cutover_window_seconds: window,
         verified_slots: verified,
-        verify_seconds: verify_started.elapsed().as_secs_f64(),
+        verify_seconds,
+        tables,
         total_seconds: started.elapsed().as_secs_f64(),
     };
     if a.json {
@@ -238,8 +256,100 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
             },
             summary.total_seconds
         );
+        for line in &summary.tables {
+            println!("  {line}");
+        }
     }
     Ok(())
+}
+
+/// The first `size` bytes of a target, for the partition-table reader (aligned reads, so
+/// O_DIRECT targets work).
+struct Prefix<'a> {
+    disk: &'a Disk,
+    size: u64,
+}
+
+impl ReadAt for Prefix<'_> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        if off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the VM's disk",
+            ));
+        }
+        let mut a = AlignedBuf::new(buf.len() + 2 * 4096);
+        let got = self
+            .disk
+            .read_span(off, len, &mut a)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        buf.copy_from_slice(got);
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// Write `bytes` at `off` through an aligned read-modify-write (O_DIRECT).
+fn patch(disk: &Disk, off: u64, bytes: &[u8]) -> Result<()> {
+    let (ws, wl) = disk.widen(off, bytes.len() as u64);
+    let mut buf = AlignedBuf::new(wl as usize);
+    disk.read_at(&mut buf[..wl as usize], ws)?;
+    let o = (off - ws) as usize;
+    buf[o..o + bytes.len()].copy_from_slice(bytes);
+    disk.write_at(&buf[..wl as usize], ws)
+}
+
+/// A GPT that the failback copied from a VM disk of `vm_size` bytes onto the bigger target `t`:
+/// laid out for the target (backup entry array and header at its last LBA, last usable LBA and
+/// the protective MBR's size updated; partitions unchanged), written backup first, and the old
+/// backup (now inside the target, outside every partition) zeroed. `None` when the disk has no
+/// GPT. One line saying what was done otherwise.
+fn relocate_gpt(disk: &Disk, t: &Target, vm_size: u64) -> Result<Option<String>> {
+    let sector = match t.kind {
+        Kind::Block => t.logical_sector,
+        Kind::File => None,
+    };
+    let view = Prefix {
+        disk,
+        size: vm_size,
+    };
+    let (table, ss) = PartitionTable::read(&view, sector).context("reading the partition table")?;
+    if !matches!(table, PartitionTable::Gpt(_)) {
+        return Ok(None);
+    }
+    let old = table.table_regions(vm_size, ss);
+    let new = table
+        .for_target(ss, t.size, ss, false)
+        .context("laying out the GPT for the bigger target")?;
+    let mut patches = new
+        .to_disk(t.size, ss)
+        .context("laying out the GPT for the bigger target")?;
+    // Backup first, primary last: an interruption leaves the old primary in charge.
+    patches.reverse();
+    for (off, bytes) in &patches {
+        patch(disk, *off, bytes).context("writing the GPT")?;
+    }
+    disk.sync()?;
+    // The old backup: the regions of the old layout past the new primary's entry array.
+    let keep = new.table_regions(t.size, ss);
+    let first_usable = match &new {
+        PartitionTable::Gpt(g) => g.first_usable_lba * u64::from(ss),
+        _ => 0,
+    };
+    for (s, e) in old.into_iter().filter(|&(s, _)| s >= first_usable) {
+        if keep.iter().all(|&(ks, ke)| e <= ks || ke <= s) {
+            patch(disk, s, &vec![0u8; (e - s) as usize]).context("clearing the old GPT backup")?;
+        }
+    }
+    disk.sync()?;
+    let last = t.size / u64::from(ss) - 1;
+    Ok(Some(format!(
+        "GPT backup moved from LBA {} to the end of the target (LBA {last})",
+        vm_size / u64::from(ss) - 1
+    )))
 }
 
 /// `http://HOST:PORT/store` -> `http://HOST:PORT/api/v1`.

@@ -61,12 +61,17 @@ struct Setup {
 
 impl Setup {
     fn new(test: &str, size: u64, random: u64) -> Setup {
+        let mut image = vec![0u8; size as usize];
+        Prng::new(size ^ random).fill(&mut image[..random as usize]);
+        Setup::with_image(test, image)
+    }
+
+    /// As [`Setup::new`], with the snapshot's disk given.
+    fn with_image(test: &str, image: Vec<u8>) -> Setup {
         let dir = Workspace::artifacts(&format!("failback-{test}"));
         let store = dir.join("store");
         let s = store.to_str().unwrap().to_string();
         ok(&["init", "--store", &s]);
-        let mut image = vec![0u8; size as usize];
-        Prng::new(size ^ random).fill(&mut image[..random as usize]);
         let img = dir.join("source.raw");
         std::fs::write(&img, &image).unwrap();
         ok(&[
@@ -461,4 +466,74 @@ fn network_cut_resumes_or_stops_with_a_reason() {
     let vm = fx.vm_disk();
     assert!(vm == want, "the VM's data is not intact");
     assert_same(&target, &vm);
+}
+
+/// `sgdisk` on `disk`; returns its output (stdout and stderr).
+fn sgdisk(args: &[&str], disk: &Path) -> (bool, String) {
+    let out = Command::new("sgdisk")
+        .args(args)
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn bigger_target_gets_a_valid_gpt() {
+    if !have_qemu() {
+        return eprintln!("QEMU missing: skipped");
+    }
+    // The VM's disk: a GPT with one partition of random data.
+    let size = 32 * MIB;
+    let dir = Workspace::artifacts("failback-gpt-source");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("gpt.raw");
+    std::fs::File::create(&src).unwrap().set_len(size).unwrap();
+    let (ok, text) = sgdisk(&["-n", "1:2048:+24M", "-t", "1:8300", "-c", "1:data"], &src);
+    assert!(ok, "{text}");
+    let mut image = std::fs::read(&src).unwrap();
+    Prng::new(11).fill(&mut image[MIB as usize..13 * MIB as usize]);
+    let fx = Setup::with_image("bigger-gpt", image);
+    fx.vm_write(16 * MIB, &random(12, MIB));
+
+    let target = fx.dir.join("bigger.raw");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size + 64 * MIB)
+        .unwrap();
+    let (out, v) = run(fx.failback(&target, &["--verify", "full"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        v["tables"][0]
+            .as_str()
+            .is_some_and(|l| l.contains("GPT backup moved")),
+        "{v}"
+    );
+    let (ok, text) = sgdisk(&["-v"], &target);
+    assert!(
+        ok && text.contains("No problems found"),
+        "sgdisk -v on the failed-back target:\n{text}\n{v}"
+    );
+    let (_, text) = sgdisk(&["-i", "1"], &target);
+    assert!(
+        text.contains("First sector: 2048") && text.contains("Partition name: 'data'"),
+        "{text}"
+    );
+    // Everything but the table is the VM's disk, byte for byte; past it the target is untouched.
+    let vm = fx.vm_disk();
+    let got = std::fs::read(&target).unwrap();
+    let (start, end) = (MIB as usize, size as usize - MIB as usize);
+    assert!(got[start..end] == vm[start..end], "the data differs");
+    assert!(got[size as usize..got.len() - MIB as usize]
+        .iter()
+        .all(|&b| b == 0));
 }
