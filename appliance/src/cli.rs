@@ -88,6 +88,13 @@ pub struct VerifyArgs {
     pub host: Option<String>,
     #[arg(long)]
     pub snapshot: Option<String>,
+    /// Rewrite damaged chunks from the --source images; move the rest out of chunks/ (to
+    /// private/quarantine/) so that the next ingest or upload stores them again.
+    #[arg(long)]
+    pub repair: bool,
+    /// A disk image or device holding correct copies (chunked as ingest does), for --repair.
+    #[arg(long, requires = "repair")]
+    pub source: Vec<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }

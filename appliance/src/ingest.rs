@@ -131,6 +131,12 @@ fn summary(
             s.zero_chunks,
             s.unused_chunks
         );
+        if s.repaired_chunks > 0 {
+            println!(
+                "    {} corrupt chunks found in the store and rewritten from this source",
+                s.repaired_chunks
+            );
+        }
     }
     for w in warnings {
         println!("  warning: {w}");

@@ -1,13 +1,21 @@
 //! `appliance verify`: follow the trust chain of the chosen snapshots (signature, index hashes)
 //! and re-hash every chunk they reach, each distinct chunk once. Every problem names the chunk and
 //! the snapshots it breaks.
+//!
+//! `--repair` heals what it found: a damaged chunk is rewritten (atomically) when one of the
+//! `--source` images holds it (the source is chunked exactly as ingest does, and only the damaged
+//! chunks are written); a damaged chunk without a correct copy is moved to
+//! `private/quarantine/`, so that it counts as missing and the next ingest or upload of that data
+//! stores it again. What stays broken is listed with the snapshots it breaks.
 
 use crate::cli::VerifyArgs;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkSink, Held};
 use snapshot::format::index::Slot;
+use snapshot::layout::analyze;
 use snapshot::store::{open_snapshot, LocalStore};
 use snapshot::Digest;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -90,17 +98,27 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     pb.finish_and_clear();
     let mut bad = bad.into_inner().expect("lock");
     bad.sort();
+    let mut repaired = 0;
+    if a.repair {
+        repaired = repair(&store, a, &mut bad)?;
+    }
     for (d, v) in bad {
         problems.push(format!("{v}; breaks {}", users[&d].join(", ")));
     }
     let secs = started.elapsed().as_secs_f64();
     let bytes = bytes.into_inner();
     if a.json {
-        let v = serde_json::json!({"snapshots": snapshots, "chunks": digests.len(), "bytes": bytes, "seconds": secs, "problems": problems});
+        let v = serde_json::json!({"snapshots": snapshots, "chunks": digests.len(), "bytes": bytes, "seconds": secs, "repaired": repaired, "problems": problems});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for p in &problems {
             println!("{p}");
+        }
+        if a.repair {
+            println!(
+                "repaired {repaired} damaged chunks from {} sources",
+                a.source.len()
+            );
         }
         println!(
             "verified {snapshots} snapshots, {} chunks ({}) in {secs:.1}s ({:.0} MB/s): {}",
@@ -118,4 +136,77 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
         bail!("verify found {} problems", problems.len());
     }
     Ok(())
+}
+
+/// Takes the damaged chunks a source holds, and nothing else (every other digest reads as
+/// present, so nothing else is written).
+struct RepairSink<'a> {
+    store: &'a LocalStore,
+    wanted: &'a HashSet<Digest>,
+    done: Mutex<HashSet<Digest>>,
+}
+
+impl ChunkSink for RepairSink<'_> {
+    fn has(&self, d: &Digest) -> Result<Option<u64>> {
+        Ok((!self.wanted.contains(d)).then_some(0))
+    }
+    fn put(&self, d: &Digest, blob: Vec<u8>) -> Result<()> {
+        self.replace(d, blob)
+    }
+    fn check(&self, d: &Digest, _data: &[u8]) -> Result<Held> {
+        let done = self.done.lock().expect("lock").contains(d);
+        Ok(if self.wanted.contains(d) && !done {
+            Held::Damaged("damaged in the store".into())
+        } else {
+            Held::Intact(0)
+        })
+    }
+    fn replace(&self, d: &Digest, blob: Vec<u8>) -> Result<()> {
+        self.store.replace_chunk(d, &blob)?;
+        self.done.lock().expect("lock").insert(*d);
+        Ok(())
+    }
+}
+
+/// Rewrite the chunks of `bad` that the sources hold, quarantine the corrupt rest; `bad` keeps
+/// what is still broken. Returns how many were rewritten.
+fn repair(store: &LocalStore, a: &VerifyArgs, bad: &mut Vec<(Digest, String)>) -> Result<usize> {
+    let _writer = store.writer()?;
+    let wanted: HashSet<Digest> = bad.iter().map(|(d, _)| *d).collect();
+    let sink = RepairSink {
+        store,
+        wanted: &wanted,
+        done: Mutex::new(HashSet::new()),
+    };
+    if !wanted.is_empty() {
+        for (n, path) in a.source.iter().enumerate() {
+            let opened = crate::images::open(path, &store.root().join("tmp"))?;
+            let dev = &opened.disk;
+            let layout = analyze(dev, dev.device_sectors, false)
+                .with_context(|| format!("source {n} ({})", path.display()))?;
+            chunk_disk(dev, &layout.used, &sink, &ChunkOptions::default(), &|_| {})
+                .with_context(|| format!("source {n} ({})", path.display()))?;
+        }
+    }
+    let done = sink.done.into_inner().expect("lock");
+    // What was rewritten is checked again like everything else.
+    let mut still = Vec::new();
+    for (d, why) in bad.drain(..) {
+        let intact = done.contains(&d)
+            && std::fs::read(store.chunk_file(&d))
+                .ok()
+                .is_some_and(|b| snapshot::decode_chunk(&b, &d).is_ok());
+        if intact {
+            continue;
+        }
+        if store.chunk_file(&d).exists() {
+            let to = store.quarantine_chunk(&d)?;
+            still.push((d, format!("{why} (moved to {})", to.display())));
+        } else {
+            still.push((d, why));
+        }
+    }
+    let repaired = wanted.len() - still.len();
+    *bad = still;
+    Ok(repaired)
 }

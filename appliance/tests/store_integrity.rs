@@ -318,6 +318,140 @@ fn latest_follows_commit_order_whatever_the_names() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Damaged chunks: never trusted by name, healed by ingest and `verify --repair`.
+
+/// Flip one bit in the middle of a stored chunk blob's payload.
+fn flip_bit(path: &Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let i = b.len() / 2;
+    b[i] ^= 0x10;
+    std::fs::write(path, b).unwrap();
+}
+
+fn data_chunks(env: &Env) -> Vec<String> {
+    env.chunk_files().into_iter().collect()
+}
+
+/// Issue 8 item 4: re-ingesting the same data stored "0 new chunks" over a bit-flipped chunk and
+/// committed a snapshot that could not be restored.
+#[test]
+fn bit_flipped_chunk_is_healed_by_reingest_and_verify_repair() {
+    let env = Env::new("bit_flipped_chunk_is_healed_by_reingest_and_verify_repair");
+    let img = small_image(&env, "d.img", 11);
+    env.ingest_ok("web1", "s1", &[&img]);
+    let chunks = data_chunks(&env);
+    assert_eq!(chunks.len(), 2, "{chunks:?}");
+    let victim = env.chunk_path(&chunks[0]);
+    flip_bit(&victim);
+    assert!(!env.verify(&[]).success());
+
+    // Re-ingest: the damaged chunk is rewritten from the source, and both snapshots restore.
+    let out = env.ingest_ok("web1", "s2", &[&img]);
+    assert!(out.stdout.contains("1 corrupt"), "{}", out.describe());
+    for snap in ["s1", "s2"] {
+        let rb = env
+            .read_back(
+                env.store.to_str().unwrap(),
+                "web1",
+                snap,
+                &env.path(&format!("rb-{snap}")),
+            )
+            .unwrap_or_else(|e| panic!("reading back {snap}: {e:#}"));
+        assert!(common::same_bytes(&img, &rb[0]), "{snap} differs");
+    }
+    env.verify(&[]).ok();
+
+    // verify --repair with the source at hand rewrites the chunk.
+    flip_bit(&victim);
+    let out = env.verify(&["--repair", "--source"]);
+    assert!(!out.success(), "--source without a value accepted");
+    let out = env
+        .appliance(["verify", "--repair", "--source"])
+        .arg(&img)
+        .run();
+    env.log("verify-repair-source", &out);
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout.contains("repaired 1"), "{}", out.describe());
+    env.verify(&[]).ok();
+
+    // Without a correct copy: the damaged snapshots are named, the chunk is set aside so that
+    // the next ingest or upload stores it again.
+    flip_bit(&victim);
+    let out = env.verify(&["--repair"]);
+    assert!(!out.success(), "{}", out.describe());
+    let all = out.all();
+    assert!(
+        all.contains("web1/s1") && all.contains("web1/s2"),
+        "{}",
+        out.describe()
+    );
+    assert!(!victim.exists(), "corrupt chunk left in place");
+    env.ingest_ok("web1", "s3", &[&img]);
+    env.verify(&[]).ok();
+}
+
+/// Issue 8 item 4: the upload API's `missing` must not call a chunk present whose file is
+/// truncated or has a damaged header, and an upload of it replaces the damaged file.
+#[test]
+fn missing_api_reports_damaged_chunk_files_and_upload_replaces_them() {
+    use common::http::{post_json, send};
+    let env = Env::new("missing_api_reports_damaged_chunk_files_and_upload_replaces_them");
+    let img = small_image(&env, "d.img", 12);
+    env.ingest_ok("web1", "s1", &[&img]);
+    let chunks = data_chunks(&env);
+    let (a, b) = (&chunks[0], &chunks[1]);
+    // a: truncated; b: header magic damaged.
+    let pa = env.chunk_path(a);
+    let len = std::fs::metadata(&pa).unwrap().len();
+    File::options()
+        .write(true)
+        .open(&pa)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let pb = env.chunk_path(b);
+    let mut blob = std::fs::read(&pb).unwrap();
+    blob[0] ^= 1;
+    std::fs::write(&pb, blob).unwrap();
+
+    let srv = Server::start(&env.store, &[]);
+    let r = post_json(
+        &srv.url("/api/v1/uploads"),
+        None,
+        serde_json::json!({ "host": "web1" }),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let u = r.json()["upload"].as_str().unwrap().to_string();
+    let r = post_json(
+        &srv.url(&format!("/api/v1/uploads/{u}/missing")),
+        None,
+        serde_json::json!({ "digests": [a, b] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let missing = r.json()["missing"].clone();
+    assert_eq!(missing, serde_json::json!([a, b]), "{}", r.text());
+    // Upload both again: the damaged files are replaced.
+    let data = std::fs::read(&img).unwrap();
+    for (i, hexd) in [(0usize, a), (1, b)] {
+        let _ = i;
+        let d = snapshot::Digest::parse(hexd).unwrap();
+        let chunk = data
+            .chunks(4 << 20)
+            .find(|c| snapshot::Digest::of(c) == d)
+            .unwrap();
+        let r = send(
+            "PUT",
+            &srv.url(&format!("/api/v1/uploads/{u}/chunks/{hexd}")),
+            None,
+            &[],
+            Some(&snapshot::encode_chunk(chunk, 3)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    env.verify(&[]).ok();
+}
+
+// ---------------------------------------------------------------------------------------------
 // `latest` and the signature.
 
 /// Issue 8 item 11: with a public key, a `latest` pointed back at an older snapshot used to be

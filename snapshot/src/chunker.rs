@@ -14,12 +14,36 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// What a sink holds of a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    Absent,
+    /// Present and intact, with the blob's size.
+    Intact(u64),
+    /// Present but not the chunk (truncated, bad header, content differs): to be rewritten.
+    Damaged(String),
+}
+
 /// Where chunks go: a local store, or the appliance's upload API.
 pub trait ChunkSink: Sync {
     /// Size of the stored blob if the store already has this chunk.
     fn has(&self, d: &Digest) -> Result<Option<u64>>;
     /// Store a blob (already checked to decode to `d`).
     fn put(&self, d: &Digest, blob: Vec<u8>) -> Result<()>;
+    /// Whether the sink holds `d` intact, given the chunk's bytes (`data` hashes to `d`). A chunk
+    /// file is never trusted by its name alone where it can be checked; the default trusts
+    /// [`ChunkSink::has`] (the upload API checks on its side).
+    fn check(&self, d: &Digest, data: &[u8]) -> Result<Held> {
+        let _ = data;
+        Ok(match self.has(d)? {
+            Some(size) => Held::Intact(size),
+            None => Held::Absent,
+        })
+    }
+    /// Rewrite a damaged blob (atomically where the sink can).
+    fn replace(&self, d: &Digest, blob: Vec<u8>) -> Result<()> {
+        self.put(d, blob)
+    }
 }
 
 impl ChunkSink for crate::store::LocalStore {
@@ -28,6 +52,24 @@ impl ChunkSink for crate::store::LocalStore {
     }
     fn put(&self, d: &Digest, blob: Vec<u8>) -> Result<()> {
         self.insert_chunk(d, &blob).map(|_| ())
+    }
+    /// The stored blob is read and decoded, and its bytes compared with `data`: the full check
+    /// `appliance verify` makes, at the cost of a decompression (no second hash, no compression).
+    fn check(&self, d: &Digest, data: &[u8]) -> Result<Held> {
+        let path = self.chunk_file(d);
+        let blob = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Held::Absent),
+            Err(e) => return Ok(Held::Damaged(format!("unreadable: {e}"))),
+        };
+        Ok(match crate::format::blob::decode_unverified(&blob, d) {
+            Ok(stored) if stored == data => Held::Intact(blob.len() as u64),
+            Ok(_) => Held::Damaged(format!("chunk {d}: content differs from its digest")),
+            Err(e) => Held::Damaged(e.to_string()),
+        })
+    }
+    fn replace(&self, d: &Digest, blob: Vec<u8>) -> Result<()> {
+        self.replace_chunk(d, &blob)
     }
 }
 
@@ -61,6 +103,8 @@ pub struct ChunkStats {
     /// Chunks this run stored because the store lacked them, and their blob bytes.
     pub new_chunks: u64,
     pub new_bytes: u64,
+    /// Chunks the store had damaged (truncated, corrupt) and this run rewrote from the source.
+    pub repaired_chunks: u64,
     /// Blob bytes of every distinct chunk this disk references.
     pub referenced_bytes: u64,
 }
@@ -223,15 +267,22 @@ fn store_chunk(
     if !seen.lock().expect("lock").insert(d) {
         return Ok(Slot::Data(d));
     }
-    let size = match sink.has(&d)? {
-        Some(size) => size,
-        None => {
+    let size = match sink.check(&d, buf)? {
+        Held::Intact(size) => size,
+        Held::Absent => {
             let blob = crate::encode_chunk(buf, opts.zstd_level);
             let size = blob.len() as u64;
             sink.put(&d, blob)?;
             let mut st = stats.lock().expect("lock");
             st.new_chunks += 1;
             st.new_bytes += size;
+            size
+        }
+        Held::Damaged(_) => {
+            let blob = crate::encode_chunk(buf, opts.zstd_level);
+            let size = blob.len() as u64;
+            sink.replace(&d, blob)?;
+            stats.lock().expect("lock").repaired_chunks += 1;
             size
         }
     };

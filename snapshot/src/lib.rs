@@ -8,7 +8,9 @@
 //! rewritten in place.
 //!
 //! - A chunk is written to `tmp/`, fsynced and renamed to `chunks/xxxx/<digest>`. An existing chunk
-//!   is never rewritten. A crash leaves at most a stray file in `tmp/`, never a half chunk.
+//!   is rewritten only when it is damaged (ingest compares it with the source's bytes, uploads and
+//!   `verify --repair` replace it), the same way: a reader sees the old file or the new one. A
+//!   crash leaves at most a stray file in `tmp/`, never a half chunk.
 //! - A snapshot id is reserved when its writer starts (an ingest, an upload session): an exclusive
 //!   `flock` on `tmp/reserved/<host>/<id>`, so parallel writers of one host take distinct ids and
 //!   a writer that dies frees its id. Explicit ids (`--snapshot`) may not be reserved words

@@ -9,6 +9,7 @@ use super::App;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
+use snapshot::chunker::Held;
 use snapshot::format::index::{ChunkIndex, Slot};
 use snapshot::format::Digest;
 use snapshot::store::check_name;
@@ -383,7 +384,9 @@ fn missing(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
     let mut out = Vec::new();
     for h in &ask.digests {
         let d = parse_digest(h)?;
-        if seen.insert(d) && !app.store.has_chunk(&d) {
+        // A chunk file that is truncated or has a damaged header is missing: the client uploads
+        // it again and the upload replaces it (`put_chunk`).
+        if seen.insert(d) && !matches!(app.store.chunk_held(&d), Held::Intact(_)) {
             out.push(h.clone());
         }
     }
@@ -407,10 +410,22 @@ fn put_chunk(app: &App, req: &mut Request, who: &Who, u: &str, hex: &str) -> Ans
     let d = parse_digest(hex)?;
     let blob = body(req, CHUNK_BODY_LIMIT)?;
     snapshot::decode_chunk(&blob, &d).map_err(|e| err(400, e.to_string()))?;
-    let new = app
-        .store
-        .insert_chunk(&d, &blob)
-        .map_err(|e| internal(&format!("storing chunk {d}"), e))?;
+    // A file already there is checked in full (the client sends a chunk only when `missing`
+    // said so, so this is rare): a damaged one is replaced by the verified upload.
+    let damaged = std::fs::read(app.store.chunk_file(&d))
+        .ok()
+        .is_some_and(|old| snapshot::decode_chunk(&old, &d).is_err());
+    let new = if damaged {
+        eprintln!("appliance serve: chunk {d} was damaged in the store; replaced by the upload");
+        app.store
+            .replace_chunk(&d, &blob)
+            .map_err(|e| internal(&format!("replacing chunk {d}"), e))?;
+        true
+    } else {
+        app.store
+            .insert_chunk(&d, &blob)
+            .map_err(|e| internal(&format!("storing chunk {d}"), e))?
+    };
     ok_json(
         if new { 201 } else { 200 },
         &json!({ "chunk": d.hex(), "stored": new }),
@@ -508,7 +523,7 @@ fn commit(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
     for idx in &indexes {
         for (_, slot) in idx.slots() {
             if let Slot::Data(d) = slot {
-                if seen.insert(d) && !app.store.has_chunk(&d) {
+                if seen.insert(d) && !matches!(app.store.chunk_held(&d), Held::Intact(_)) {
                     absent_count += 1;
                     if absent.len() < 10 {
                         absent.push(d.hex());

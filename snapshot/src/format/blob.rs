@@ -59,33 +59,66 @@ pub fn encode_chunk(data: &[u8], level: i32) -> Vec<u8> {
     out
 }
 
-/// Decode a blob and check that it hashes to `expected`: no unverified byte leaves this function.
-pub fn decode_chunk(blob: &[u8], expected: &Digest) -> Result<Vec<u8>, ChunkError> {
-    let e = *expected;
-    if blob.len() < HEADER_LEN {
-        return Err(ChunkError::Truncated(e, blob.len()));
+/// The first bytes of every zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Bytes of a blob that [`check_header`] needs: the header and the start of the payload.
+pub const PROBE_LEN: usize = HEADER_LEN + 4;
+
+/// The cheap checks of a stored blob, without decompressing: magic, version, encoding, length
+/// field, and the payload's start (a zstd frame) or length (raw). `start` is the blob's first
+/// bytes (at least [`PROBE_LEN`] when the blob is that long), `total` its whole length. Catches
+/// truncation, zeroed or garbled headers; a flipped bit inside a zstd payload needs
+/// [`decode_chunk`]. Returns the uncompressed length.
+pub fn check_header(start: &[u8], total: u64, d: &Digest) -> Result<usize, ChunkError> {
+    let e = *d;
+    if start.len() < HEADER_LEN || total < HEADER_LEN as u64 {
+        return Err(ChunkError::Truncated(e, total as usize));
     }
-    if &blob[..8] != MAGIC {
+    if &start[..8] != MAGIC {
         return Err(ChunkError::BadMagic(e));
     }
-    let version = u16::from_le_bytes([blob[8], blob[9]]);
+    let version = u16::from_le_bytes([start[8], start[9]]);
     if version != VERSION {
         return Err(ChunkError::Version(e, version));
     }
-    let len = u32::from_le_bytes([blob[12], blob[13], blob[14], blob[15]]) as usize;
+    let len = u32::from_le_bytes([start[12], start[13], start[14], start[15]]) as usize;
     if len as u64 > super::CHUNK_SIZE {
         return Err(ChunkError::Length(e, len, super::CHUNK_SIZE as usize));
     }
+    let payload = total - HEADER_LEN as u64;
+    match start[10] {
+        ENC_RAW if payload != len as u64 => Err(ChunkError::Length(e, payload as usize, len)),
+        ENC_RAW => Ok(len),
+        ENC_ZSTD if start.len() < PROBE_LEN || start[HEADER_LEN..PROBE_LEN] != ZSTD_MAGIC => Err(
+            ChunkError::Decompress(e, "payload is not a zstd frame".into()),
+        ),
+        ENC_ZSTD => Ok(len),
+        other => Err(ChunkError::Encoding(e, other)),
+    }
+}
+
+/// Decode a blob without checking its digest: for callers that compare the bytes with the ones
+/// they hold (ingest), which is as strong and cheaper than hashing again.
+pub fn decode_unverified(blob: &[u8], expected: &Digest) -> Result<Vec<u8>, ChunkError> {
+    let e = *expected;
+    let len = check_header(blob, blob.len() as u64, expected)?;
     let payload = &blob[HEADER_LEN..];
     let data = match blob[10] {
         ENC_RAW => payload.to_vec(),
-        ENC_ZSTD => zstd::bulk::decompress(payload, len)
+        _ => zstd::bulk::decompress(payload, len)
             .map_err(|err| ChunkError::Decompress(e, err.to_string()))?,
-        other => return Err(ChunkError::Encoding(e, other)),
     };
     if data.len() != len {
         return Err(ChunkError::Length(e, data.len(), len));
     }
+    Ok(data)
+}
+
+/// Decode a blob and check that it hashes to `expected`: no unverified byte leaves this function.
+pub fn decode_chunk(blob: &[u8], expected: &Digest) -> Result<Vec<u8>, ChunkError> {
+    let e = *expected;
+    let data = decode_unverified(blob, expected)?;
     let actual = Digest::of(&data);
     if actual != e {
         return Err(ChunkError::Digest {

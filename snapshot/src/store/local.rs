@@ -116,6 +116,59 @@ impl LocalStore {
         self.chunk_file(d).exists()
     }
 
+    /// The cheap check of a stored chunk (size and header, [`crate::format::blob::check_header`]):
+    /// what the upload API's `missing` and commit rely on, where the bytes are not at hand.
+    pub fn chunk_held(&self, d: &Digest) -> crate::chunker::Held {
+        use crate::chunker::Held;
+        use std::os::unix::fs::FileExt;
+        let path = self.chunk_file(d);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Held::Absent,
+            Err(e) => return Held::Damaged(format!("chunk {d}: unreadable: {e}")),
+        };
+        let total = match f.metadata() {
+            Ok(m) => m.len(),
+            Err(e) => return Held::Damaged(format!("chunk {d}: unreadable: {e}")),
+        };
+        let mut start = [0u8; crate::format::blob::PROBE_LEN];
+        let n = (total as usize).min(start.len());
+        if let Err(e) = f.read_exact_at(&mut start[..n], 0) {
+            return Held::Damaged(format!("chunk {d}: unreadable: {e}"));
+        }
+        match crate::format::blob::check_header(&start[..n], total, d) {
+            Ok(_) => Held::Intact(total),
+            Err(e) => Held::Damaged(e.to_string()),
+        }
+    }
+
+    /// Rewrite a damaged chunk: the new blob replaces the file atomically (temp name, fsync,
+    /// rename), so a reader sees the old file or the new one, never a mix. The caller has
+    /// checked that `blob` decodes to `d`.
+    pub fn replace_chunk(&self, d: &Digest, blob: &[u8]) -> Result<()> {
+        let dest = self.chunk_file(d);
+        let dir = dest.parent().expect("chunk path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = self.tmp_path(&format!("chunk-{}", d.hex()));
+        write_synced(&tmp, blob)?;
+        fs::rename(&tmp, &dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        sync_dir(dir)
+    }
+
+    /// Move a damaged chunk out of `chunks/` into `private/quarantine/` (kept for inspection,
+    /// never served): from then on it is missing, so the next ingest or upload of it stores it
+    /// again.
+    pub fn quarantine_chunk(&self, d: &Digest) -> Result<PathBuf> {
+        let dir = self.root.join("private").join("quarantine");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dest = dir.join(d.hex());
+        let src = self.chunk_file(d);
+        fs::rename(&src, &dest)
+            .with_context(|| format!("moving {} to {}", src.display(), dest.display()))?;
+        Ok(dest)
+    }
+
     /// Take the writer lock (shared); `gc` cannot run while it is held.
     pub fn writer(&self) -> Result<WriterGuard> {
         let f = self.lock_file("gc.lock")?;
