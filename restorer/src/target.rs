@@ -196,10 +196,6 @@ impl Target {
         }
         v
     }
-
-    fn is_loop(&self) -> bool {
-        self.backing.is_some()
-    }
 }
 
 /// Refuse two targets that are one disk underneath: the same device, hard links to one file, a
@@ -215,34 +211,39 @@ pub fn check_distinct(targets: &[Target]) -> Result<()> {
             if a.path == b.path {
                 bail!("target {} is given twice", b.path.display());
             }
+            // A target's own identity (its device number, a file's inode), not what is under it.
+            let own = |t: &Target| t.devno.map(Identity::Block).or(t.inode);
             let backing = |t: &Target| {
                 t.backing
                     .as_ref()
                     .map(|k| k.path.clone())
                     .unwrap_or_default()
             };
-            let why = match (a.is_loop(), b.is_loop()) {
-                (true, true) => format!(
-                    "both are loop devices over one file ({}, {})",
-                    backing(b),
-                    id.describe()
-                ),
+            let why = match (own(a) == Some(id), own(b) == Some(id)) {
+                (true, true) if a.kind == Kind::File => {
+                    format!("hard links to one file ({})", id.describe())
+                }
+                (true, true) => format!("both are {}", id.describe()),
                 (true, false) => format!(
-                    "{} is a loop device over it ({}, {})",
-                    a.path.display(),
-                    backing(a),
+                    "{} is a loop device over it ({})",
+                    b.path.display(),
                     id.describe()
                 ),
                 (false, true) => format!(
-                    "{} is a loop device over it ({}, {})",
-                    b.path.display(),
+                    "{} is a loop device over it ({})",
+                    a.path.display(),
+                    id.describe()
+                ),
+                (false, false) => format!(
+                    "both are loop devices over one {} ({}, {})",
+                    if matches!(id, Identity::Block(_)) {
+                        "block device"
+                    } else {
+                        "file"
+                    },
                     backing(b),
                     id.describe()
                 ),
-                (false, false) if a.kind == Kind::File => {
-                    format!("hard links to one file ({})", id.describe())
-                }
-                (false, false) => format!("both are {}", id.describe()),
             };
             bail!(
                 "target {} is the same disk as target {}: {why}; each disk needs its own target",
@@ -572,22 +573,25 @@ impl Safety {
                 bail!("{p} {why}");
             }
         }
-        // The files underneath: a file target's own inode, a loop target's backing file (and the
-        // block device it stands for, when a loop device is over a block device).
-        let (files, over): (Vec<Identity>, String) = match (&t.inode, &t.backing) {
-            (Some(i), _) => (vec![*i], String::new()),
-            (None, Some(b)) => (
+        // What is underneath: a file target's own inode, a loop target's backing file (and the
+        // block device it stands for, when a loop device is over a block device), a block
+        // device itself (another loop device may be over it).
+        let (under, over): (Vec<Identity>, String) = match (&t.inode, &t.backing, t.devno) {
+            (Some(i), _, _) => (vec![*i], String::new()),
+            (None, Some(b), _) => (
                 b.ids.clone(),
                 format!("{p} is a loop device over {}, ", b.path),
             ),
-            (None, None) => return Ok(()),
+            (None, None, Some(d)) => (vec![Identity::Block(d)], String::new()),
+            (None, None, None) => return Ok(()),
         };
-        for id in &files {
+        for id in &under {
             if let Identity::Block(d) = id {
-                if let Some(why) = self.busy(*d, None) {
-                    bail!("{over}a block device that {why}");
+                if Some(*d) != t.devno {
+                    if let Some(why) = self.busy(*d, None) {
+                        bail!("{over}a block device that {why}");
+                    }
                 }
-                continue;
             }
             if let Some((_, swap)) = self.swap_files.iter().find(|(s, _)| s == id) {
                 if over.is_empty() {
@@ -610,6 +614,9 @@ impl Safety {
                 .and_then(|d| self.busy(d, Some(&l.name)))
                 .map(|why| format!(", which {why}"))
                 .unwrap_or_default();
+            if over.is_empty() && t.kind == Kind::Block {
+                bail!("{p} is the backing device of {}{state}", l.path);
+            }
             if over.is_empty() && Path::new(&l.backing.path) == t.path {
                 bail!("{p} is in use as the backing file of {}{state}", l.path);
             }

@@ -100,7 +100,9 @@ fn lost_commit_is_rechecked_with_the_captures_token() {
     }
     std::fs::write(&image, &data).unwrap();
     let out = restorer()
-        .args(["capture", "--json", "--raw", "--host", "lost1", "--token", token])
+        .args([
+            "capture", "--json", "--raw", "--host", "lost1", "--token", token,
+        ])
         .args(["--retry-for", "20s", "--to"])
         .arg(format!("http://127.0.0.1:{port}"))
         .arg(&image)

@@ -38,7 +38,13 @@ fn mounted_image(env: &Env, name: &str) -> (PathBuf, LoopDev, Mount) {
     std::fs::create_dir_all(&tree).unwrap();
     std::fs::write(tree.join("keep.txt"), "keep").unwrap();
     Cmd::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+        ])
         .arg(&tree)
         .arg(&file)
         .ok();
@@ -152,4 +158,18 @@ fn hard_link_to_a_deleted_backing_file_refused() {
     refused_naming(&out, &link, &dev.path);
     assert!(out.stderr.contains("mounted"), "{}", out.describe());
     assert_eq!(sha(&link), before, "the mounted filesystem was written");
+}
+
+#[test]
+fn loop_over_a_mounted_loop_device_refused() {
+    // A loop device over a block device (here a mounted loop device) writes that device.
+    let env = Env::new("alias-loop-over-device");
+    raw_snapshot(&env, "al6", 1, 8 * MIB);
+    let (file, dev, _mnt) = mounted_image(&env, "mounted");
+    let over = LoopDev::attach(&dev.path, 512);
+    let before = sha(&file);
+    let out = restore_local(&env, "al6", &[&over.path]);
+    refused_naming(&out, &over.path, &dev.path);
+    assert!(out.stderr.contains("mounted"), "{}", out.describe());
+    assert_eq!(sha(&file), before, "the mounted filesystem was written");
 }
