@@ -49,6 +49,8 @@ pub struct Step {
 
 #[derive(Debug, Serialize, Default)]
 pub struct Report {
+    /// The machine adapted to.
+    pub machine: Option<Inventory>,
     /// `Debian GNU/Linux 12 (bookworm)`; `None` when no Linux was found.
     pub os: Option<String>,
     pub root: Option<String>,
@@ -133,6 +135,7 @@ pub fn adapt(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Resul
 fn run(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Report> {
     let mut report = Report {
         dry_run: opts.dry_run,
+        machine: Some(inventory.clone()),
         ..Default::default()
     };
     let t0 = Instant::now();
