@@ -7,7 +7,7 @@
 //! nothing. Logs under `target/e2e/<test>/`.
 
 use bmr_tests::boot::{self, appliance::Appliance};
-use bmr_tests::qemu::{self, Bus, Disk, Firmware, Nic, Vm, VmSpec};
+use bmr_tests::qemu::{Bus, Disk, Firmware, Nic, Vm, VmSpec};
 use bmr_tests::realsys::{self, RealServer, Up, Variant};
 use bmr_tests::util::{free_port, Workspace};
 use std::path::{Path, PathBuf};
@@ -79,7 +79,7 @@ fn restore(
     let target = dir.join(format!("{name}-target.img"));
     let f = std::fs::File::create(&target).unwrap();
     f.set_len(s.size + (1 << 30)).unwrap();
-    let mut spec = VmSpec::new(name, Firmware::Uefi);
+    let mut spec = VmSpec::new(name, s.variant.firmware());
     spec.memory_mib = 1536;
     spec.disks.push(Disk::new(&target, hw.disk));
     let bootfile = format!("http://10.0.2.2:{port}/boot/pxe/boot.ipxe");
@@ -116,9 +116,12 @@ enum Boot {
 /// for the marker or a known early stop; on the marker, fetches the HTTP page from the host.
 fn boot_restored(dir: &Path, name: &str, s: &RealServer, target: &Path, hw: &Hardware) -> Boot {
     let port = free_port();
-    let mut spec = VmSpec::new(&format!("{name}-restored"), Firmware::Uefi);
+    let fw = s.variant.firmware();
+    let mut spec = VmSpec::new(&format!("{name}-restored"), fw);
     spec.disks.push(Disk::new(target, hw.disk));
-    spec.vars = Some(dir.join(format!("{name}.vars.fd")));
+    if fw != Firmware::Bios {
+        spec.vars = Some(dir.join(format!("{name}.vars.fd")));
+    }
     let mut n = nic(hw, None);
     n.hostfwd = vec![(port, 80)];
     spec.nics.push(n);
@@ -168,6 +171,36 @@ fn assert_up(b: Boot, s: &RealServer, root_prefix: &str, what: &str) {
     }
 }
 
+/// Restores `s` onto `hw` with adaptation and asserts the system comes up there, its root on
+/// `root` and its HTTP service answering; `expect` are lines the adaptation must print.
+fn migrate(
+    dir: &Path,
+    name: &str,
+    s: &RealServer,
+    port: u16,
+    hw: &Hardware,
+    root: &str,
+    expect: &[&str],
+) {
+    let (target, out) = restore(dir, name, s, port, "", hw);
+    for want in expect {
+        assert!(
+            out.contains(want),
+            "{name}: adaptation output lacks {want:?}; serial log in {}",
+            dir.display()
+        );
+    }
+    for l in out.lines().filter(|l| l.contains("adapt: ")) {
+        println!("    {}", l.trim());
+    }
+    assert_up(
+        boot_restored(dir, name, s, target.as_path(), hw),
+        s,
+        root,
+        name,
+    );
+}
+
 /// Debian with initramfs-tools `MODULES=dep` (built on virtio) restored onto NVMe with an
 /// e1000e NIC in another slot with another MAC: adapted, it comes up; the control, restored
 /// with `restorer.adapt=0`, stops without its root device.
@@ -176,24 +209,16 @@ fn debian_dep_initramfs_onto_nvme_and_e1000e() {
     let Some(s) = server(Variant::InitramfsTools) else {
         return;
     };
-    if !qemu::available(Firmware::Uefi) {
-        return;
-    }
     let dir = Workspace::artifacts("debian_dep_initramfs_onto_nvme_and_e1000e");
     let hw = nvme_e1000e();
-    let (target, out) = restore(&dir, "adapt", &s, 47841, "", &hw);
-    for want in ["adapt: this machine:", "lacks nvme", "rebuilt", "pinned"] {
-        assert!(
-            out.contains(want),
-            "adaptation output lacks {want:?}; serial log in {}",
-            dir.display()
-        );
-    }
-    assert_up(
-        boot_restored(&dir, "adapt", &s, &target, &hw),
+    migrate(
+        &dir,
+        "adapt",
         &s,
+        47841,
+        &hw,
         "/dev/nvme0n1",
-        "adapted onto NVMe + e1000e",
+        &["adapt: this machine:", "lacks nvme", "rebuilt", "pinned"],
     );
 
     let (target, out) = restore(&dir, "control", &s, 47842, "restorer.adapt=0", &hw);
@@ -212,6 +237,51 @@ fn debian_dep_initramfs_onto_nvme_and_e1000e() {
             );
         }
     }
+}
+
+/// Debian built with dracut hostonly, systemd-networkd matching the source MAC and fstab by
+/// `/dev/vdaN`, restored onto an AHCI disk and an e1000e NIC.
+#[test]
+fn dracut_hostonly_onto_ahci_and_e1000e() {
+    let Some(s) = server(Variant::Dracut) else {
+        return;
+    };
+    let dir = Workspace::artifacts("dracut_hostonly_onto_ahci_and_e1000e");
+    let hw = Hardware {
+        disk: Bus::Ahci,
+        ..nvme_e1000e()
+    };
+    migrate(
+        &dir,
+        "dracut",
+        &s,
+        47844,
+        &hw,
+        "/dev/sda",
+        &["lacks ahci", "/etc/fstab: /dev/vda", "MAC binding"],
+    );
+}
+
+/// BIOS Debian with netplan (match by MAC, set-name) restored onto virtio-scsi and an e1000e.
+#[test]
+fn bios_netplan_onto_virtio_scsi_and_e1000e() {
+    let Some(s) = server(Variant::BiosNetplan) else {
+        return;
+    };
+    let dir = Workspace::artifacts("bios_netplan_onto_virtio_scsi_and_e1000e");
+    let hw = Hardware {
+        disk: Bus::VirtioScsi,
+        ..nvme_e1000e()
+    };
+    migrate(
+        &dir,
+        "bios",
+        &s,
+        47845,
+        &hw,
+        "/dev/sda",
+        &["lacks", "virtio_scsi", "netplan"],
+    );
 }
 
 /// The same snapshot restored onto the source's own hardware: nothing to adapt, it comes up.
