@@ -1,7 +1,7 @@
 //! A QEMU harness for end-to-end tests: firmware (SeaBIOS, OVMF, OVMF with Secure Boot enforced
-//! and Microsoft keys enrolled), disks on NVMe / virtio / AHCI / USB / CD-ROM, user networking
-//! with TFTP and a boot file for PXE, and the serial console as a log file plus a way to wait for
-//! a pattern and to type lines.
+//! and Microsoft keys enrolled), disks on NVMe / virtio / virtio-scsi / AHCI / USB / CD-ROM, user
+//! networking with TFTP, a boot file for PXE, chosen MACs and PCI slots and port forwards, and
+//! the serial console as a log file plus a way to wait for a pattern and to type lines.
 //!
 //! TCG is used unless `BMR_QEMU_ACCEL=kvm` (KVM exists on our machines but its guests hang).
 //! The serial log stays in the VM's directory (a test's `target/e2e/<test>/`).
@@ -37,6 +37,8 @@ pub enum Bus {
     Usb,
     /// A CD-ROM on the AHCI (q35) or IDE (pc) controller.
     Cdrom,
+    /// A `scsi-hd` on a `virtio-scsi-pci` controller (one controller for all such disks).
+    VirtioScsi,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +81,13 @@ pub struct Nic {
     pub bootindex: Option<u32>,
     /// Without QEMU's iPXE option ROM: UEFI then uses OVMF's own driver and PXE client.
     pub no_rom: bool,
+    /// The NIC's MAC (`mac=`); QEMU's default otherwise (52:54:00:12:34:56 and up).
+    pub mac: Option<String>,
+    /// PCI slot on q35's `pcie.0` (`addr=0xN`); QEMU's next free slot otherwise.
+    pub addr: Option<u8>,
+    /// User-network port forwards `(host port, guest port)`: `hostfwd=tcp:127.0.0.1:H-:G`
+    /// (to the guest's 10.0.2.15).
+    pub hostfwd: Vec<(u16, u16)>,
 }
 
 impl Nic {
@@ -100,6 +109,9 @@ impl Nic {
             bootfile: None,
             bootindex: None,
             no_rom: false,
+            mac: None,
+            addr: None,
+            hostfwd: vec![],
         }
     }
 }
@@ -232,6 +244,7 @@ impl Vm {
             }
         }
         let mut usb = false;
+        let mut scsi = false;
         for (i, d) in spec.disks.iter().enumerate() {
             // IDE/AHCI disks cannot be read-only: writes go to a throwaway overlay instead.
             let ro = match (d.readonly, d.bus) {
@@ -257,6 +270,13 @@ impl Vm {
                 Bus::Virtio => format!("virtio-blk-pci,drive=d{i}{bi}"),
                 Bus::Ahci => format!("ide-hd,drive=d{i},bus=ide.{i}{bi}"),
                 Bus::Cdrom => format!("ide-cd,drive=d{i},bus=ide.{i}{bi}"),
+                Bus::VirtioScsi => {
+                    if !scsi {
+                        cmd.args(["-device", "virtio-scsi-pci,id=scsi0"]);
+                        scsi = true;
+                    }
+                    format!("scsi-hd,drive=d{i},bus=scsi0.0{bi}")
+                }
                 Bus::Usb => {
                     if !usb {
                         cmd.args(["-device", "qemu-xhci,id=xhci"]);
@@ -275,14 +295,23 @@ impl Vm {
             if let Some(b) = &n.bootfile {
                 net.push_str(&format!(",bootfile={b}"));
             }
+            for (host, guest) in &n.hostfwd {
+                net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+            }
             cmd.arg("-netdev").arg(net);
             let bi = n
                 .bootindex
                 .map(|b| format!(",bootindex={b}"))
                 .unwrap_or_default();
             let rom = if n.no_rom { ",romfile=" } else { "" };
+            let mac = n
+                .mac
+                .as_ref()
+                .map(|m| format!(",mac={m}"))
+                .unwrap_or_default();
+            let addr = n.addr.map(|a| format!(",addr={a:#x}")).unwrap_or_default();
             cmd.arg("-device")
-                .arg(format!("{},netdev=n{i}{bi}{rom}", n.model));
+                .arg(format!("{},netdev=n{i}{bi}{rom}{mac}{addr}", n.model));
         }
         if let Some((k, i, append)) = &spec.kernel {
             cmd.arg("-kernel")
