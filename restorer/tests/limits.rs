@@ -14,6 +14,11 @@ const UID: &str = "54321";
 
 /// `restorer ARGS` as `UID` with at most one process or thread for that user.
 fn restorer_without_threads(args: &[&str]) -> Output {
+    without_threads(env!("CARGO_BIN_EXE_restorer"), args)
+}
+
+/// `PROGRAM ARGS` as `UID` with at most one process or thread for that user.
+fn without_threads(program: &str, args: &[&str]) -> Output {
     Cmd::new("setpriv")
         .args([
             &format!("--reuid={UID}"),
@@ -22,7 +27,7 @@ fn restorer_without_threads(args: &[&str]) -> Output {
             "prlimit",
             "--nproc=1:1",
             "--",
-            env!("CARGO_BIN_EXE_restorer"),
+            program,
         ])
         .args(args)
         .run()
@@ -30,6 +35,11 @@ fn restorer_without_threads(args: &[&str]) -> Output {
 
 #[track_caller]
 fn one_line_refusal(out: &Output) {
+    one_line_refusal_of("restorer", out)
+}
+
+#[track_caller]
+fn one_line_refusal_of(program: &str, out: &Output) {
     assert!(!out.success(), "succeeded:\n{}", out.describe());
     assert!(
         !out.all().contains("panicked"),
@@ -40,7 +50,7 @@ fn one_line_refusal(out: &Output) {
     let errors: Vec<&str> = out
         .stderr
         .lines()
-        .filter(|l| l.starts_with("restorer: error"))
+        .filter(|l| l.starts_with(&format!("{program}: error")))
         .collect();
     assert_eq!(errors.len(), 1, "{}", out.describe());
     assert!(
@@ -83,4 +93,33 @@ fn restore_verify_and_capture_without_threads_fail_in_one_line() {
     // With threads allowed, the same restore works (the refusals above were the limit's).
     let (out, _) = restore(&srv.url, "lim1", &[&t], &[]);
     assert!(out.success(), "{}", out.describe());
+}
+
+#[test]
+fn ingest_without_threads_fails_in_one_line() {
+    // The chunker is shared by ingest and capture: an ingest into a store of that user's.
+    let dir = bmr_tests::util::Workspace::artifacts("restorer-no-threads-ingest");
+    std::fs::create_dir_all(&dir).unwrap();
+    chown(&dir);
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, vec![7u8; 8 * MIB as usize]).unwrap();
+    let store = dir.join("store");
+    let appliance = bmr_tests::util::Workspace::bin("appliance");
+    let appliance = appliance.to_str().unwrap();
+    let s = store.to_str().unwrap();
+    let out = Cmd::new("setpriv")
+        .args([
+            &format!("--reuid={UID}"),
+            &format!("--regid={UID}"),
+            "--clear-groups",
+        ])
+        .args([appliance, "init", "--store", s])
+        .run();
+    assert!(out.success(), "{}", out.describe());
+    let img = image.to_str().unwrap();
+    let out = without_threads(
+        appliance,
+        &["ingest", "--raw", "--host", "lim3", "--store", s, img],
+    );
+    one_line_refusal_of("appliance", &out);
 }
