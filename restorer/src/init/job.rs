@@ -126,7 +126,7 @@ pub fn run(args: &[String], boot: &[String], report: Option<&Reporter>) -> Resul
     let relay = |r: Box<dyn std::io::Read + Send>| {
         let last_error = last_error.clone();
         let last_line = last_line.clone();
-        std::thread::spawn(move || {
+        snapshot::threads::start("output relay", move || {
             for line in BufReader::new(r).lines().map_while(Result::ok) {
                 // Progress redraws come as \r-separated updates: show the last one.
                 let line = line.rsplit('\r').next().unwrap_or("").to_string();
@@ -140,12 +140,22 @@ pub fn run(args: &[String], boot: &[String], report: Option<&Reporter>) -> Resul
             }
         })
     };
-    let t1 = relay(Box::new(child.stdout.take().expect("piped")));
-    let t2 = relay(Box::new(child.stderr.take().expect("piped")));
+    let relays = relay(Box::new(child.stdout.take().expect("piped")))
+        .and_then(|t1| Ok((t1, relay(Box::new(child.stderr.take().expect("piped")))?)));
+    let (t1, t2) = match relays {
+        Ok(t) => t,
+        Err(e) => {
+            // Nobody would read its output: it must not run unseen.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
     // The restorer draws its progress bar only on a terminal: say that it is alive meanwhile.
     let done = std::sync::atomic::AtomicBool::new(false);
     let status = std::thread::scope(|s| {
-        s.spawn(|| {
+        // Without a heartbeat the job still runs; it only says less.
+        let _ = snapshot::threads::start_one_scoped(s, "heartbeat", || {
             let t0 = std::time::Instant::now();
             let mut next = HEARTBEAT;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
