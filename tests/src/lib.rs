@@ -6,6 +6,7 @@
 //! - [`util`]: child processes with timeouts, HTTP servers, workspace binaries, sparse copies.
 //! - [`corrupt`]: controlled damage to images (GPT entries with valid CRCs, MBR entries).
 //! - [`prng`]: the seeded generator and the content kinds fixtures are filled with.
+//! - [`realsys`]: real Debian 12 servers (debootstrap, prepared on their source hardware).
 
 pub mod boot;
 pub mod corrupt;
@@ -13,6 +14,7 @@ pub mod fixtures;
 pub mod oracle;
 pub mod prng;
 pub mod qemu;
+pub mod realsys;
 pub mod util;
 
 pub use fixtures::{Fixture, FsKind};
