@@ -60,6 +60,9 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
     let result = execute(a, &src, &plan, &writers, &patches, &mut started_disks);
     match result {
         Ok(summaries) => {
+            // The targets are held exclusively while open: released, their partitions can be
+            // mounted for the adaptation.
+            drop(writers);
             let secs = started.elapsed().as_secs_f64();
             if !a.json {
                 for s in &summaries {

@@ -15,7 +15,7 @@ mod system;
 use crate::changes::{Change, Changes};
 use crate::inventory::Inventory;
 use crate::volumes::Volume;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use mount::Mounts;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -89,7 +89,11 @@ const LINUX_FS: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs"];
 
 /// Finds the volume holding the root filesystem: a Linux filesystem with os-release and an
 /// fstab, preferring one whose fstab mounts it as `/`.
-fn find_root<'v>(volumes: &'v [Volume], work: &Path) -> Result<Option<(&'v Volume, String)>> {
+fn find_root<'v>(
+    volumes: &'v [Volume],
+    work: &Path,
+    unreadable: &mut Vec<String>,
+) -> Result<Option<(&'v Volume, String)>> {
     let mut fallback = None;
     for (i, v) in volumes.iter().enumerate() {
         let Some(t) = v.fstype.as_deref().filter(|t| LINUX_FS.contains(t)) else {
@@ -97,7 +101,12 @@ fn find_root<'v>(volumes: &'v [Volume], work: &Path) -> Result<Option<(&'v Volum
         };
         let dir = work.join(format!("probe{i}"));
         let mut m = Mounts::default();
-        if m.mount(&v.device, &dir, t, true).is_err() {
+        if let Err(e) = m.mount(&v.device, &dir, t, true) {
+            // A type this kernel cannot read is not looked into (said as a warning by the
+            // caller only if nothing else is found).
+            if !mount::unsupported(&e) {
+                unreadable.push(format!("{e:#}"));
+            }
             continue;
         }
         let found = system::is_root(&dir)
@@ -139,7 +148,15 @@ fn run(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Repo
         ..Default::default()
     };
     let t0 = Instant::now();
-    let Some((root_vol, fstab_text)) = find_root(volumes, &opts.work)? else {
+    let mut unreadable = Vec::new();
+    let Some((root_vol, fstab_text)) = find_root(volumes, &opts.work, &mut unreadable)? else {
+        if !unreadable.is_empty() {
+            // A Linux filesystem we could not look into: not "nothing to do".
+            bail!(
+                "cannot look for the restored system: {}",
+                unreadable.join("; ")
+            );
+        }
         report
             .lines
             .push("no Linux system found on the restored disks".into());

@@ -16,6 +16,13 @@ fn cstr(p: &Path) -> Result<CString> {
     Ok(CString::new(p.as_os_str().as_bytes())?)
 }
 
+/// Whether a mount failed because this kernel has no driver for the filesystem type.
+pub fn unsupported(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .and_then(|e| e.raw_os_error())
+        == Some(libc::ENODEV)
+}
+
 impl Mounts {
     /// Mounts `dev` (a filesystem of type `fstype`) on `dir`, read-only when `ro`.
     pub fn mount(&mut self, dev: &str, dir: &Path, fstype: &str, ro: bool) -> Result<()> {
@@ -30,8 +37,9 @@ impl Mounts {
         } else {
             ""
         };
-        self.raw(dev, dir, fstype, flags, data)
-            .map_err(|e| anyhow::anyhow!("mounting {dev} ({fstype}) on {}: {e}", dir.display()))
+        self.raw(dev, dir, fstype, flags, data).map_err(|e| {
+            anyhow::Error::new(e).context(format!("mounting {dev} ({fstype}) on {}", dir.display()))
+        })
     }
 
     /// Binds `src` onto `dir` (recursively, for /dev, /proc, /sys, /run of a chroot).
