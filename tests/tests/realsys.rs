@@ -138,6 +138,16 @@ fn initramfs_tools_server_does_not_come_up_on_other_hardware_unadapted() {
         out.contains("Gave up waiting for root") || out.contains("ALERT!"),
         "expected the initramfs to give up on the root: {stop:?}"
     );
+    // why: the host-only initramfs has no NVMe driver (its shell answers on the console)
+    vm.send_line("echo NVME-KO-$(find /lib/modules -name 'nvme*.ko*' | wc -l)")
+        .unwrap();
+    let (n, _) = vm
+        .wait_for_any(
+            &["NVME-KO-0", "NVME-KO-1", "NVME-KO-2", "NVME-KO-3"],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(n, 0, "the initramfs has NVMe modules");
     println!(
         "{} unadapted on NVMe + e1000e: stopped after {:.1} s at {:?}: {}",
         s.host,
