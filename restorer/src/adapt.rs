@@ -165,8 +165,16 @@ pub fn print(r: &Report) {
     for w in &r.warnings {
         println!("adapt: warning: {w}");
     }
-    let verb = if r.dry_run { "would change" } else { "changed" };
     for c in &r.changes {
+        use drivers_inject::changes::Action;
+        let verb = match (&c.action, r.dry_run) {
+            (Action::Changed, false) => "changed",
+            (Action::Created, false) => "created",
+            (Action::Removed, false) => "removed",
+            (Action::Changed, true) => "would change",
+            (Action::Created, true) => "would create",
+            (Action::Removed, true) => "would remove",
+        };
         println!(
             "adapt: {verb} {} ({}){}",
             c.path,

@@ -133,15 +133,21 @@ pub fn adapt(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Resul
         dry_run: true,
         ..opts.clone()
     };
-    let mut probe = run(volumes, inventory, &dry)?;
+    let mut probe = run(volumes, inventory, &dry, &[])?;
     if opts.dry_run || !probe.changed() {
         probe.dry_run = opts.dry_run;
         return Ok(probe);
     }
-    run(volumes, inventory, opts)
+    // What the read-only pass learnt of the initramfs images still holds: not read twice.
+    run(volumes, inventory, opts, &probe.kernels)
 }
 
-fn run(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Report> {
+fn run(
+    volumes: &[Volume],
+    inventory: &Inventory,
+    opts: &Options,
+    prior: &[initrd::KernelCheck],
+) -> Result<Report> {
     let mut report = Report {
         dry_run: opts.dry_run,
         machine: Some(inventory.clone()),
@@ -243,6 +249,7 @@ fn run(volumes: &[Volume], inventory: &Inventory, opts: &Options) -> Result<Repo
         &mut report,
         &sys,
         opts,
+        prior,
         root_vol,
         boot_vol,
         &fstypes,
@@ -269,6 +276,7 @@ fn steps(
     report: &mut Report,
     sys: &system::System,
     opts: &Options,
+    prior: &[initrd::KernelCheck],
     root_vol: &Volume,
     boot_vol: &Volume,
     fstypes: &[String],
@@ -341,7 +349,13 @@ fn steps(
     for k in &sys.kernels {
         let km = modules::KernelModules::open(&ctx.changes.path(&k.modules))?;
         let need = initrd::needed(&km, &aliases, fstypes);
-        checks.push(initrd::check(ctx, k, need)?);
+        let known = prior
+            .iter()
+            .find(|c| c.version == k.version && c.initramfs == k.initramfs && c.needed == need);
+        checks.push(match known {
+            Some(c) => c.clone(),
+            None => initrd::check(ctx, k, need)?,
+        });
     }
     let missing: BTreeSet<String> = checks
         .iter()
