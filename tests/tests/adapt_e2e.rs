@@ -239,38 +239,43 @@ fn debian_dep_initramfs_onto_nvme_and_e1000e() {
     }
 }
 
-/// Debian built with dracut hostonly, systemd-networkd matching the source MAC and fstab by
-/// `/dev/vdaN`, restored onto an AHCI disk and an e1000e NIC.
+/// Debian built with dracut hostonly (which carries q35's AHCI and virtio-scsi drivers but not
+/// NVMe's), systemd-networkd matching the source MAC and fstab by `/dev/vdaN`, restored onto NVMe
+/// and an e1000e: dracut rebuilds its image in the chroot, fstab gets UUIDs, the MAC binding
+/// follows the new NIC.
 #[test]
-fn dracut_hostonly_onto_ahci_and_e1000e() {
+fn dracut_hostonly_onto_nvme_and_e1000e() {
     let Some(s) = server(Variant::Dracut) else {
         return;
     };
-    let dir = Workspace::artifacts("dracut_hostonly_onto_ahci_and_e1000e");
-    let hw = Hardware {
-        disk: Bus::Ahci,
-        ..nvme_e1000e()
-    };
+    let dir = Workspace::artifacts("dracut_hostonly_onto_nvme_and_e1000e");
+    let hw = nvme_e1000e();
     migrate(
         &dir,
         "dracut",
         &s,
         47844,
         &hw,
-        "/dev/sda",
-        &["lacks ahci", "/etc/fstab: /dev/vda", "MAC binding"],
+        "/dev/nvme0n1",
+        &[
+            "lacks nvme",
+            "rebuilt with Dracut",
+            "/etc/fstab: /dev/vda",
+            "MAC binding",
+        ],
     );
 }
 
-/// BIOS Debian with netplan (match by MAC, set-name) restored onto virtio-scsi and an e1000e.
+/// BIOS Debian (GRUB i386-pc, initramfs-tools `MODULES=dep`, netplan matching the source MAC
+/// with `set-name`) restored onto an AHCI disk and an e1000e.
 #[test]
-fn bios_netplan_onto_virtio_scsi_and_e1000e() {
+fn bios_netplan_onto_ahci_and_e1000e() {
     let Some(s) = server(Variant::BiosNetplan) else {
         return;
     };
-    let dir = Workspace::artifacts("bios_netplan_onto_virtio_scsi_and_e1000e");
+    let dir = Workspace::artifacts("bios_netplan_onto_ahci_and_e1000e");
     let hw = Hardware {
-        disk: Bus::VirtioScsi,
+        disk: Bus::Ahci,
         ..nvme_e1000e()
     };
     migrate(
@@ -280,7 +285,11 @@ fn bios_netplan_onto_virtio_scsi_and_e1000e() {
         47845,
         &hw,
         "/dev/sda",
-        &["lacks", "virtio_scsi", "netplan"],
+        &[
+            "lacks ahci",
+            "/etc/netplan/01-realsys.yaml",
+            "matches the new MAC",
+        ],
     );
 }
 
