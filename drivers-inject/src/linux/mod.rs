@@ -85,6 +85,35 @@ pub struct Ctx<'a> {
     pub dry_run: bool,
 }
 
+#[cfg(test)]
+impl<'a> Ctx<'a> {
+    /// A context over `root` for unit tests: this machine is `inventory` (with `nics`).
+    pub fn for_test(root: &Path, inventory: &'a Inventory) -> Ctx<'a> {
+        Ctx {
+            root: root.to_path_buf(),
+            changes: Changes::new(root, false),
+            inventory,
+            volumes: &[],
+            net_ifnames: true,
+            pinned_links: false,
+            warnings: vec![],
+            dry_run: false,
+        }
+    }
+}
+
+#[cfg(test)]
+pub fn test_inventory(nics: Vec<crate::inventory::Nic>) -> Inventory {
+    Inventory {
+        firmware: "uefi".into(),
+        secure_boot: None,
+        storage: vec![],
+        network: vec![],
+        disks: vec![],
+        nics,
+    }
+}
+
 const LINUX_FS: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs"];
 
 /// Finds the volume holding the root filesystem: a Linux filesystem with os-release and an

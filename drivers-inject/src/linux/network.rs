@@ -648,8 +648,7 @@ mod tests {
 #[cfg(test)]
 mod restored_root {
     use super::*;
-    use crate::changes::Changes;
-    use crate::inventory::{Inventory, Nic};
+    use crate::inventory::Nic;
 
     fn write(root: &std::path::Path, rel: &str, text: &str) {
         let p = root.join(rel);
@@ -684,24 +683,8 @@ mod restored_root {
             driver: Some("e1000e".into()),
             predictable: Some(format!("enp0s{}", i + 4)),
         };
-        let inv = Inventory {
-            firmware: "uefi".into(),
-            secure_boot: None,
-            storage: vec![],
-            network: vec![],
-            disks: vec![],
-            nics: (0..4).map(nic).collect(),
-        };
-        let mut ctx = Ctx {
-            root: root.to_path_buf(),
-            changes: Changes::new(root, false),
-            inventory: &inv,
-            volumes: &[],
-            net_ifnames: true,
-            pinned_links: false,
-            warnings: vec![],
-            dry_run: false,
-        };
+        let inv = crate::linux::test_inventory((0..4).map(nic).collect());
+        let mut ctx = Ctx::for_test(root, &inv);
         let old = discover(&ctx);
         let names: Vec<(Option<&str>, Option<&str>)> = old
             .iter()
@@ -766,30 +749,14 @@ mod restored_root {
             "etc/network/interfaces",
             "auto enp0s3\niface enp0s3 inet dhcp\n",
         );
-        let inv = Inventory {
-            firmware: "bios".into(),
-            secure_boot: None,
-            storage: vec![],
-            network: vec![],
-            disks: vec![],
-            nics: vec![Nic {
-                name: "eth0".into(),
-                mac: "52:54:00:12:34:56".into(),
-                pci: Some("0000:00:03.0".into()),
-                driver: Some("virtio_net".into()),
-                predictable: Some("enp0s3".into()),
-            }],
-        };
-        let mut ctx = Ctx {
-            root: root.to_path_buf(),
-            changes: Changes::new(root, false),
-            inventory: &inv,
-            volumes: &[],
-            net_ifnames: true,
-            pinned_links: false,
-            warnings: vec![],
-            dry_run: false,
-        };
+        let inv = crate::linux::test_inventory(vec![Nic {
+            name: "eth0".into(),
+            mac: "52:54:00:12:34:56".into(),
+            pci: Some("0000:00:03.0".into()),
+            driver: Some("virtio_net".into()),
+            predictable: Some("enp0s3".into()),
+        }]);
+        let mut ctx = Ctx::for_test(root, &inv);
         let old = discover(&ctx);
         let (maps, _) = map(&old, &inv.nics, &[]);
         let lines = apply(&mut ctx, &maps).unwrap();

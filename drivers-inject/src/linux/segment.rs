@@ -159,8 +159,6 @@ pub fn append(ctx: &mut Ctx, k: &Kernel, modules: &BTreeSet<String>, why: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::Changes;
-    use crate::inventory::Inventory;
 
     #[test]
     fn appended_segment_carries_the_modules_and_tables() {
@@ -189,24 +187,8 @@ mod tests {
         main.file("init", b"#!/bin/sh\n");
         let original = zstd::encode_all(&main.finish()[..], 3).unwrap();
         std::fs::write(root.join("boot/initrd.img-6.1.0-9-amd64"), &original).unwrap();
-        let inv = Inventory {
-            firmware: "uefi".into(),
-            secure_boot: None,
-            storage: vec![],
-            network: vec![],
-            disks: vec![],
-            nics: vec![],
-        };
-        let mut ctx = Ctx {
-            root: root.to_path_buf(),
-            changes: Changes::new(root, false),
-            inventory: &inv,
-            volumes: &[],
-            net_ifnames: true,
-            pinned_links: false,
-            warnings: vec![],
-            dry_run: false,
-        };
+        let inv = crate::linux::test_inventory(vec![]);
+        let mut ctx = Ctx::for_test(root, &inv);
         let k = Kernel {
             version: "6.1.0-9-amd64".into(),
             modules: "lib/modules/6.1.0-9-amd64".into(),
