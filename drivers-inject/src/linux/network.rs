@@ -414,13 +414,13 @@ pub fn apply(ctx: &mut Ctx, maps: &[NicMapping]) -> Result<Vec<String>> {
     for m in maps.iter().filter(|m| !m.same) {
         let new_mac = m.new_mac.to_ascii_lowercase();
         let what = format!(
-            "NIC {}{} is now {}{}{}",
-            m.old.name.as_deref().unwrap_or("?"),
-            m.old
-                .mac
-                .as_ref()
-                .map(|x| format!(" ({x})"))
-                .unwrap_or_default(),
+            "NIC {} is now {}{}{}",
+            match (&m.old.name, &m.old.mac) {
+                (Some(n), Some(x)) => format!("{n} ({x})"),
+                (Some(n), None) => n.clone(),
+                (None, Some(x)) => format!("with MAC {x}"),
+                (None, None) => "?".into(),
+            },
             new_mac,
             m.new_pci
                 .as_ref()
