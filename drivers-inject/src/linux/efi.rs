@@ -52,3 +52,47 @@ pub fn fallback(ctx: &mut Ctx, esp: &str) -> Result<Option<String>> {
         .push("the ESP has no loader to copy as \\EFI\\BOOT\\BOOTX64.EFI".into());
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shim_and_its_grub_become_the_fallback_once() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let debian = root.join("boot/efi/EFI/debian");
+        std::fs::create_dir_all(&debian).unwrap();
+        for f in ["shimx64.efi", "grubx64.efi", "mmx64.efi", "grub.cfg"] {
+            std::fs::write(debian.join(f), f).unwrap();
+        }
+        let inv = crate::linux::test_inventory(vec![]);
+        let mut ctx = Ctx::for_test(root, &inv);
+        let line = fallback(&mut ctx, "boot/efi").unwrap().unwrap();
+        assert!(line.contains("\\EFI\\debian\\shimx64.efi"), "{line}");
+        let boot = root.join("boot/efi/EFI/BOOT");
+        assert_eq!(
+            std::fs::read(boot.join("BOOTX64.EFI")).unwrap(),
+            b"shimx64.efi"
+        );
+        assert_eq!(
+            std::fs::read(boot.join("grubx64.efi")).unwrap(),
+            b"grubx64.efi"
+        );
+        assert_eq!(std::fs::read(boot.join("grub.cfg")).unwrap(), b"grub.cfg");
+        assert_eq!(ctx.changes.list.len(), 4);
+        // Present now: nothing more to do.
+        assert!(fallback(&mut ctx, "boot/efi").unwrap().is_none());
+        assert_eq!(ctx.changes.list.len(), 4);
+    }
+
+    #[test]
+    fn no_loader_is_a_warning() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("boot/efi/EFI/vendor")).unwrap();
+        let inv = crate::linux::test_inventory(vec![]);
+        let mut ctx = Ctx::for_test(t.path(), &inv);
+        assert!(fallback(&mut ctx, "boot/efi").unwrap().is_none());
+        assert_eq!(ctx.warnings.len(), 1);
+    }
+}
