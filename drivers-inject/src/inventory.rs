@@ -147,11 +147,15 @@ impl Inventory {
             }
         )];
         for d in &self.disks {
+            let size = if d.size_bytes >= 1 << 30 {
+                format!("{} GiB", d.size_bytes >> 30)
+            } else {
+                format!("{} MiB", d.size_bytes >> 20)
+            };
             v.push(format!(
-                "disk {} ({}, {} GiB){}",
+                "disk {} ({}, {size}){}",
                 d.device,
                 d.transport,
-                d.size_bytes >> 30,
                 d.controller
                     .as_ref()
                     .and_then(|c| self.storage.iter().find(|s| &s.address == c))

@@ -259,7 +259,7 @@ fn dracut_hostonly_onto_nvme_and_e1000e() {
         "/dev/nvme0n1",
         &[
             "lacks nvme",
-            "rebuilt with Dracut",
+            "rebuilt with dracut",
             "/etc/fstab: /dev/vda",
             "MAC binding",
         ],

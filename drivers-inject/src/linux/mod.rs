@@ -243,7 +243,7 @@ fn run(
     report.os = Some(sys.name.clone());
     report.generator = Some(sys.generator);
     report.lines.push(format!(
-        "restored system: {} on {} ({fstype}); kernels {}; initramfs by {:?}",
+        "restored system: {} on {} ({fstype}); kernels {}; initramfs generator {}",
         sys.name,
         root_vol.device,
         if sys.kernels.is_empty() {
@@ -255,7 +255,7 @@ fn run(
                 .collect::<Vec<_>>()
                 .join(", ")
         },
-        sys.generator
+        sys.generator.name()
     ));
     let cmdline_text = std::fs::read_to_string(root.join("etc/default/grub")).unwrap_or_default();
     let mut ctx = Ctx {
@@ -462,13 +462,13 @@ fn steps(
         }
         env.unmount_all()?;
         report.lines.push(format!(
-            "initramfs {} with {:?}: {}",
+            "initramfs {} with {}: {}",
             if ctx.dry_run {
                 "would be rebuilt"
             } else {
                 "rebuilt"
             },
-            sys.generator,
+            sys.generator.name(),
             rebuilt.join(", ")
         ));
         report.steps.push(Step {

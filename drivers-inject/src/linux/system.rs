@@ -15,6 +15,17 @@ pub enum Generator {
     None,
 }
 
+impl Generator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Generator::InitramfsTools => "initramfs-tools",
+            Generator::Dracut => "dracut",
+            Generator::Mkinitcpio => "mkinitcpio",
+            Generator::None => "no known generator",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Kernel {
     pub version: String,
