@@ -24,6 +24,9 @@
 //! superset of what the filesystem uses once the journal is replayed. Journals that cannot be
 //! read that way (external, fast commits, a pending resize) make the probe fail: copied whole.
 
+mod files;
+
+use super::exclude::{self, Exclusions, Hit};
 use super::{bit_runs, extents_from, le, uncovered, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
 use anyhow::{anyhow, bail, Context, Result};
@@ -67,6 +70,88 @@ pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<anyhow::Result<P
         return None;
     }
     Some(map(&part, &sb))
+}
+
+/// The files `ex` names in the ext filesystem at `offset` of `dev`, with the structures no
+/// exclusion may touch (group metadata, the journal), for [`super::exclude::apply`]. The default
+/// names and the swap files of `/etc/fstab` count only when they hold a swap header.
+pub(crate) fn excluded(
+    dev: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    ex: &Exclusions,
+) -> Result<exclude::Found> {
+    let part = Part { dev, offset, len };
+    let mut sb = [0u8; 1024];
+    part.read(1024, &mut sb, "ext superblock")?;
+    let geo = Geometry::from_superblock(&sb, len)?;
+    let descs = read_descriptors(&part, &geo)?;
+    let tree = files::Tree {
+        part: &part,
+        geo: &geo,
+        descs: &descs,
+    };
+    let mut found = exclude::Found::default();
+    let mut critical = vec![(0, geo.first_data_block + 1)];
+    for (g, d) in descs.iter().enumerate() {
+        critical.push((d.block_bitmap, d.block_bitmap + 1));
+        critical.push((d.inode_bitmap, d.inode_bitmap + 1));
+        critical.push((d.inode_table, d.inode_table + geo.inode_table_blocks));
+        geo.super_and_gdt(g as u64, &mut critical);
+    }
+    if le::u32(&sb, 0x5C) & COMPAT_HAS_JOURNAL != 0 && le::u32(&sb, 0xE0) != 0 {
+        let j = tree.inode(u64::from(le::u32(&sb, 0xE0)))?;
+        critical.extend(
+            tree.runs(&j)?
+                .iter()
+                .map(|r| (r.physical, r.physical + r.len)),
+        );
+    }
+    let bs = geo.bs;
+    found.critical = extents_from(
+        critical
+            .into_iter()
+            .map(|(s, e)| (s.saturating_mul(bs), e.saturating_mul(bs)))
+            .collect(),
+    );
+    let mut paths: Vec<(String, bool)> = ex
+        .paths
+        .iter()
+        .map(|p| (p.clone(), exclude::DEFAULT_PATHS.contains(&p.as_str())))
+        .collect();
+    if ex.fstab_swap {
+        if let Some(fstab) = tree.lookup("/etc/fstab")?.filter(|i| i.is_file()) {
+            for p in exclude::fstab_swap_files(&tree.read(&fstab, 1 << 20)?) {
+                if !paths.iter().any(|(q, _)| *q == p) {
+                    paths.push((p, true));
+                }
+            }
+        }
+    }
+    for (path, needs_header) in paths {
+        let hit = (|| -> Result<Option<Hit>> {
+            let Some(ino) = tree.lookup(&path)?.filter(|i| i.is_file()) else {
+                return Ok(None);
+            };
+            let verified = !needs_header || exclude::is_swap_header(&tree.read(&ino, 4096)?);
+            let ranges = tree
+                .runs(&ino)?
+                .iter()
+                .map(|r| (r.logical * bs, r.physical * bs, (r.physical + r.len) * bs))
+                .collect();
+            Ok(Some(Hit {
+                path: path.clone(),
+                ranges,
+                verified,
+            }))
+        })();
+        match hit {
+            Ok(Some(h)) => found.hits.push(h),
+            Ok(None) => {}
+            Err(e) => found.notes.push(format!("{path} is kept whole: {e:#}")),
+        }
+    }
+    Ok(found)
 }
 
 /// The superblock fields the map needs, checked.

@@ -1,6 +1,7 @@
 //! Filesystem probes and used-block maps, each read from the filesystem's own allocation data:
 //! ext2/3/4 block bitmaps, the NTFS `$Bitmap`, FAT tables; swap holds nothing worth keeping.
 
+pub mod exclude;
 pub mod ext;
 pub mod fat;
 pub mod ntfs;
@@ -253,6 +254,37 @@ pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Found {
         }
     }
     Found::Unknown
+}
+
+/// [`probe`], then the files `ex` names (paging, hibernation and swap files) taken out of the
+/// used-block map as [`exclude`] says. Returns the outcome, the files excluded, and a note for
+/// every file named but kept (or exclusions not applied), one line each.
+pub fn probe_excluding(
+    dev: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    ex: &exclude::Exclusions,
+) -> (Found, Vec<exclude::Excluded>, Vec<String>) {
+    let mut found = probe(dev, offset, len);
+    let Found::Known(p) = &mut found else {
+        return (found, Vec::new(), Vec::new());
+    };
+    if ex.paths.is_empty() && !ex.fstab_swap {
+        return (found, Vec::new(), Vec::new());
+    }
+    let files = match p.fs.kind {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => ext::excluded(dev, offset, len, ex),
+        FsKind::Ntfs => ntfs::excluded(dev, offset, len, ex),
+        _ => return (found, Vec::new(), Vec::new()),
+    };
+    let (excluded, notes) = match files {
+        Ok(f) => exclude::apply(p, f),
+        Err(e) => (
+            Vec::new(),
+            vec![format!("exclusions not applied (the filesystem kept as mapped): {e:#}")],
+        ),
+    };
+    (found, excluded, notes)
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@
 //! refuses to mount it: the log may hold `$Bitmap` updates the disk does not have yet, so the
 //! partition is copied whole.
 
+mod files;
+
+use super::exclude::{self, Exclusions, Hit};
 use super::{bit_runs, extents_from, le, uncovered, Filesystem, FsKind, Part, Probe};
 use crate::extents::Extents;
 use crate::source::ReadAt;
@@ -40,6 +43,53 @@ pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<anyhow::Result<P
         return None;
     }
     Some(map(&part, &bs))
+}
+
+/// The files `ex` names on the NTFS volume at `offset` of `dev`, with the structures no
+/// exclusion may touch (the boot sector and every cluster of the system files in records 0-15),
+/// for [`super::exclude::apply`].
+pub(crate) fn excluded(
+    dev: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    ex: &Exclusions,
+) -> Result<exclude::Found> {
+    let part = Part { dev, offset, len };
+    let mut bs = [0u8; 512];
+    part.read(0, &mut bs, "NTFS boot sector")?;
+    let (vol, clusters, _, _) = Volume::open(&part, &bs)?;
+    let c = vol.cluster;
+    let mut found = exclude::Found::default();
+    let mut critical = vec![(0, c)];
+    for r in 0..16u64 {
+        let what = format!("MFT record {r}");
+        let Ok(rec) = vol.record(r, &what) else {
+            continue;
+        };
+        for a in attributes(&rec, &what)?.iter().filter(|a| a.non_resident) {
+            for run in runlist(a, clusters, &what)? {
+                if let Some(l) = run.lcn {
+                    critical.push((l * c, (l + run.len) * c));
+                }
+            }
+        }
+    }
+    found.critical = extents_from(critical);
+    for path in &ex.paths {
+        match vol.file_runs(path, clusters) {
+            Ok(Some(runs)) => found.hits.push(Hit {
+                path: path.clone(),
+                ranges: runs
+                    .iter()
+                    .filter_map(|r| r.lcn.map(|l| (r.vcn * c, l * c, (l + r.len) * c)))
+                    .collect(),
+                verified: true,
+            }),
+            Ok(None) => {}
+            Err(e) => found.notes.push(format!("{path} is kept whole: {e:#}")),
+        }
+    }
+    Ok(found)
 }
 
 struct Volume<'a> {
@@ -113,9 +163,15 @@ fn geometry(bs: &[u8; 512], len: u64) -> Result<(u64, u64, u64, u64, u64)> {
 
 /// Check the header of an MFT record and undo its update-sequence fixups.
 fn fixup(rec: &mut [u8], what: &str) -> Result<()> {
-    if rec.get(0..4) != Some(&b"FILE"[..]) {
+    fixup_as(rec, b"FILE", what)
+}
+
+/// [`fixup`] for any multi-sector structure with signature `magic` (index blocks are `INDX`).
+fn fixup_as(rec: &mut [u8], magic: &[u8; 4], what: &str) -> Result<()> {
+    if rec.get(0..4) != Some(&magic[..]) {
         bail!(
-            "{what}: no FILE signature (magic {:02x?})",
+            "{what}: no {} signature (magic {:02x?})",
+            String::from_utf8_lossy(magic),
             rec.get(0..4).unwrap_or_default()
         );
     }
@@ -322,23 +378,34 @@ fn data_runs(rec: &[u8], clusters: u64, what: &str) -> Result<(Vec<Run>, u64)> {
     Ok((runs, size))
 }
 
+impl<'a> Volume<'a> {
+    /// The volume of boot sector `bs`, with the MFT's runlist read from its record 0. Returns the
+    /// volume, its cluster count, its size in bytes and the MFT's size.
+    fn open(part: &'a Part<'a>, bs: &[u8; 512]) -> Result<(Volume<'a>, u64, u64, u64)> {
+        let (cluster, clusters, size, record_size, mft_lcn) = geometry(bs, part.len)?;
+        let mut vol = Volume {
+            part,
+            cluster,
+            record_size,
+            mft_runs: vec![Run {
+                vcn: 0,
+                len: record_size.div_ceil(cluster),
+                lcn: Some(mft_lcn),
+            }],
+        };
+        let rec0 = vol
+            .record(0, &format!("MFT record 0 ($MFT) at cluster {mft_lcn}"))
+            .context("NTFS")?;
+        let (mft_runs, mft_size) =
+            data_runs(&rec0, clusters, "MFT record 0 ($MFT)").context("NTFS")?;
+        vol.mft_runs = mft_runs;
+        Ok((vol, clusters, size, mft_size))
+    }
+}
+
 fn map(part: &Part, bs: &[u8; 512]) -> Result<Probe> {
-    let (cluster, clusters, size, record_size, mft_lcn) = geometry(bs, part.len)?;
-    let mut vol = Volume {
-        part,
-        cluster,
-        record_size,
-        mft_runs: vec![Run {
-            vcn: 0,
-            len: record_size.div_ceil(cluster),
-            lcn: Some(mft_lcn),
-        }],
-    };
-    let rec0 = vol
-        .record(0, &format!("MFT record 0 ($MFT) at cluster {mft_lcn}"))
-        .context("NTFS")?;
-    let (mft_runs, mft_size) = data_runs(&rec0, clusters, "MFT record 0 ($MFT)").context("NTFS")?;
-    vol.mft_runs = mft_runs;
+    let (vol, clusters, size, mft_size) = Volume::open(part, bs)?;
+    let cluster = vol.cluster;
     let rec2 = vol.record(2, "MFT record 2 ($LogFile)").context("NTFS")?;
     let (log_runs, log_size) =
         data_runs(&rec2, clusters, "MFT record 2 ($LogFile)").context("NTFS")?;
