@@ -7,10 +7,12 @@
 
 use crate::chunker::ChunkStats;
 use crate::extents::Extents;
+use crate::fs::exclude::Exclusions;
 use crate::fs::{self, Found};
 use crate::manifest::{Disk, DiskTotals, Firmware};
 use crate::ptable::{Guid, Partition, PartitionTable};
 use crate::source::ReadAt;
+use crate::volume::lvm;
 use anyhow::{bail, Context, Result};
 
 /// The layout of one source disk, before chunking.
@@ -31,6 +33,16 @@ pub struct DiskLayout {
 /// image file (the GPT header's position decides). With `raw`, the table is recorded when readable
 /// but the whole disk is kept.
 pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Result<DiskLayout> {
+    analyze_with(dev, sectors, raw, &Exclusions::default())
+}
+
+/// [`analyze`] with the files `ex` names left out of the filesystems' used-block maps.
+pub fn analyze_with(
+    dev: &dyn ReadAt,
+    sectors: Option<(u32, u32)>,
+    raw: bool,
+    ex: &Exclusions,
+) -> Result<DiskLayout> {
     let size = dev.size();
     if size == 0 {
         bail!("the disk is empty (0 bytes)");
@@ -62,6 +74,8 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
             size,
             fs: None,
             whole: None,
+            excluded: Vec::new(),
+            lvm: None,
         });
     }
     for p in &mut partitions {
@@ -70,7 +84,23 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
         } else {
             format!("partition {}", p.number)
         };
-        match fs::probe(dev, p.offset, p.size) {
+        if let Some(pv) = lvm::analyze(dev, p.offset, p.size) {
+            lvm_partition(p, &name, pv, raw, &mut used, &mut notes);
+            continue;
+        }
+        let none = Exclusions::none();
+        let (found, excluded, ex_notes) =
+            fs::probe_excluding(dev, p.offset, p.size, if raw { &none } else { ex });
+        notes.extend(ex_notes.iter().map(|n| format!("{name}: {n}")));
+        for e in &excluded {
+            notes.push(format!(
+                "{name}: {} excluded: {:.1} MiB of its contents not stored",
+                e.path,
+                e.bytes as f64 / (1u64 << 20) as f64
+            ));
+        }
+        p.excluded = excluded;
+        match found {
             Found::Known(probe) => {
                 if !raw {
                     used.remove(p.offset, p.offset + p.size);
@@ -112,6 +142,35 @@ pub fn analyze(dev: &dyn ReadAt, sectors: Option<(u32, u32)>, raw: bool) -> Resu
         used,
         notes,
     })
+}
+
+/// Record what an LVM2 PV partition holds and keep what its analysis says (the whole partition
+/// when its label or metadata cannot be read).
+fn lvm_partition(
+    p: &mut Partition,
+    name: &str,
+    pv: Result<lvm::Analysis>,
+    raw: bool,
+    used: &mut Extents,
+    notes: &mut Vec<String>,
+) {
+    match pv {
+        Ok(a) => {
+            if !raw {
+                used.remove(p.offset, p.offset + p.size);
+                used.add_shifted(&a.used, p.offset);
+            }
+            notes.extend(a.notes.iter().map(|n| format!("{name}: {n}")));
+            p.lvm = Some(Box::new(a.pv));
+        }
+        Err(e) => {
+            let whole = format!("lvm2: {e:#}");
+            notes.push(format!(
+                "{name}: LVM2 physical volume copied whole, its metadata cannot be read: {whole}"
+            ));
+            p.whole = Some(whole);
+        }
+    }
 }
 
 impl DiskLayout {

@@ -39,6 +39,7 @@ pub mod source;
 pub mod store;
 pub mod sys;
 pub mod threads;
+pub mod volume;
 
 pub use extents::Extents;
 pub use format::blob::{decode_chunk, encode_chunk};

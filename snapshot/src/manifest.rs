@@ -1,6 +1,7 @@
 //! The snapshot manifest (`manifest.json`): what was captured, from which hardware, and how each
 //! disk is laid out. Versioned; a reader refuses a version it does not know.
 
+use crate::fs::Filesystem;
 use crate::ptable::{Partition, PartitionTable};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -85,6 +86,65 @@ pub struct DiskTotals {
     pub unused_chunks: u64,
     /// Sum of the compressed blob sizes this disk references (shared chunks counted once per disk).
     pub stored_bytes: u64,
+}
+
+/// An LVM2 physical volume found in a partition (its `lvm` field), with its volume group as the
+/// newest valid metadata copy on it describes it. Byte units throughout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LvmPv {
+    /// The PV UUID as lvm2 prints it (`xxxxxx-xxxx-...`).
+    pub uuid: String,
+    /// Where the first physical extent starts, from the partition start.
+    pub pe_start: u64,
+    pub extent_size: u64,
+    /// Physical extents of this PV.
+    pub pe_count: u64,
+    pub vg: LvmVg,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LvmVg {
+    pub name: String,
+    pub uuid: String,
+    /// The metadata sequence number of the copy that was read.
+    pub seqno: u64,
+    /// PVs the VG spans; only a VG of one PV has its LVs mapped (others are copied whole).
+    pub pv_count: u32,
+    #[serde(default)]
+    pub lvs: Vec<LvmLv>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LvmLv {
+    pub name: String,
+    pub uuid: String,
+    /// Bytes the LV spans (its extents times the extent size).
+    pub size: u64,
+    pub segments: Vec<LvmSegment>,
+    /// The filesystem found in the LV, when its segments are mapped and it was recognised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Filesystem>,
+    /// Why the LV's extents are copied whole (segment type not mapped, used by another LV,
+    /// damaged filesystem); absent when it is mapped or simply holds no filesystem we know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LvmSegment {
+    /// First logical extent of the segment in the LV.
+    pub start_extent: u64,
+    pub extent_count: u64,
+    /// The segment type lvm2 names (`striped` for linear and striped; `thin-pool`, `raid1`...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Bytes of a stripe (striped segments of more than one stripe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_size: Option<u64>,
+    /// First physical extent of each stripe on this PV (one for a linear segment; empty for a
+    /// segment type that is not mapped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripes: Vec<u64>,
 }
 
 impl Disk {

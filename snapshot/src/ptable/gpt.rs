@@ -456,6 +456,8 @@ impl Gpt {
                     .saturating_mul(ss),
                 fs: None,
                 whole: None,
+                excluded: Vec::new(),
+                lvm: None,
             })
             .collect()
     }

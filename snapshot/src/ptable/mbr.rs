@@ -264,6 +264,8 @@ impl Mbr {
                 size: p.sectors.saturating_mul(ss),
                 fs: None,
                 whole: None,
+                excluded: Vec::new(),
+                lvm: None,
             })
             .collect()
     }

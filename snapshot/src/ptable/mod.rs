@@ -97,6 +97,14 @@ pub struct Partition {
     /// structures). Absent in manifests from older writers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whole: Option<String>,
+    /// Files whose contents were not stored (paging, hibernation, swap files: see
+    /// [`crate::fs::exclude`]). Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<crate::fs::exclude::Excluded>,
+    /// The LVM2 physical volume the partition holds, with its VG and LVs. Absent for other
+    /// partitions and in manifests from older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<Box<crate::manifest::LvmPv>>,
 }
 
 impl PartitionTable {
