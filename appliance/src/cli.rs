@@ -64,6 +64,14 @@ pub struct IngestArgs {
     /// Keep every disk whole (no partition table or filesystem analysis used for skipping).
     #[arg(long)]
     pub raw: bool,
+    /// Also leave out the contents of this file (absolute path inside its filesystem; ext and
+    /// NTFS), beside the defaults: pagefile.sys, hiberfil.sys, swapfile.sys, /swapfile,
+    /// /swap.img and the swap files /etc/fstab names. Repeatable.
+    #[arg(long = "exclude", value_name = "PATH")]
+    pub exclude: Vec<String>,
+    /// Store paging, hibernation and swap files like any other file.
+    #[arg(long)]
+    pub no_default_excludes: bool,
     #[arg(long)]
     pub json: bool,
     #[arg(required = true)]

@@ -6,7 +6,8 @@ use crate::cli::IngestArgs;
 use crate::progress;
 use anyhow::{Context, Result};
 use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkStats};
-use snapshot::layout::{analyze, firmware_of};
+use snapshot::fs::exclude::Exclusions;
+use snapshot::layout::{analyze_with, firmware_of};
 use snapshot::manifest::{Firmware, Hardware, Manifest, MANIFEST_VERSION};
 use snapshot::store::{check_name, check_snapshot_id, LocalStore};
 use snapshot::CHUNK_SIZE;
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 pub fn run(a: &IngestArgs) -> Result<()> {
     check_name(&a.host, "host")?;
+    let exclusions = Exclusions::from_args(&a.exclude, a.no_default_excludes)?;
     if let Some(id) = &a.snapshot {
         check_snapshot_id(id)?;
     }
@@ -33,16 +35,23 @@ pub fn run(a: &IngestArgs) -> Result<()> {
     let mut all_stats = Vec::new();
     // Filesystems copied whole because their allocation data could not be trusted.
     let mut warnings = Vec::new();
+    // Files whose contents were left out (--exclude and the defaults).
+    let mut excluded = Vec::new();
     let mut firmware = Firmware::Unknown;
     for (n, path) in a.sources.iter().enumerate() {
         let opened = crate::images::open(path, &store.root().join("tmp"))?;
         let dev = &opened.disk;
-        let layout = analyze(dev, dev.device_sectors, a.raw)
+        let layout = analyze_with(dev, dev.device_sectors, a.raw, &exclusions)
             .with_context(|| format!("disk {n} ({})", path.display()))?;
         for note in &layout.notes {
             eprintln!("disk {n} ({}): {note}", path.display());
         }
         for p in &layout.partitions {
+            for e in &p.excluded {
+                excluded.push(serde_json::json!({
+                    "disk": n, "partition": p.number, "path": e.path, "bytes": e.bytes,
+                }));
+            }
             if let Some(why) = &p.whole {
                 warnings.push(format!(
                     "disk {n} partition {}: copied whole: {why}",
@@ -86,6 +95,7 @@ pub fn run(a: &IngestArgs) -> Result<()> {
         &id,
         &all_stats,
         &warnings,
+        &excluded,
         started.elapsed().as_secs_f64(),
     )
 }
@@ -95,6 +105,7 @@ fn summary(
     id: &str,
     stats: &[(String, ChunkStats)],
     warnings: &[String],
+    excluded: &[serde_json::Value],
     secs: f64,
 ) -> Result<()> {
     let total = |f: fn(&ChunkStats) -> u64| stats.iter().map(|(_, s)| f(s)).sum::<u64>();
@@ -113,7 +124,7 @@ fn summary(
         let v = serde_json::json!({
             "host": a.host, "snapshot": id, "seconds": secs, "logical_bytes": size, "used_bytes": used,
             "read_bytes": read, "new_bytes": new, "referenced_bytes": referenced, "disks": disks,
-            "warnings": warnings,
+            "warnings": warnings, "excluded": excluded,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -137,6 +148,15 @@ fn summary(
                 s.repaired_chunks
             );
         }
+    }
+    for e in excluded {
+        println!(
+            "  excluded: disk {} partition {}: {} ({} not stored)",
+            e["disk"],
+            e["partition"],
+            e["path"].as_str().unwrap_or_default(),
+            human(e["bytes"].as_u64().unwrap_or_default())
+        );
     }
     for w in warnings {
         println!("  warning: {w}");

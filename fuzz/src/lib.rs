@@ -113,7 +113,7 @@ pub fn check_probe(p: &snapshot::fs::Probe, len: u64) {
 }
 
 /// Run one filesystem probe the way ingest does (`fs::probe`, which falls back to the kind hints
-/// on an error) and check its result.
+/// on an error, then the exclusions' lookups) and check its result.
 pub fn fuzz_fs(
     data: &[u8],
     probe: fn(&dyn ReadAt, u64, u64) -> Option<anyhow::Result<snapshot::fs::Probe>>,
@@ -121,7 +121,18 @@ pub fn fuzz_fs(
     let img = Sparse::parse(data, MAX_FS_SIZE);
     let len = img.size();
     match probe(&img, 0, len) {
-        Some(Ok(p)) => check_probe(&p, len),
+        Some(Ok(p)) => {
+            check_probe(&p, len);
+            // The exclusions' path lookups (ext inodes/extents/directories, NTFS indexes) on the
+            // same hostile bytes: they may only take blocks out of the map.
+            let mut ex = snapshot::fs::exclude::Exclusions::default();
+            ex.paths.push("/var/lib/swap/file".into());
+            let (found, _, _) = snapshot::fs::probe_excluding(&img, 0, len, &ex);
+            if let snapshot::fs::Found::Known(q) = found {
+                check_probe(&q, len);
+                assert!(q.used.len() <= p.used.len(), "exclusions added used bytes");
+            }
+        }
         Some(Err(e)) => {
             let _ = format!("{e:#}");
             // The kind hint path ingest takes on a damaged filesystem.

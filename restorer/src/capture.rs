@@ -11,7 +11,8 @@ use crate::report::{self, bytes};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkSink};
-use snapshot::layout::{analyze, firmware_of};
+use snapshot::fs::exclude::Exclusions;
+use snapshot::layout::{analyze_with, firmware_of};
 use snapshot::manifest::{Disk, Firmware, Hardware, Manifest, Nic, PciDevice, MANIFEST_VERSION};
 use snapshot::store::http::Attempt;
 use snapshot::store::{check_name, FetchError, HttpStore};
@@ -197,6 +198,8 @@ struct DiskCapture {
 
 pub fn run(a: &CaptureArgs) -> Result<()> {
     check_name(&a.host, "host")?;
+    // Checked before anything is opened or uploaded.
+    Exclusions::from_args(&a.exclude, a.no_default_excludes)?;
     let started = Instant::now();
     let base =
         a.to.trim_end_matches('/')
@@ -311,6 +314,7 @@ fn capture(
     snapshot_id: &str,
 ) -> Result<(Manifest, Vec<DiskCapture>)> {
     let opts = ChunkOptions::default();
+    let exclusions = Exclusions::from_args(&a.exclude, a.no_default_excludes)?;
     let mut disks = Vec::new();
     let mut reports = Vec::new();
     let mut indexes = Vec::new();
@@ -330,7 +334,8 @@ fn capture(
             for (n, dev) in sources.iter().enumerate() {
                 let t0 = Instant::now();
                 let what = format!("disk {n} ({})", dev.path.display());
-                let layout = analyze(dev, dev.device_sectors, a.raw).context(what.clone())?;
+                let layout = analyze_with(dev, dev.device_sectors, a.raw, &exclusions)
+                    .context(what.clone())?;
                 let pb = report::progress(layout.size, &format!("disk {n}"), a.json);
                 let (index, stats) = chunk_disk(dev, &layout.used, sink, &opts, &|done| {
                     pb.set_position(done)

@@ -177,6 +177,14 @@ pub struct CaptureArgs {
     /// Copy every disk whole, ignoring the filesystems' used-block maps.
     #[arg(long)]
     pub raw: bool,
+    /// Also leave out the contents of this file (absolute path inside its filesystem; ext and
+    /// NTFS), beside the defaults: pagefile.sys, hiberfil.sys, swapfile.sys, /swapfile,
+    /// /swap.img and the swap files /etc/fstab names. Repeatable.
+    #[arg(long = "exclude", value_name = "PATH")]
+    pub exclude: Vec<String>,
+    /// Store paging, hibernation and swap files like any other file.
+    #[arg(long)]
+    pub no_default_excludes: bool,
     /// Uploads in flight.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,

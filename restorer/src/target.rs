@@ -418,7 +418,8 @@ pub fn auto_assign(sources: &[u64], disks: Vec<Target>, safety: &Safety) -> Resu
     Ok(out.into_iter().map(|t| t.expect("all assigned")).collect())
 }
 
-/// Comma-separated devices never to write, set by the boot image's init for the boot medium.
+/// Comma-separated whole-disk devices never to write, set by the boot image's init for the boot
+/// medium: `restorer restore --target auto` skips them; an explicit target naming one is refused.
 pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
 
 /// What this machine is using right now: mounted filesystems, active swap, the root and the

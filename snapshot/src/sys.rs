@@ -13,7 +13,6 @@ const BLKSSZGET: libc::Ioctl = 0x1268;
 const BLKRRPART: libc::Ioctl = 0x125f;
 const BLKPBSZGET: libc::Ioctl = 0x127b;
 const BLKGETSIZE64: libc::Ioctl = 0x80081272_u32 as libc::Ioctl;
-const BLKDISCARDZEROES: libc::Ioctl = 0x127c;
 const LOOP_GET_STATUS64: libc::Ioctl = 0x4c05;
 
 /// `struct loop_info64` of `<linux/loop.h>` (232 bytes).
@@ -75,14 +74,6 @@ pub fn sector_sizes(f: &File) -> io::Result<(u32, u32)> {
         )
     })?;
     Ok((logical as u32, physical as u32))
-}
-
-/// Whether a discard of this device is guaranteed to read back as zeros.
-pub fn discard_zeroes(f: &File) -> io::Result<bool> {
-    let mut v: libc::c_uint = 0;
-    // SAFETY: BLKDISCARDZEROES writes one unsigned int.
-    check(unsafe { libc::ioctl(f.as_raw_fd(), BLKDISCARDZEROES, &mut v as *mut libc::c_uint) })?;
-    Ok(v != 0)
 }
 
 /// Ask the kernel to re-read the partition table of a whole-disk block device.

@@ -10,10 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-/// Set in the job's environment: comma-separated whole-disk devices the restorer must never
-/// write (the boot medium). `restorer restore --target auto` skips them; an explicit target
-/// naming one is refused.
-pub const EXCLUDE_ENV: &str = "BMR_EXCLUDE_DEVICES";
+use crate::target::EXCLUDE_ENV;
 
 const PUBKEY: &str = "/etc/bmr/appliance.pub";
 /// The HTTPS appliance's CA, when the image was built with `bootimg build --ca`.

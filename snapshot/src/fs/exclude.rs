@@ -49,6 +49,33 @@ impl Default for Exclusions {
 }
 
 impl Exclusions {
+    /// The defaults (unless `no_defaults`) plus `extra` paths, as the command lines give them:
+    /// each absolute, without `..`, `/` or `\\` separated.
+    pub fn from_args(extra: &[String], no_defaults: bool) -> anyhow::Result<Exclusions> {
+        let mut ex = if no_defaults {
+            Exclusions::none()
+        } else {
+            Exclusions::default()
+        };
+        for p in extra {
+            let parts: Vec<&str> = p.split(['/', '\\']).collect();
+            if !(p.starts_with('/') || p.starts_with('\\'))
+                || parts.iter().any(|c| *c == ".." || *c == ".")
+                || p.contains('\0')
+                || parts.iter().all(|c| c.is_empty())
+            {
+                anyhow::bail!(
+                    "--exclude {p:?}: give the absolute path of a file inside its filesystem \
+                     (e.g. /pagefile.sys or /var/swap), without . or .."
+                );
+            }
+            if !ex.paths.contains(p) {
+                ex.paths.push(p.clone());
+            }
+        }
+        Ok(ex)
+    }
+
     /// Nothing excluded.
     pub fn none() -> Exclusions {
         Exclusions {
@@ -232,6 +259,24 @@ mod tests {
         assert!(ex.is_empty());
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert_eq!(p.used.len(), 1 << 20);
+    }
+
+    #[test]
+    fn command_line_paths_are_checked() {
+        let ex =
+            Exclusions::from_args(&["/var/swap".into(), "\\Temp\\big.bin".into()], true).unwrap();
+        assert_eq!(ex.paths, ["/var/swap", "\\Temp\\big.bin"]);
+        assert!(!ex.fstab_swap);
+        assert_eq!(
+            Exclusions::from_args(&[], false).unwrap(),
+            Exclusions::default()
+        );
+        for bad in ["swapfile", "/a/../etc/shadow", "/", "/./x", ""] {
+            assert!(
+                Exclusions::from_args(&[bad.into()], false).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
