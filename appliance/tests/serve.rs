@@ -992,6 +992,8 @@ fn boot_images_report_progress_per_host() {
     let dir = tempfile::tempdir().unwrap();
     let store = init_store(dir.path());
     write_tokens(&store, tokens_json());
+    // Reports are kept only for hosts the store knows (issue 8 item 8).
+    std::fs::create_dir_all(store.join("hosts/web1")).unwrap();
     let srv = Server::start(&store, &[]);
     let url = srv.url("/api/v1/progress/web1");
     let r = post_json(&url, None, serde_json::json!({"state": "running"}));

@@ -4,11 +4,10 @@
 use super::auth::Who;
 use super::files::percent_decode;
 use super::http::{json_bytes, BodyError, Request, Response};
-use super::uploads::{OpenError, Session};
-use super::App;
+use super::uploads::{load_index, IndexError, OpenError, Session};
+use super::{progress, App};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 use snapshot::chunker::Held;
 use snapshot::format::index::{ChunkIndex, Slot};
 use snapshot::format::Digest;
@@ -266,7 +265,8 @@ fn json_body<T: for<'de> Deserialize<'de>>(req: &mut Request, limit: u64) -> Res
 }
 
 /// A boot image reports how its job goes (`restorer init`): kept in memory, one per host, and
-/// logged. Any token that may read the host may report for it.
+/// logged. Any token that may read the host may report for it, if the store knows the host
+/// (bounds in `serve/progress.rs`).
 fn report_progress(app: &App, req: &mut Request, who: &Who, host: &str) -> Answer {
     name(host, "host")?;
     if !who.may_read(host) {
@@ -275,7 +275,13 @@ fn report_progress(app: &App, req: &mut Request, who: &Who, host: &str) -> Answe
             format!("this token may not report for host {host}"),
         ));
     }
-    let mut v: serde_json::Value = json_body(req, SMALL_BODY_LIMIT)?;
+    if !app.store.root().join("hosts").join(host).is_dir() && !app.uploads.has_host(host) {
+        return Err(err(
+            404,
+            format!("no host {host} in this store (progress is kept only for known hosts)"),
+        ));
+    }
+    let mut v: serde_json::Value = json_body(req, progress::RECORD_LIMIT)?;
     if !v.is_object() {
         return Err(err(400, "progress must be a JSON object"));
     }
@@ -289,21 +295,15 @@ fn report_progress(app: &App, req: &mut Request, who: &Who, host: &str) -> Answe
     v["received"] = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
         .into();
-    app.progress
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(host.to_string(), v);
+    app.progress.put(host, v);
     ok_json(200, &serde_json::json!({ "ok": true }))
 }
 
 fn list_progress(app: &App, who: &Who) -> Answer {
-    let all = app.progress.lock().unwrap_or_else(|p| p.into_inner());
-    let v: Vec<&serde_json::Value> = all
-        .iter()
-        .filter(|(h, _)| who.may_read(h))
-        .map(|(_, v)| v)
-        .collect();
-    ok_json(200, &serde_json::json!(v))
+    let body = app.progress.list(&|h| who.may_read(h));
+    Ok(Response::new(200)
+        .bytes("application/json", body)
+        .header("Cache-Control", "no-store"))
 }
 
 fn open_upload(app: &App, req: &mut Request, who: &Who) -> Answer {
@@ -333,6 +333,15 @@ fn open_upload(app: &App, req: &mut Request, who: &Who) -> Answer {
         Err(OpenError::GcRunning) => Err(err(
             503,
             "garbage collection is running on this store; retry in a minute",
+        )
+        .header("Retry-After", "60")),
+        Err(OpenError::TooManyForToken) => Err(err(
+            429,
+            format!(
+                "{} already has {} upload sessions open; commit or DELETE one (idle ones end after --upload-idle-timeout)",
+                who.label(),
+                super::uploads::MAX_SESSIONS_PER_TOKEN
+            ),
         )
         .header("Retry-After", "60")),
         Err(OpenError::TooMany) => Err(err(
@@ -444,23 +453,22 @@ fn put_index(app: &App, req: &mut Request, who: &Who, u: &str, n: &str) -> Answe
                 format!("invalid disk number {n:?} (0 to {})", MAX_DISKS - 1),
             )
         })?;
-    let bytes = body(req, INDEX_BODY_LIMIT)?;
-    let idx = ChunkIndex::parse(&bytes, &format!("disk{disk}.idx"))
-        .map_err(|e| err(400, format!("{e:#}")))?;
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let mut indexes = s.indexes.lock().unwrap_or_else(|e| e.into_inner());
-    let others: u64 = indexes
-        .iter()
-        .filter(|(k, _)| **k != disk)
-        .map(|(_, (i, _))| i.len() as u64 * 32)
-        .sum();
-    if others + bytes.len() as u64 > SESSION_INDEX_LIMIT {
-        return Err(err(
-            413,
-            format!("the indexes of one upload may not exceed {SESSION_INDEX_LIMIT} bytes"),
-        ));
+    if let Some(n) = req.declared_length() {
+        if n > INDEX_BODY_LIMIT {
+            return Err(err(
+                413,
+                format!("request body larger than {INDEX_BODY_LIMIT} bytes"),
+            ));
+        }
     }
-    indexes.insert(disk, (idx, sha.clone()));
+    let sha = s
+        .store_index(disk, req, INDEX_BODY_LIMIT, SESSION_INDEX_LIMIT)
+        .map_err(|e| match e {
+            IndexError::TooLarge(l, what) => err(413, format!("{what} may not exceed {l} bytes")),
+            IndexError::Read(e) => err(400, format!("reading the request body: {e}")),
+            IndexError::Invalid(m) => err(400, m),
+            IndexError::Store(e) => internal(&format!("storing the index of disk {disk}"), e),
+        })?;
     ok_json(201, &json!({ "disk": disk, "sha256": sha }))
 }
 
@@ -487,36 +495,55 @@ fn commit(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
     if m.disks.is_empty() {
         return Err(err(400, "the manifest lists no disks"));
     }
-    let indexes: Vec<ChunkIndex> = {
-        let uploaded = s.indexes.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v = Vec::new();
+    {
+        let uploaded = s.lock_indexes();
         for d in &m.disks {
             let n = d.number;
-            let Some((idx, sha)) = uploaded.get(&n) else {
+            let Some(i) = uploaded.get(&n) else {
                 return Err(err(400, format!("no index was uploaded for disk {n}")));
             };
-            if !sha.eq_ignore_ascii_case(&d.index_sha256) {
+            if !i.sha256.eq_ignore_ascii_case(&d.index_sha256) {
                 return Err(err(
                     400,
                     format!(
-                        "disk {n}: the uploaded index hashes to {sha}, the manifest says {}",
-                        d.index_sha256
+                        "disk {n}: the uploaded index hashes to {}, the manifest says {}",
+                        i.sha256, d.index_sha256
                     ),
                 ));
             }
-            if idx.disk_size != d.size {
+            if i.disk_size != d.size {
                 return Err(err(
                     400,
                     format!(
                         "disk {n}: the index covers {} bytes, the manifest says {}",
-                        idx.disk_size, d.size
+                        i.disk_size, d.size
                     ),
                 ));
             }
-            v.push(idx.clone());
         }
-        v
-    };
+    }
+    // One commit at a time has its indexes in memory (module doc of uploads.rs).
+    let _gate = app
+        .uploads
+        .commit_gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut indexes: Vec<ChunkIndex> = Vec::new();
+    for d in &m.disks {
+        let uploaded = s.lock_indexes();
+        let i = uploaded
+            .get(&d.number)
+            .ok_or_else(|| err(409, "the indexes of this upload changed during the commit"))?;
+        if !i.sha256.eq_ignore_ascii_case(&d.index_sha256) {
+            return Err(err(
+                409,
+                "the indexes of this upload changed during the commit",
+            ));
+        }
+        let idx = load_index(i, &format!("disk{}.idx", d.number))
+            .map_err(|e| internal("reading an uploaded index", e))?;
+        indexes.push(idx);
+    }
     let mut seen = HashSet::new();
     let mut absent = Vec::new();
     let mut absent_count = 0u64;

@@ -98,6 +98,13 @@ impl Request<'_> {
     }
 }
 
+/// The body as a stream, for handlers that must not hold it whole (uploaded indexes).
+impl Read for Request<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.body.read(buf)
+    }
+}
+
 #[derive(Debug)]
 pub enum BodyError {
     TooLarge(u64),

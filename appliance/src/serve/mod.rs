@@ -12,6 +12,7 @@ mod api;
 mod auth;
 mod files;
 mod http;
+mod progress;
 mod sys;
 mod uploads;
 
@@ -35,7 +36,7 @@ pub struct App {
     auth: Auth,
     uploads: uploads::Uploads,
     /// The last progress report of each host's boot image (`/api/v1/progress`), kept in memory.
-    progress: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
+    progress: progress::Reports,
 }
 
 impl App {
