@@ -272,9 +272,14 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
                 "--grow none: the {extra} past the last partition stay unallocated"
             ));
         } else if !last_growable {
-            let what = match last.and_then(|p| p.fs.as_ref()) {
-                Some(f) => format!("its {:?} filesystem cannot be grown", f.kind).to_lowercase(),
-                None => "its filesystem is unknown".to_string(),
+            let what = match (last.and_then(|p| p.fs.as_ref()), last.and_then(|p| p.lvm.as_ref())) {
+                (Some(f), _) => format!("its {:?} filesystem cannot be grown", f.kind).to_lowercase(),
+                // LVM growth (pvresize, lvextend, the LV's filesystem) is issue 10's next step.
+                (None, Some(pv)) => format!(
+                    "it holds the LVM2 physical volume of VG {}: growing a PV and its LVs is not implemented yet",
+                    pv.vg.name
+                ),
+                (None, None) => "its filesystem is unknown".to_string(),
             };
             let n = last.map(|p| p.number).unwrap_or(0);
             notes.push(format!(
