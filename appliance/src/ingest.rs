@@ -52,6 +52,14 @@ pub fn run(a: &IngestArgs) -> Result<()> {
                     "disk": n, "partition": p.number, "path": e.path, "bytes": e.bytes,
                 }));
             }
+            for lv in p.lvm.iter().flat_map(|pv| &pv.vg.lvs) {
+                for e in &lv.excluded {
+                    excluded.push(serde_json::json!({
+                        "disk": n, "partition": p.number, "lv": lv.name, "path": e.path,
+                        "bytes": e.bytes,
+                    }));
+                }
+            }
             if let Some(why) = &p.whole {
                 warnings.push(format!(
                     "disk {n} partition {}: copied whole: {why}",
@@ -151,9 +159,13 @@ fn summary(
     }
     for e in excluded {
         println!(
-            "  excluded: disk {} partition {}: {} ({} not stored)",
+            "  excluded: disk {} partition {}{}: {} ({} not stored)",
             e["disk"],
             e["partition"],
+            e["lv"]
+                .as_str()
+                .map(|lv| format!(" LV {lv}"))
+                .unwrap_or_default(),
             e["path"].as_str().unwrap_or_default(),
             human(e["bytes"].as_u64().unwrap_or_default())
         );

@@ -84,13 +84,13 @@ pub fn analyze_with(
         } else {
             format!("partition {}", p.number)
         };
-        if let Some(pv) = lvm::analyze(dev, p.offset, p.size) {
+        let none = Exclusions::none();
+        let ex = if raw { &none } else { ex };
+        if let Some(pv) = lvm::analyze(dev, p.offset, p.size, ex) {
             lvm_partition(p, &name, pv, raw, &mut used, &mut notes);
             continue;
         }
-        let none = Exclusions::none();
-        let (found, excluded, ex_notes) =
-            fs::probe_excluding(dev, p.offset, p.size, if raw { &none } else { ex });
+        let (found, excluded, ex_notes) = fs::probe_excluding(dev, p.offset, p.size, ex);
         notes.extend(ex_notes.iter().map(|n| format!("{name}: {n}")));
         for e in &excluded {
             notes.push(format!(

@@ -128,6 +128,9 @@ pub struct LvmLv {
     /// damaged filesystem); absent when it is mapped or simply holds no filesystem we know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whole: Option<String>,
+    /// Files of its filesystem whose contents were not stored (as a partition's `excluded`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<crate::fs::exclude::Excluded>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

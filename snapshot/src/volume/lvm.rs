@@ -13,6 +13,7 @@
 
 use super::lvmtext::{self, Section, Value};
 use crate::extents::Extents;
+use crate::fs::exclude::Exclusions;
 use crate::fs::{self, le, Found, Part};
 use crate::manifest::{LvmLv, LvmPv, LvmSegment, LvmVg};
 use crate::source::ReadAt;
@@ -50,10 +51,16 @@ pub struct Analysis {
 
 /// `None` when the partition carries no LVM2 label; an error when it does but the PV header or
 /// every metadata copy is unreadable (the caller copies the partition whole with the reason).
-pub fn analyze(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<Result<Analysis>> {
+/// The files `ex` names are left out of the LVs' filesystems as of any partition's.
+pub fn analyze(
+    dev: &dyn ReadAt,
+    offset: u64,
+    len: u64,
+    ex: &Exclusions,
+) -> Option<Result<Analysis>> {
     let part = Part { dev, offset, len };
     let (sector, label) = find_label(&part)?;
-    Some(analyze_pv(&part, sector, &label))
+    Some(analyze_pv(&part, sector, &label, ex))
 }
 
 fn find_label(part: &Part) -> Option<(u64, [u8; 512])> {
@@ -89,7 +96,7 @@ struct Area {
     size: u64,
 }
 
-fn analyze_pv(part: &Part, sector: u64, label: &[u8; 512]) -> Result<Analysis> {
+fn analyze_pv(part: &Part, sector: u64, label: &[u8; 512], ex: &Exclusions) -> Result<Analysis> {
     let where_ = format!("LVM2 label in sector {sector}");
     if le::u64(label, 8) != sector {
         bail!("{where_}: it says it lies in sector {}", le::u64(label, 8));
@@ -206,6 +213,7 @@ fn analyze_pv(part: &Part, sector: u64, label: &[u8; 512]) -> Result<Analysis> {
             segments: lv.segments.iter().map(|s| s.record.clone()).collect(),
             fs: None,
             whole: lv.whole.clone(),
+            excluded: Vec::new(),
         };
         if whole_data.is_none() {
             let view = LvView {
@@ -216,7 +224,18 @@ fn analyze_pv(part: &Part, sector: u64, label: &[u8; 512]) -> Result<Analysis> {
             };
             let mut keep_all = true;
             if rec.whole.is_none() && !lv.map.is_empty() {
-                match fs::probe(&view, 0, rec.size) {
+                let (found, excluded, ex_notes) = fs::probe_excluding(&view, 0, rec.size, ex);
+                let lv_name = format!("LV {}/{}", vg.name, lv.name);
+                notes.extend(ex_notes.iter().map(|n| format!("{lv_name}: {n}")));
+                for e in &excluded {
+                    notes.push(format!(
+                        "{lv_name}: {} excluded: {:.1} MiB of its contents not stored",
+                        e.path,
+                        e.bytes as f64 / (1u64 << 20) as f64
+                    ));
+                }
+                rec.excluded = excluded;
+                match found {
                     Found::Known(p) => {
                         for &(s, e) in p.used.ranges() {
                             view.map(s, e.min(rec.size).saturating_sub(s), |o, n| {
