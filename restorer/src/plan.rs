@@ -164,7 +164,9 @@ fn growable(kind: FsKind) -> Option<ResizeKind> {
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => Some(ResizeKind::Ext),
         FsKind::Ntfs => Some(ResizeKind::Ntfs),
         FsKind::Swap => Some(ResizeKind::Swap),
-        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => None,
+        // XFS grows only while mounted (xfs_growfs): not done yet, the partition grows and
+        // the filesystem keeps its size.
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 | FsKind::Xfs => None,
     }
 }
 

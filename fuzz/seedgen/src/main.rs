@@ -152,6 +152,7 @@ fn fs_target(kind: snapshot::fs::FsKind) -> &'static str {
         Ntfs => "ntfs",
         Fat12 | Fat16 | Fat32 => "fat",
         Swap => "swap",
+        Xfs => "xfs",
     }
 }
 

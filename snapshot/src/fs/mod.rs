@@ -1,11 +1,13 @@
 //! Filesystem probes and used-block maps, each read from the filesystem's own allocation data:
-//! ext2/3/4 block bitmaps, the NTFS `$Bitmap`, FAT tables; swap holds nothing worth keeping.
+//! ext2/3/4 block bitmaps, the NTFS `$Bitmap`, FAT tables, the XFS free-space btrees; swap holds
+//! nothing worth keeping.
 
 pub mod exclude;
 pub mod ext;
 pub mod fat;
 pub mod ntfs;
 pub mod swap;
+pub mod xfs;
 
 use crate::extents::Extents;
 use crate::source::ReadAt;
@@ -22,6 +24,7 @@ pub enum FsKind {
     Fat16,
     Fat32,
     Swap,
+    Xfs,
 }
 
 /// What the manifest records about a filesystem.
@@ -229,9 +232,10 @@ type ProbeFn = fn(&dyn ReadAt, u64, u64) -> Option<anyhow::Result<Probe>>;
 /// Probe the partition at `offset`/`len` of `dev`. Each probe answers `None` when its signature
 /// is absent, and an error when the signature is there but the metadata does not hold together.
 pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Found {
-    let probes: [(FsKind, ProbeFn); 4] = [
+    let probes: [(FsKind, ProbeFn); 5] = [
         (FsKind::Ext4, ext::probe),
         (FsKind::Ntfs, ntfs::probe),
+        (FsKind::Xfs, xfs::probe),
         (FsKind::Fat32, fat::probe),
         (FsKind::Swap, swap::probe),
     ];
