@@ -141,8 +141,10 @@ fn ntfs_pagefile_is_not_kept() {
         others.push((src, name));
     }
     let (all, _, _) = probe_ex(&img, &Exclusions::none());
-    let mut ex_upper = Exclusions::default();
-    ex_upper.paths = vec!["/PAGEFILE.SYS".into(), "/hiberfil.sys".into()];
+    let ex_upper = Exclusions {
+        paths: vec!["/PAGEFILE.SYS".into(), "/hiberfil.sys".into()],
+        ..Exclusions::default()
+    };
     let (p, ex, notes) = probe_ex(&img, &ex_upper);
     assert!(notes.is_empty(), "{notes:?}");
     assert_eq!(ex, vec![("/PAGEFILE.SYS".to_string(), (1 << 30) - KEEP)]);

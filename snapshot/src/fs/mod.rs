@@ -285,7 +285,9 @@ pub fn probe_excluding(
         Ok(f) => exclude::apply(p, f),
         Err(e) => (
             Vec::new(),
-            vec![format!("exclusions not applied (the filesystem kept as mapped): {e:#}")],
+            vec![format!(
+                "exclusions not applied (the filesystem kept as mapped): {e:#}"
+            )],
         ),
     };
     (found, excluded, notes)

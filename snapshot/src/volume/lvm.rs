@@ -714,10 +714,12 @@ mod tests {
     #[test]
     fn no_label_is_none_and_garbage_label_is_an_error() {
         let mut d = vec![0u8; 1 << 20];
-        assert!(analyze(&d, 0, d.len() as u64).is_none());
+        assert!(analyze(&d, 0, d.len() as u64, &Exclusions::none()).is_none());
         d[512..520].copy_from_slice(b"LABELONE");
         d[512 + 24..512 + 32].copy_from_slice(b"LVM2 001");
         d[512 + 8] = 1;
-        assert!(analyze(&d, 0, d.len() as u64).unwrap().is_err());
+        assert!(analyze(&d, 0, d.len() as u64, &Exclusions::none())
+            .unwrap()
+            .is_err());
     }
 }
