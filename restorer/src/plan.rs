@@ -74,6 +74,21 @@ pub enum ResizeKind {
     Ntfs,
     /// `mkswap` with the source's UUID and label.
     Swap,
+    /// `xfs_growfs` on the filesystem mounted at a temporary directory (XFS grows only while
+    /// mounted; it cannot shrink).
+    Xfs,
+}
+
+impl ResizeKind {
+    /// The tool that does it, as the plan and the summary name it.
+    pub fn tool(self) -> &'static str {
+        match self {
+            ResizeKind::Ext => "resize2fs",
+            ResizeKind::Ntfs => "ntfsresize",
+            ResizeKind::Swap => "mkswap",
+            ResizeKind::Xfs => "xfs_growfs",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,9 +179,8 @@ fn growable(kind: FsKind) -> Option<ResizeKind> {
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => Some(ResizeKind::Ext),
         FsKind::Ntfs => Some(ResizeKind::Ntfs),
         FsKind::Swap => Some(ResizeKind::Swap),
-        // XFS grows only while mounted (xfs_growfs): not done yet, the partition grows and
-        // the filesystem keeps its size.
-        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 | FsKind::Xfs => None,
+        FsKind::Xfs => Some(ResizeKind::Xfs),
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => None,
     }
 }
 
@@ -330,11 +344,7 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
         if size > p.size {
             match kind.and_then(growable) {
                 Some(k) => {
-                    let tool = match k {
-                        ResizeKind::Ext => "resize2fs",
-                        ResizeKind::Ntfs => "ntfsresize",
-                        ResizeKind::Swap => "mkswap",
-                    };
+                    let tool = k.tool();
                     action = format!("copy, grow to {} ({tool})", bytes(size));
                     resize.push(Resize {
                         partition: p.number,

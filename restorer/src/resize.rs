@@ -1,6 +1,7 @@
 //! Grow a filesystem into its bigger partition after the data is written and before the table is:
 //! `resize2fs` for ext2/3/4 (after `e2fsck -fp`, which also replays a journal left by a live
-//! snapshot), `ntfsresize` for NTFS, `mkswap` with the source's UUID and label for swap.
+//! snapshot), `ntfsresize` for NTFS, `mkswap` with the source's UUID and label for swap,
+//! `xfs_growfs` for XFS (which grows only while mounted: mounted at a private directory for it).
 //!
 //! The tools run on a loop device over the partition's byte range of the target, so the same code
 //! serves files and block devices and needs no partition table yet (the table is written last).
@@ -106,12 +107,9 @@ pub fn grow(target: &Path, sector: u32, r: &Resize) -> Result<String> {
             }
             run(c.arg(dev), |c| c == 0)?;
         }
+        ResizeKind::Xfs => grow_xfs(dev)?,
     }
-    let tool = match r.kind {
-        ResizeKind::Ext => "resize2fs",
-        ResizeKind::Ntfs => "ntfsresize",
-        ResizeKind::Swap => "mkswap",
-    };
+    let tool = r.kind.tool();
     Ok(format!(
         "partition {}: {} grown from {} to {} ({tool})",
         r.partition,
@@ -119,8 +117,42 @@ pub fn grow(target: &Path, sector: u32, r: &Resize) -> Result<String> {
             ResizeKind::Ext => "ext filesystem",
             ResizeKind::Ntfs => "NTFS",
             ResizeKind::Swap => "swap",
+            ResizeKind::Xfs => "XFS",
         },
         crate::report::bytes(r.from_size),
         crate::report::bytes(r.size)
     ))
+}
+
+/// XFS grows only while mounted: mount `dev` at a private directory (`nouuid`: the restoring
+/// machine may have the source's filesystem mounted), `xfs_growfs`, unmount. Mounting replays a
+/// log left by a crash, as the first boot would.
+fn grow_xfs(dev: &Path) -> Result<()> {
+    let supported = std::fs::read_to_string("/proc/filesystems")
+        .map(|s| s.lines().any(|l| l.trim_end().ends_with("xfs")))
+        .unwrap_or(false);
+    if !supported
+        && !Command::new("modprobe")
+            .arg("xfs")
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        bail!("this kernel cannot mount XFS (no xfs module), and XFS grows only while mounted");
+    }
+    let dir = std::env::temp_dir().join(format!("bmr-xfs-grow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let r = (|| -> Result<()> {
+        run(
+            Command::new("mount")
+                .args(["-t", "xfs", "-o", "nouuid"])
+                .arg(dev)
+                .arg(&dir),
+            |c| c == 0,
+        )?;
+        let grown = run(Command::new("xfs_growfs").arg(&dir), |c| c == 0);
+        let unmounted = run(Command::new("umount").arg(&dir), |c| c == 0);
+        grown.and(unmounted)
+    })();
+    let _ = std::fs::remove_dir(&dir);
+    r
 }

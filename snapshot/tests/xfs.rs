@@ -260,3 +260,29 @@ fn bit_flips_never_panic() {
     let rnd = pseudo_random(5, 4096);
     flip_bits(&base, &rnd, 300, 3, |i| i % (64 << 10), snapshot::fs::probe);
 }
+
+/// A filesystem shut down without flushing its log (as a crash or a crash-consistent snapshot of
+/// a running system leaves it) is copied whole, naming the log; once mounted and unmounted again
+/// (the kernel replays the log) it is mapped.
+#[test]
+fn dirty_log_is_copied_whole() {
+    let (d, tree) = tmp_with_tree(1);
+    let img = d.path().join("xfs.img");
+    mkxfs(&img, 300 * MIB, &["-q"]);
+    {
+        let m = Mount::new(&img, &d.path().join("mnt"), "rw");
+        run(cmd("cp")
+            .arg("-a")
+            .arg(format!("{}/.", tree.display()))
+            .arg(&m.0));
+        run(cmd("sync").arg("-f").arg(&m.0));
+        std::fs::write(m.0.join("after-sync"), pseudo_random(1, 1 << 20)).unwrap();
+        // Shut down without flushing the log: what a crash leaves.
+        run(cmd("xfs_io").args(["-x", "-c", "shutdown"]).arg(&m.0));
+    }
+    let len = std::fs::metadata(&img).unwrap().len();
+    expect_damaged(&img, len, &["log is not clean"]);
+    drop(Mount::new(&img, &d.path().join("mnt"), "rw"));
+    let p = known(&img);
+    assert_eq!(p.fs.kind, FsKind::Xfs);
+}

@@ -14,6 +14,12 @@
 //! kernel counts them); the internal log is not free. On any disagreement the partition is copied
 //! whole with the reason. A filesystem with an external log device is refused (copied whole): its
 //! journal lives on another disk that a snapshot of this partition does not hold.
+//!
+//! The log must be clean, as the kernel decides at mount: its newest record (the highest LSN of
+//! every record header found in the log) must be an unmount record. A filesystem that was not
+//! cleanly unmounted (a crash, a crash-consistent snapshot of a running system) may have
+//! allocations that only the log holds, whose blocks the on-disk btrees still call free: it is
+//! copied whole, as NTFS with a dirty `$LogFile` is.
 
 use super::{extents_from, uncovered, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
@@ -210,6 +216,7 @@ fn map(part: &Part, sb: &[u8; 512]) -> Result<Probe> {
                 g.logstart, g.logblocks
             )
         })?;
+    check_log_clean(part, log_start * g.bs, g.logblocks * g.bs)?;
     if let Some((first, missing)) =
         uncovered(&used, log_start * g.bs, (log_start + g.logblocks) * g.bs)
     {
@@ -233,6 +240,66 @@ fn map(part: &Part, sb: &[u8; 512]) -> Result<Probe> {
         },
         used,
     })
+}
+
+const LOG_MAGIC: u32 = 0xFEED_BABE;
+const BB: u64 = 512;
+/// `oh_flags`: the operation is an unmount record.
+const XLOG_UNMOUNT_TRANS: u8 = 0x20;
+/// Log bytes read at a time while looking for record headers.
+const LOG_CHUNK: u64 = 4 << 20;
+
+/// Refuse a log whose newest record is not an unmount record. Every 512-byte block of the log is
+/// looked at; a record header is one with the magic, a known version and an LSN that names its
+/// own block.
+fn check_log_clean(part: &Part, start: u64, len: u64) -> Result<()> {
+    let bbs = len / BB;
+    // (lsn, block, version, h_size, num_logops) of the newest header.
+    let mut newest: Option<(u64, u64, u32, u32, u32)> = None;
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let n = LOG_CHUNK.min(len - at);
+        buf.resize(n as usize, 0);
+        part.read(start + at, &mut buf, "XFS log")?;
+        for (i, h) in buf.chunks_exact(BB as usize).enumerate() {
+            if be::u32(h, 0) != LOG_MAGIC {
+                continue;
+            }
+            let block = at / BB + i as u64;
+            let (version, lsn) = (be::u32(h, 8), be::u64(h, 16));
+            if !(1..=2).contains(&version) || lsn & 0xFFFF_FFFF != block || lsn >> 32 == 0 {
+                continue;
+            }
+            if newest.is_none_or(|(l, ..)| lsn > l) {
+                newest = Some((lsn, block, version, be::u32(h, 320), be::u32(h, 40)));
+            }
+        }
+        at += n;
+    }
+    let Some((lsn, block, version, h_size, ops)) = newest else {
+        bail!("the log holds no record header: it cannot be shown clean; copied whole");
+    };
+    // The first data block follows the header and, for v2 logs with records over 32 KiB, its
+    // extended header blocks.
+    let hblks = if version == 2 && h_size > 32 << 10 {
+        u64::from(h_size).div_ceil(32 << 10)
+    } else {
+        1
+    };
+    let mut op = [0u8; 12];
+    part.read(
+        start + ((block + hblks) % bbs.max(1)) * BB,
+        &mut op,
+        "XFS log operation header",
+    )?;
+    if ops != 1 || op[9] & XLOG_UNMOUNT_TRANS == 0 {
+        bail!(
+            "the log is not clean (its newest record, cycle {} block {block}, is not an unmount              record): the filesystem was not cleanly unmounted and the log may hold allocations              the free-space btrees do not; copied whole (mount and unmount it, or run              xfs_repair, to map it)",
+            lsn >> 32
+        );
+    }
+    Ok(())
 }
 
 fn ag_length(g: &Geometry, ag: u64) -> u64 {
