@@ -145,7 +145,7 @@ fn uploaded_indexes_are_streamed_and_sessions_per_token_capped() {
     assert_eq!(open_session(&srv).status, 201);
 }
 
-/// 3,000 progress reports of 60 KiB for made-up hosts are refused (404), reports for a known
+/// 3,000 progress reports of 60 KiB for made-up hosts are refused (413), reports for a known
 /// host keep one small record, and the listing stays small.
 #[test]
 fn progress_reports_are_bounded() {
@@ -164,8 +164,8 @@ fn progress_reports_are_bounded() {
             .set("Content-Type", "application/json")
             .send_string(&body);
         match r {
-            Err(ureq::Error::Status(404, _)) => {}
-            other => panic!("report for a made-up host: {other:?}"),
+            Err(ureq::Error::Status(413, _)) => {}
+            other => panic!("a 60 KiB report for a made-up host: {other:?}"),
         }
     }
     // Too big for one record.

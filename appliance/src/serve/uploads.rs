@@ -165,12 +165,6 @@ impl Uploads {
         Ok(s)
     }
 
-    /// Whether a session of `host` is open (its boot image may report progress before the
-    /// host has a snapshot).
-    pub fn has_host(&self, host: &str) -> bool {
-        self.map().values().any(|s| s.host == host)
-    }
-
     /// The live session `id`, marked as used now. An idle-expired session is gone.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
         let mut map = self.map();
