@@ -52,7 +52,17 @@ pub fn run(a: &IngestArgs) -> Result<()> {
                     "disk": n, "partition": p.number, "path": e.path, "bytes": e.bytes,
                 }));
             }
-            for lv in p.lvm.iter().flat_map(|pv| &pv.vg.lvs) {
+            for e in p.md.iter().flat_map(|m| &m.excluded) {
+                excluded.push(serde_json::json!({
+                    "disk": n, "partition": p.number, "md": p.md.as_ref().map(|m| &m.uuid),
+                    "path": e.path, "bytes": e.bytes,
+                }));
+            }
+            let pv = p
+                .lvm
+                .as_ref()
+                .or(p.md.as_ref().and_then(|m| m.lvm.as_ref()));
+            for lv in pv.iter().flat_map(|pv| &pv.vg.lvs) {
                 for e in &lv.excluded {
                     excluded.push(serde_json::json!({
                         "disk": n, "partition": p.number, "lv": lv.name, "path": e.path,
@@ -174,17 +184,16 @@ fn summary(
         println!("  warning: {w}");
     }
     let dedupe = if new > 0 {
-        referenced as f64 / new as f64
+        format!("dedupe {:.1}x", referenced as f64 / new as f64)
     } else {
-        f64::INFINITY
+        "every chunk was already stored".to_string()
     };
     println!(
-        "  total: {} logical, {} used, {} stored new, {} referenced (dedupe {:.1}x), {:.1}s, {:.0} MB/s of used data",
+        "  total: {} logical, {} used, {} stored new, {} referenced ({dedupe}), {:.1}s, {:.0} MB/s of used data",
         human(size),
         human(used),
         human(new),
         human(referenced),
-        dedupe,
         secs,
         progress::mbps(used, secs)
     );

@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use snapshot::fs::FsKind;
 use snapshot::manifest::{Disk, Firmware};
-use snapshot::ptable::PartitionTable;
+use snapshot::ptable::{Guid, PartitionTable};
 use snapshot::sign::PublicKey;
 use snapshot::store::{self, Snapshot, Store};
+use snapshot::volume::md;
 use snapshot::{ChunkIndex, Extents, Slot};
 use std::collections::HashSet;
 
@@ -61,6 +62,9 @@ pub struct Plan {
     /// How `latest` was checked to be the newest snapshot (empty when the snapshot was named).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub latest_check: String,
+    /// Source disks not restored, and why that loses nothing (mirrors run degraded).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub disks: Vec<DiskPlan>,
 }
 
@@ -115,6 +119,9 @@ pub struct PartPlan {
     pub fs: Option<FsKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// The MD member or LVM2 PV the partition is, and what it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     pub action: String,
 }
 
@@ -184,23 +191,41 @@ fn growable(kind: FsKind) -> Option<ResizeKind> {
     }
 }
 
-/// Resolve `--target` into one target per source disk.
+/// Resolve `--target` into one target per source disk, or per disk of a prefix of them when the
+/// disks past it may be left out (see [`left_out`]).
 pub fn targets(layout: &LayoutArgs, disks: &[Disk], safety: &Safety) -> Result<Vec<Target>> {
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
     if layout.target.len() == 1 && layout.target[0] == "auto" {
-        let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
-        return target::auto_assign(&sizes, target::discover()?, safety);
+        return target::auto_assign(&sizes, target::discover()?, safety).or_else(|e| {
+            // Fewer disks than the source had: enough when the rest only mirrored them.
+            let k = (1..disks.len()).find(|&k| left_out(disks, k).is_ok());
+            match k {
+                Some(k) => {
+                    target::auto_assign(&sizes[..k], target::discover()?, safety).map_err(|_| e)
+                }
+                None => Err(e),
+            }
+        });
     }
-    if layout.target.len() != disks.len() {
+    let n = layout.target.len();
+    if n > disks.len() || n == 0 {
         bail!(
-            "the snapshot has {} disk(s) ({}) but {} target(s) were given",
+            "the snapshot has {} disk(s) ({}) but {n} target(s) were given",
             disks.len(),
             disks
                 .iter()
                 .map(|d| format!("disk {}: {}", d.number, bytes(d.size)))
                 .collect::<Vec<_>>()
                 .join(", "),
-            layout.target.len()
         );
+    }
+    if n < disks.len() {
+        left_out(disks, n).with_context(|| {
+            format!(
+                "the snapshot has {} disks but {n} target(s) were given",
+                disks.len()
+            )
+        })?;
     }
     let out = layout
         .target
@@ -210,6 +235,68 @@ pub fn targets(layout: &LayoutArgs, disks: &[Disk], safety: &Safety) -> Result<V
     target::check_distinct(&out)?;
     Ok(out)
 }
+
+/// What leaving out the source disks past the first `kept` means, a line each; an error naming
+/// what would be lost unless every partition of each is an active RAID1 member whose array keeps
+/// an active member on a restored disk (the array then runs degraded), or a BIOS boot partition
+/// (GRUB's core image for that disk alone).
+pub fn left_out(disks: &[Disk], kept: usize) -> Result<Vec<String>> {
+    let restored = |uuid: &str| {
+        disks[..kept.min(disks.len())].iter().find_map(|d| {
+            d.partitions.iter().find_map(|p| {
+                p.md.as_ref()
+                    .filter(|m| m.uuid == uuid && m.role.is_some())
+                    .map(|_| (d.number, p.number))
+            })
+        })
+    };
+    let bios_boot = Guid::parse(BIOS_BOOT_TYPE).expect("valid GUID");
+    let mut lines = Vec::new();
+    for d in disks.iter().skip(kept) {
+        if d.partitions.is_empty() {
+            bail!(
+                "disk {} ({}) cannot be left out: it holds data no other disk mirrors",
+                d.number,
+                bytes(d.size)
+            );
+        }
+        let mut arrays = Vec::new();
+        for p in &d.partitions {
+            let is_bios_boot = match &d.table {
+                PartitionTable::Gpt(g) => g
+                    .partitions
+                    .iter()
+                    .any(|e| e.number == p.number && e.type_guid == bios_boot),
+                _ => false,
+            };
+            let mirror =
+                p.md.as_ref()
+                    .filter(|m| m.level == "raid1" && m.role.is_some());
+            match mirror.and_then(|m| restored(&m.uuid).map(|at| (m, at))) {
+                Some((m, (dn, pn))) => arrays.push(format!(
+                    "{} runs degraded from disk {dn} partition {pn}",
+                    m.describe()
+                )),
+                None if is_bios_boot => {}
+                None => bail!(
+                    "disk {} ({}) cannot be left out: partition {} is not a mirror member whose array has a member on the disks restored; give a target for every disk",
+                    d.number,
+                    bytes(d.size),
+                    p.number
+                ),
+            }
+        }
+        lines.push(format!(
+            "disk {} ({}) is not restored: {}; `mdadm --add` a new disk's partition to make it a mirror again",
+            d.number,
+            bytes(d.size),
+            arrays.join("; ")
+        ));
+    }
+    Ok(lines)
+}
+
+const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
 
 /// Plan every disk. Refusals (too small, sector sizes that do not convert, targets in use) are
 /// errors here, before anything is written.
@@ -221,6 +308,7 @@ pub fn build(
     grow_last: bool,
 ) -> Result<Plan> {
     let m = &src.snapshot.manifest;
+    let notes = left_out(&m.disks, targets.len())?;
     let mut disks = Vec::new();
     for ((disk, index), target) in m.disks.iter().zip(&src.snapshot.indexes).zip(targets) {
         if let Some(safety) = safety {
@@ -240,6 +328,7 @@ pub fn build(
         firmware: m.firmware,
         signature_checked: src.signature_checked,
         latest_check: latest_note(&src.snapshot),
+        notes,
         disks,
     })
 }
@@ -270,6 +359,21 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
         );
     }
     let bigger = target.size > disk.size;
+    // md finds a 1.0 or 0.90 superblock from the device's end: on a bigger whole disk it would
+    // find none, and the array would be gone.
+    let whole_md = disk
+        .partitions
+        .iter()
+        .find(|p| p.number == 0)
+        .and_then(|p| p.md.as_ref());
+    if let Some(m) = whole_md.filter(|m| bigger && matches!(m.metadata.as_str(), "1.0" | "0.90")) {
+        bail!(
+            "the disk is an {} with no partition table, whose superblock sits at the device's end: on {} md would not find it; restore onto a device of exactly {} bytes (a partition or an LV)",
+            m.describe(),
+            target.path.display(),
+            disk.size
+        );
+    }
     let mut notes = Vec::new();
     let last = disk.partitions.iter().max_by_key(|p| p.offset + p.size);
     let last_growable = last
@@ -295,7 +399,10 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
                     "it holds the LVM2 physical volume of VG {}: growing a PV and its LVs is not implemented yet",
                     pv.vg.name
                 ),
-                (None, None) => "its filesystem is unknown".to_string(),
+                (None, None) => match last.and_then(|p| p.md.as_ref()) {
+                    Some(m) => format!("it is an {}: growing arrays is not implemented", m.describe()),
+                    None => "its filesystem is unknown".to_string(),
+                },
             };
             let n = last.map(|p| p.number).unwrap_or(0);
             notes.push(format!(
@@ -377,7 +484,20 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
                 p.number
             ));
         }
+        let volume = match (&p.md, &p.lvm) {
+            (Some(m), _) => {
+                let inner = match (&m.fs, &m.lvm) {
+                    (Some(f), _) => format!(", holding {}", format!("{:?}", f.kind).to_lowercase()),
+                    (None, Some(pv)) => format!(", holding the LVM2 PV of VG {}", pv.vg.name),
+                    (None, None) => String::new(),
+                };
+                Some(format!("{}{inner}", m.describe()))
+            }
+            (None, Some(pv)) => Some(format!("LVM2 PV of VG {}", pv.vg.name)),
+            (None, None) => None,
+        };
         partitions.push(PartPlan {
+            volume,
             number: p.number,
             offset,
             size,
@@ -395,6 +515,10 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
         // No table to hold back: hold back the first 4 KiB (boot sector, superblocks of FAT and
         // NTFS, the ext superblock's neighbourhood) so a half-written disk shows no filesystem.
         held.add(0, 4096.min(disk.size));
+        // And an MD member's superblock, so a half-written disk is never assembled.
+        if let Some(at) = whole_md.and_then(|m| md::superblock_at(&m.metadata, disk.size)) {
+            held.add(at, (at + md::SUPERBLOCK_BYTES).min(disk.size));
+        }
     }
     let mut source_table = Extents::new();
     for (s, e) in table::regions(&disk.table, disk.size, src_sector) {
@@ -483,9 +607,11 @@ impl Plan {
                 d.source_sector
             );
             for p in &d.partitions {
-                let fs =
-                    p.fs.map(|k| format!("{k:?}").to_lowercase())
-                        .unwrap_or_else(|| "unknown".into());
+                let fs = match (p.fs, &p.volume) {
+                    (Some(k), _) => format!("{k:?}").to_lowercase(),
+                    (None, Some(v)) => v.clone(),
+                    (None, None) => "unknown".into(),
+                };
                 let label = p
                     .label
                     .as_deref()
@@ -514,6 +640,9 @@ impl Plan {
             for n in &d.notes {
                 println!("  note: {n}");
             }
+        }
+        for n in &self.notes {
+            println!("note: {n}");
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::fs::{self, Found};
 use crate::manifest::{Disk, DiskTotals, Firmware};
 use crate::ptable::{Guid, Partition, PartitionTable};
 use crate::source::ReadAt;
-use crate::volume::lvm;
+use crate::volume::{lvm, md};
 use anyhow::{bail, Context, Result};
 
 /// The layout of one source disk, before chunking.
@@ -76,6 +76,7 @@ pub fn analyze_with(
             whole: None,
             excluded: Vec::new(),
             lvm: None,
+            md: None,
         });
     }
     for p in &mut partitions {
@@ -86,6 +87,12 @@ pub fn analyze_with(
         };
         let none = Exclusions::none();
         let ex = if raw { &none } else { ex };
+        // MD first: a member with its superblock at the end (1.0, 0.90) also looks like the
+        // filesystem of its array at its start, and a guessed map from that misses the superblock.
+        if let Some(m) = md::analyze(dev, p.offset, p.size, ex) {
+            md_partition(p, &name, m, raw, &mut used, &mut notes);
+            continue;
+        }
         if let Some(pv) = lvm::analyze(dev, p.offset, p.size, ex) {
             lvm_partition(p, &name, pv, raw, &mut used, &mut notes);
             continue;
@@ -167,6 +174,35 @@ fn lvm_partition(
             let whole = format!("lvm2: {e:#}");
             notes.push(format!(
                 "{name}: LVM2 physical volume copied whole, its metadata cannot be read: {whole}"
+            ));
+            p.whole = Some(whole);
+        }
+    }
+}
+
+/// Record the MD RAID member a partition is and keep what its analysis says (the whole
+/// partition when its superblock fails its checks).
+fn md_partition(
+    p: &mut Partition,
+    name: &str,
+    m: Result<md::Analysis>,
+    raw: bool,
+    used: &mut Extents,
+    notes: &mut Vec<String>,
+) {
+    match m {
+        Ok(a) => {
+            if !raw {
+                used.remove(p.offset, p.offset + p.size);
+                used.add_shifted(&a.used, p.offset);
+            }
+            notes.extend(a.notes.iter().map(|n| format!("{name}: {n}")));
+            p.md = Some(Box::new(a.member));
+        }
+        Err(e) => {
+            let whole = format!("md: {e:#}");
+            notes.push(format!(
+                "{name}: MD RAID member copied whole, its superblock cannot be trusted: {whole}"
             ));
             p.whole = Some(whole);
         }

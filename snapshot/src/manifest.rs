@@ -133,6 +133,43 @@ pub struct LvmLv {
     pub excluded: Vec<crate::fs::exclude::Excluded>,
 }
 
+/// A member of a Linux MD RAID array, as its mdadm superblock describes it. Byte units.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MdMember {
+    /// The mdadm metadata version: `1.0`, `1.1`, `1.2` or `0.90`.
+    pub metadata: String,
+    /// The array UUID as `mdadm --examine` prints it.
+    pub uuid: String,
+    /// The array name (`host:name`; empty for 0.90).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// `raid1`, `raid5`, `linear`...
+    pub level: String,
+    pub raid_disks: u32,
+    /// This member's slot in the array; absent for a spare or faulty member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<u32>,
+    /// Where the array's data starts on the member, from the partition start.
+    pub data_offset: u64,
+    /// Bytes of array data the member holds (a RAID1 member: the whole array device).
+    pub data_size: u64,
+    /// The superblock's event count (members of one array in sync agree on it).
+    pub events: u64,
+    /// The filesystem found in the array's data (RAID1 members only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Filesystem>,
+    /// The LVM2 physical volume the array holds (RAID1 members only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<Box<LvmPv>>,
+    /// Files of its filesystem whose contents were not stored (as a partition's `excluded`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<crate::fs::exclude::Excluded>,
+    /// Why the member's data area is copied whole (not RAID1, a spare, being recovered, its
+    /// content damaged); absent when it is mapped or holds nothing we know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LvmSegment {
     /// First logical extent of the segment in the LV.

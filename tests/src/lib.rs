@@ -6,11 +6,13 @@
 //! - [`util`]: child processes with timeouts, HTTP servers, workspace binaries, sparse copies.
 //! - [`corrupt`]: controlled damage to images (GPT entries with valid CRCs, MBR entries).
 //! - [`prng`]: the seeded generator and the content kinds fixtures are filled with.
+//! - [`guest`]: a throwaway QEMU guest with host tools, for what needs drivers this host lacks.
 //! - [`realsys`]: real Debian 12 servers (debootstrap, prepared on their source hardware).
 
 pub mod boot;
 pub mod corrupt;
 pub mod fixtures;
+pub mod guest;
 pub mod oracle;
 pub mod prng;
 pub mod qemu;

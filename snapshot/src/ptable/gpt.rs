@@ -458,6 +458,7 @@ impl Gpt {
                 whole: None,
                 excluded: Vec::new(),
                 lvm: None,
+                md: None,
             })
             .collect()
     }

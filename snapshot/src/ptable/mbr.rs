@@ -266,6 +266,7 @@ impl Mbr {
                 whole: None,
                 excluded: Vec::new(),
                 lvm: None,
+                md: None,
             })
             .collect()
     }

@@ -105,6 +105,10 @@ pub struct Partition {
     /// partitions and in manifests from older writers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lvm: Option<Box<crate::manifest::LvmPv>>,
+    /// The MD RAID member the partition is, with what its array holds. Absent for other
+    /// partitions and in manifests from older writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md: Option<Box<crate::manifest::MdMember>>,
 }
 
 impl PartitionTable {

@@ -186,7 +186,7 @@ pub fn sample_initrd(k: &Kernel) -> Result<PathBuf> {
 }
 
 /// Copies `names` and their dependencies (modules.dep of the unpacked kernel), decompressed.
-fn copy_modules(k: &Kernel, names: &[&str], root: &Path) -> Result<()> {
+pub(crate) fn copy_modules(k: &Kernel, names: &[&str], root: &Path) -> Result<()> {
     let dep = std::fs::read_to_string(k.modules.join("modules.dep"))?;
     let name_of = |p: &str| {
         let b = p.rsplit('/').next().unwrap_or(p);
