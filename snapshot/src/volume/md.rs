@@ -76,11 +76,14 @@ fn find(part: &Part) -> Option<(u64, Vec<u8>)> {
 /// The member a superblock found at byte `at` of a `len`-byte device describes.
 fn parse(sb: &[u8], at: u64, len: u64) -> Result<MdMember> {
     let m = match le::u32(sb, 4) {
-        1 => parse_v1(sb, at)?,
+        1 => parse_v1(sb, at, len)?,
         0 => parse_v090(sb, at, len)?,
         v => bail!("MD superblock at byte {at}: major version {v} is not one mdadm writes"),
     };
     let end = m.data_offset.checked_add(m.data_size);
+    if end.is_some_and(|e| m.data_offset < at + SB_BYTES as u64 && at < e) {
+        bail!("MD superblock at byte {at}: its data area covers it");
+    }
     if m.data_size == 0 || end.is_none_or(|e| e > len) {
         bail!(
             "MD superblock at byte {at}: its data area ({} bytes at {}) does not fit the {len}-byte device",
@@ -91,7 +94,7 @@ fn parse(sb: &[u8], at: u64, len: u64) -> Result<MdMember> {
     Ok(m)
 }
 
-fn parse_v1(sb: &[u8], at: u64) -> Result<MdMember> {
+fn parse_v1(sb: &[u8], at: u64, len: u64) -> Result<MdMember> {
     let max_dev = le::u32(sb, 220) as usize;
     if max_dev > (SB_BYTES - 256) / 2 {
         bail!("MD superblock at byte {at}: {max_dev} device roles do not fit in it");
@@ -119,10 +122,11 @@ fn parse_v1(sb: &[u8], at: u64) -> Result<MdMember> {
         );
     }
     let super_offset = le::u64(sb, 144);
-    let minor = match at {
-        0 => "1.1",
-        4096 => "1.2",
-        _ => "1.0",
+    let Some(minor) = ["1.1", "1.2", "1.0"]
+        .into_iter()
+        .find(|v| superblock_at(v, len) == Some(at))
+    else {
+        bail!("MD 1.x superblock at byte {at}, where no 1.x version puts it");
     };
     if super_offset.checked_mul(SECTOR) != Some(at) {
         bail!("MD superblock at byte {at} says it lies at sector {super_offset}");
