@@ -368,7 +368,7 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
         .and_then(|p| p.md.as_ref());
     if let Some(m) = whole_md.filter(|m| bigger && matches!(m.metadata.as_str(), "1.0" | "0.90")) {
         bail!(
-            "the disk is an {} with no partition table, whose superblock sits at the device's end: on {} md would not find it; restore onto a device of exactly {} bytes (a partition or an LV)",
+            "the disk is an {} with no partition table, whose superblock sits at the device's end: on {} md would not find it; restore onto a disk of exactly {} bytes",
             m.describe(),
             target.path.display(),
             disk.size
