@@ -136,10 +136,6 @@ fn four_tib_sparse_disk_restores_over_http() {
          test process peak RSS {rss} MiB"
     );
     assert!(rss < 1024, "peak RSS {rss} MiB");
-    assert!(
-        ingest_secs + read_secs < Duration::from_secs(240).as_secs_f64(),
-        "too slow"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
