@@ -222,7 +222,7 @@ pub fn targets(layout: &LayoutArgs, disks: &[Disk], safety: &Safety) -> Result<V
     if n < disks.len() {
         left_out(disks, n).with_context(|| {
             format!(
-                "the snapshot has {} disks but {n} target(s) were given",
+                "the snapshot has {} disk(s) but {n} target(s) were given",
                 disks.len()
             )
         })?;
