@@ -90,11 +90,21 @@ pub fn analyze_with(
         // MD first: a member with its superblock at the end (1.0, 0.90) also looks like the
         // filesystem of its array at its start, and a guessed map from that misses the superblock.
         if let Some(m) = md::analyze(dev, p.offset, p.size, ex) {
-            md_partition(p, &name, m, raw, &mut used, &mut notes);
+            let kept = m.map(|a| {
+                p.md = Some(Box::new(a.member));
+                (a.used, a.notes)
+            });
+            let why = "MD RAID member copied whole, its superblock cannot be trusted";
+            keep_volume(p, &name, kept, "md", why, raw, &mut used, &mut notes);
             continue;
         }
         if let Some(pv) = lvm::analyze(dev, p.offset, p.size, ex) {
-            lvm_partition(p, &name, pv, raw, &mut used, &mut notes);
+            let kept = pv.map(|a| {
+                p.lvm = Some(Box::new(a.pv));
+                (a.used, a.notes)
+            });
+            let why = "LVM2 physical volume copied whole, its metadata cannot be read";
+            keep_volume(p, &name, kept, "lvm2", why, raw, &mut used, &mut notes);
             continue;
         }
         let (found, excluded, ex_notes) = fs::probe_excluding(dev, p.offset, p.size, ex);
@@ -151,59 +161,30 @@ pub fn analyze_with(
     })
 }
 
-/// Record what an LVM2 PV partition holds and keep what its analysis says (the whole partition
-/// when its label or metadata cannot be read).
-fn lvm_partition(
+/// Keep what a volume's analysis says of partition `p` (its used ranges and notes), or the whole
+/// partition with the reason when its metadata cannot be trusted (`tag: error`, after `why`).
+#[allow(clippy::too_many_arguments)]
+fn keep_volume(
     p: &mut Partition,
     name: &str,
-    pv: Result<lvm::Analysis>,
+    kept: Result<(Extents, Vec<String>)>,
+    tag: &str,
+    why: &str,
     raw: bool,
     used: &mut Extents,
     notes: &mut Vec<String>,
 ) {
-    match pv {
-        Ok(a) => {
+    match kept {
+        Ok((u, n)) => {
             if !raw {
                 used.remove(p.offset, p.offset + p.size);
-                used.add_shifted(&a.used, p.offset);
+                used.add_shifted(&u, p.offset);
             }
-            notes.extend(a.notes.iter().map(|n| format!("{name}: {n}")));
-            p.lvm = Some(Box::new(a.pv));
+            notes.extend(n.iter().map(|n| format!("{name}: {n}")));
         }
         Err(e) => {
-            let whole = format!("lvm2: {e:#}");
-            notes.push(format!(
-                "{name}: LVM2 physical volume copied whole, its metadata cannot be read: {whole}"
-            ));
-            p.whole = Some(whole);
-        }
-    }
-}
-
-/// Record the MD RAID member a partition is and keep what its analysis says (the whole
-/// partition when its superblock fails its checks).
-fn md_partition(
-    p: &mut Partition,
-    name: &str,
-    m: Result<md::Analysis>,
-    raw: bool,
-    used: &mut Extents,
-    notes: &mut Vec<String>,
-) {
-    match m {
-        Ok(a) => {
-            if !raw {
-                used.remove(p.offset, p.offset + p.size);
-                used.add_shifted(&a.used, p.offset);
-            }
-            notes.extend(a.notes.iter().map(|n| format!("{name}: {n}")));
-            p.md = Some(Box::new(a.member));
-        }
-        Err(e) => {
-            let whole = format!("md: {e:#}");
-            notes.push(format!(
-                "{name}: MD RAID member copied whole, its superblock cannot be trusted: {whole}"
-            ));
+            let whole = format!("{tag}: {e:#}");
+            notes.push(format!("{name}: {why}: {whole}"));
             p.whole = Some(whole);
         }
     }
