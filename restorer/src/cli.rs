@@ -87,6 +87,10 @@ pub struct LayoutArgs {
     /// source sizes (`none`).
     #[arg(long, value_parser = ["last", "none"], default_value = "last")]
     pub grow: String,
+    /// The LV of a grown LVM2 PV that takes the new extents (its filesystem grows too), as
+    /// VG/LV; default: the LV whose filesystem holds the most used data.
+    #[arg(long, value_name = "VG/LV")]
+    pub grow_lv: Option<String>,
 }
 
 impl LayoutArgs {

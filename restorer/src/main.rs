@@ -7,6 +7,7 @@ mod cli;
 mod dio;
 mod failback;
 mod init;
+mod lvm;
 mod marker;
 mod pipeline;
 mod plan;

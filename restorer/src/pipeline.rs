@@ -540,7 +540,12 @@ mod tests {
         let path = dir.path().join("target.img");
         std::fs::write(&path, vec![0xeeu8; disk.len()]).unwrap();
         let t = Target::from_path(path.to_str().unwrap()).unwrap();
-        let plan = plan::build(&src, vec![t], None, true).unwrap();
+        let layout = crate::cli::LayoutArgs {
+            target: vec![path.to_string_lossy().into_owned()],
+            grow: "last".into(),
+            grow_lv: None,
+        };
+        let plan = plan::build(&src, vec![t], None, &layout).unwrap();
         let d = &plan.disks[0];
         assert_eq!(d.held.ranges(), &[(0, 4096)]);
         let index = &src.snapshot.indexes[0];

@@ -3,13 +3,15 @@
 //! the first write; `--dry-run` stops after it.
 
 use crate::cli::{LayoutArgs, SourceArgs};
+use crate::lvm::{self, LvGrow};
 use crate::report::bytes;
 use crate::table;
 use crate::target::{self, Kind, Safety, Target};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use snapshot::fs::FsKind;
-use snapshot::manifest::{Disk, Firmware};
+use snapshot::manifest::{Disk, Firmware, LvmPv};
+use snapshot::ptable::Partition;
 use snapshot::ptable::{Guid, PartitionTable};
 use snapshot::sign::PublicKey;
 use snapshot::store::{self, Snapshot, Store};
@@ -81,6 +83,8 @@ pub enum ResizeKind {
     /// `xfs_growfs` on the filesystem mounted at a temporary directory (XFS grows only while
     /// mounted; it cannot shrink).
     Xfs,
+    /// An LVM2 PV: `pvresize`, then `lvextend` of the LV the plan names and its filesystem.
+    Lvm,
 }
 
 impl ResizeKind {
@@ -91,6 +95,7 @@ impl ResizeKind {
             ResizeKind::Ntfs => "ntfsresize",
             ResizeKind::Swap => "mkswap",
             ResizeKind::Xfs => "xfs_growfs",
+            ResizeKind::Lvm => "pvresize",
         }
     }
 }
@@ -107,6 +112,9 @@ pub struct Resize {
     pub uuid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// For an LVM2 PV: the LV that takes the new extents (none: they stay free).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lv: Option<LvGrow>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,6 +187,22 @@ fn table_name(t: &PartitionTable) -> &'static str {
         PartitionTable::Gpt(_) => "gpt",
         PartitionTable::Mbr(_) => "mbr",
     }
+}
+
+/// How partition `p` grows: its filesystem's tool, or `pvresize` for the PV of a VG of one PV.
+fn part_growable(p: &Partition) -> Option<ResizeKind> {
+    match (&p.fs, single_pv(p)) {
+        (Some(f), _) => growable(f.kind),
+        (None, Some(_)) => Some(ResizeKind::Lvm),
+        (None, None) => None,
+    }
+}
+
+/// The PV of `p` when it is mapped: not inside an MD member, its VG on this PV alone.
+fn single_pv(p: &Partition) -> Option<&LvmPv> {
+    p.lvm
+        .as_deref()
+        .filter(|pv| p.md.is_none() && p.whole.is_none() && pv.vg.pv_count == 1)
 }
 
 fn growable(kind: FsKind) -> Option<ResizeKind> {
@@ -296,6 +320,37 @@ pub fn left_out(disks: &[Disk], kept: usize) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// `--grow-lv VG/LV` must name an LV of a VG on a restored disk.
+fn check_grow_lv(disks: &[Disk], want: &str) -> Result<()> {
+    let Some((vg, lv)) = want.split_once('/') else {
+        bail!("--grow-lv {want}: expected VG/LV");
+    };
+    let vgs: Vec<&LvmPv> = disks
+        .iter()
+        .flat_map(|d| &d.partitions)
+        .filter_map(|p| {
+            p.lvm
+                .as_deref()
+                .or(p.md.as_ref().and_then(|m| m.lvm.as_deref()))
+        })
+        .collect();
+    let Some(pv) = vgs.iter().find(|pv| pv.vg.name == vg) else {
+        let names: Vec<&str> = vgs.iter().map(|pv| pv.vg.name.as_str()).collect();
+        bail!(
+            "--grow-lv {want}: the snapshot has no VG {vg:?} on the disks restored (VGs: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    if !pv.vg.lvs.iter().any(|l| l.name == lv) {
+        lvm::choose(pv, Some(want))?;
+    }
+    Ok(())
+}
+
 const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
 
 /// Plan every disk. Refusals (too small, sector sizes that do not convert, targets in use) are
@@ -305,10 +360,15 @@ pub fn build(
     src: &Source,
     targets: Vec<Target>,
     safety: Option<&Safety>,
-    grow_last: bool,
+    layout: &LayoutArgs,
 ) -> Result<Plan> {
     let m = &src.snapshot.manifest;
     let notes = left_out(&m.disks, targets.len())?;
+    let grow_last = layout.grow_last();
+    let grow_lv = layout.grow_lv.as_deref();
+    if let Some(want) = grow_lv {
+        check_grow_lv(&m.disks[..targets.len().min(m.disks.len())], want)?;
+    }
     let mut disks = Vec::new();
     for ((disk, index), target) in m.disks.iter().zip(&src.snapshot.indexes).zip(targets) {
         if let Some(safety) = safety {
@@ -317,7 +377,7 @@ pub fn build(
                 .with_context(|| format!("disk {}: refusing target", disk.number))?;
         }
         disks.push(
-            plan_disk(disk, index, target, grow_last)
+            plan_disk(disk, index, target, grow_last, grow_lv)
                 .with_context(|| format!("disk {}", disk.number))?,
         );
     }
@@ -333,7 +393,13 @@ pub fn build(
     })
 }
 
-fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -> Result<DiskPlan> {
+fn plan_disk(
+    disk: &Disk,
+    index: &ChunkIndex,
+    target: Target,
+    grow_last: bool,
+    grow_lv: Option<&str>,
+) -> Result<DiskPlan> {
     let src_sector = disk.logical_sector;
     let tgt_sector = target.logical_sector.unwrap_or(src_sector);
     if !matches!(tgt_sector, 512 | 4096) {
@@ -376,10 +442,7 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
     }
     let mut notes = Vec::new();
     let last = disk.partitions.iter().max_by_key(|p| p.offset + p.size);
-    let last_growable = last
-        .and_then(|p| p.fs.as_ref())
-        .and_then(|f| growable(f.kind))
-        .is_some();
+    let last_growable = last.and_then(part_growable).is_some();
     let grow = grow_last && bigger && disk.table != PartitionTable::None && last_growable;
     if bigger {
         let extra = bytes(target.size - disk.size);
@@ -392,16 +455,29 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
                 "--grow none: the {extra} past the last partition stay unallocated"
             ));
         } else if !last_growable {
-            let what = match (last.and_then(|p| p.fs.as_ref()), last.and_then(|p| p.lvm.as_ref())) {
-                (Some(f), _) => format!("its {:?} filesystem cannot be grown", f.kind).to_lowercase(),
-                // LVM growth (pvresize, lvextend, the LV's filesystem) is issue 10's next step.
-                (None, Some(pv)) => format!(
-                    "it holds the LVM2 physical volume of VG {}: growing a PV and its LVs is not implemented yet",
-                    pv.vg.name
-                ),
-                (None, None) => match last.and_then(|p| p.md.as_ref()) {
-                    Some(m) => format!("it is an {}: growing arrays is not implemented", m.describe()),
-                    None => "its filesystem is unknown".to_string(),
+            let what = match (
+                last.and_then(|p| p.fs.as_ref()),
+                last.and_then(|p| p.lvm.as_ref()),
+            ) {
+                (Some(f), _) => {
+                    format!("its {:?} filesystem cannot be grown", f.kind).to_lowercase()
+                }
+                (None, _) => match (
+                    last.and_then(|p| p.md.as_ref()),
+                    last.and_then(|p| p.lvm.as_ref()),
+                ) {
+                    (Some(m), _) => format!(
+                        "it is an {}: growing arrays is not implemented",
+                        m.describe()
+                    ),
+                    (None, Some(pv)) if pv.vg.pv_count > 1 => format!(
+                        "it holds a PV of VG {}, which spans {} PVs: only a VG of one PV is grown",
+                        pv.vg.name, pv.vg.pv_count
+                    ),
+                    (None, Some(pv)) => {
+                        format!("it holds the PV of VG {}, copied whole", pv.vg.name)
+                    }
+                    (None, None) => "its filesystem is unknown".to_string(),
                 },
             };
             let n = last.map(|p| p.number).unwrap_or(0);
@@ -449,11 +525,40 @@ fn plan_disk(disk: &Disk, index: &ChunkIndex, target: Target, grow_last: bool) -
         let kind = p.fs.as_ref().map(|f| f.kind);
         let mut action = "copy".to_string();
         if size > p.size {
-            match kind.and_then(growable) {
+            match part_growable(p) {
+                Some(ResizeKind::Lvm) => {
+                    let pv = single_pv(p).context("a mapped PV")?;
+                    let lv = lvm::choose(pv, grow_lv)?;
+                    action = match &lv {
+                        Some(lv) => format!(
+                            "copy, grow the PV to {} (pvresize) and LV {} by {} (lvextend, {})",
+                            bytes(size),
+                            lv.name(),
+                            bytes(lvm::free_after(pv, size)),
+                            lv.fs.tool()
+                        ),
+                        None => format!(
+                            "copy, grow the PV to {} (pvresize); no LV holds a filesystem that grows: its {} of free extents stay free",
+                            bytes(size),
+                            bytes(lvm::free_after(pv, size))
+                        ),
+                    };
+                    resize.push(Resize {
+                        partition: p.number,
+                        kind: ResizeKind::Lvm,
+                        offset,
+                        size,
+                        from_size: p.size,
+                        uuid: None,
+                        label: None,
+                        lv,
+                    });
+                }
                 Some(k) => {
                     let tool = k.tool();
                     action = format!("copy, grow to {} ({tool})", bytes(size));
                     resize.push(Resize {
+                        lv: None,
                         partition: p.number,
                         kind: k,
                         offset,

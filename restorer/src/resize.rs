@@ -62,7 +62,7 @@ fn last_line(b: &[u8]) -> String {
 }
 
 /// Run a tool; `ok` decides which exit codes are success.
-fn run(cmd: &mut Command, ok: impl Fn(i32) -> bool) -> Result<()> {
+pub fn run(cmd: &mut Command, ok: impl Fn(i32) -> bool) -> Result<()> {
     let name = format!("{cmd:?}");
     let out = cmd
         .stdin(Stdio::null())
@@ -79,49 +79,69 @@ fn run(cmd: &mut Command, ok: impl Fn(i32) -> bool) -> Result<()> {
     Ok(())
 }
 
-/// Grow (or recreate) the filesystem of `r` on `target`. Returns a line for the summary.
-pub fn grow(target: &Path, sector: u32, r: &Resize) -> Result<String> {
+/// Grow (or recreate) the filesystem of `r` on `target`; an LVM2 PV grows with the LV the plan
+/// names. Returns a line for the summary, and a warning when only part of it could be done.
+pub fn grow(target: &Path, sector: u32, r: &Resize) -> Result<(String, Option<String>)> {
     let lo = Loop::attach(target, r.offset, r.size, sector)?;
-    let dev = &lo.0;
-    match r.kind {
+    let sizes = format!(
+        "from {} to {}",
+        crate::report::bytes(r.from_size),
+        crate::report::bytes(r.size)
+    );
+    let what = match r.kind {
+        ResizeKind::Ext => "ext filesystem",
+        ResizeKind::Ntfs => "NTFS",
+        ResizeKind::Swap => "swap",
+        ResizeKind::Xfs => "XFS",
+        ResizeKind::Lvm => {
+            let (done, warning) = crate::lvm::grow(&lo, r.lv.as_ref())?;
+            let line = format!("partition {}: {sizes}: {done}", r.partition);
+            return Ok((line, warning));
+        }
+    };
+    grow_fs(r.kind, lo.path(), r.uuid.as_deref(), r.label.as_deref())?;
+    Ok((
+        format!(
+            "partition {}: {what} grown {sizes} ({})",
+            r.partition,
+            r.kind.tool()
+        ),
+        None,
+    ))
+}
+
+/// Grow the filesystem on `dev` to the device's size (swap: recreate it with `uuid` and `label`).
+pub fn grow_fs(
+    kind: ResizeKind,
+    dev: &Path,
+    uuid: Option<&str>,
+    label: Option<&str>,
+) -> Result<()> {
+    match kind {
         ResizeKind::Ext => {
             // 0: clean, 1: errors fixed, 2: fixed, reboot advised (not ours to reboot).
             run(Command::new("e2fsck").arg("-fp").arg(dev), |c| c <= 2)?;
-            run(Command::new("resize2fs").arg(dev), |c| c == 0)?;
+            run(Command::new("resize2fs").arg(dev), |c| c == 0)
         }
-        ResizeKind::Ntfs => {
-            run(
-                Command::new("ntfsresize")
-                    .args(["--force", "--no-progress-bar"])
-                    .arg(dev),
-                |c| c == 0,
-            )?;
-        }
+        ResizeKind::Ntfs => run(
+            Command::new("ntfsresize")
+                .args(["--force", "--no-progress-bar"])
+                .arg(dev),
+            |c| c == 0,
+        ),
         ResizeKind::Swap => {
             let mut c = Command::new("mkswap");
-            if let Some(u) = &r.uuid {
+            if let Some(u) = uuid {
                 c.args(["-U", u]);
             }
-            if let Some(l) = &r.label {
+            if let Some(l) = label {
                 c.args(["-L", l]);
             }
-            run(c.arg(dev), |c| c == 0)?;
+            run(c.arg(dev), |c| c == 0)
         }
-        ResizeKind::Xfs => grow_xfs(dev)?,
+        ResizeKind::Xfs => grow_xfs(dev),
+        ResizeKind::Lvm => bail!("an LVM2 PV is not a filesystem"),
     }
-    let tool = r.kind.tool();
-    Ok(format!(
-        "partition {}: {} grown from {} to {} ({tool})",
-        r.partition,
-        match r.kind {
-            ResizeKind::Ext => "ext filesystem",
-            ResizeKind::Ntfs => "NTFS",
-            ResizeKind::Swap => "swap",
-            ResizeKind::Xfs => "XFS",
-        },
-        crate::report::bytes(r.from_size),
-        crate::report::bytes(r.size)
-    ))
 }
 
 /// XFS grows only while mounted: mount `dev` at a private directory (`nouuid`: the restoring

@@ -21,7 +21,7 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
     let src = Source::open(&a.source)?;
     let safety = Safety::scan()?;
     let targets = plan::targets(&a.layout, &src.snapshot.manifest.disks, &safety)?;
-    let plan = plan::build(&src, targets, Some(&safety), a.layout.grow_last())?;
+    let plan = plan::build(&src, targets, Some(&safety), &a.layout)?;
     if !a.json {
         plan.print();
         if !a.no_adapt {
@@ -221,7 +221,10 @@ fn execute(
         for r in &d.resize {
             let t0 = Instant::now();
             match resize::grow(&d.target.path, d.target_sector, r) {
-                Ok(line) => s.resized.push(line),
+                Ok((line, warning)) => {
+                    s.resized.push(line);
+                    s.warnings.extend(warning);
+                }
                 Err(e) => s.warnings.push(format!(
                     "partition {}: growing the filesystem failed ({e:#}); it keeps its size of {}",
                     r.partition,

@@ -61,7 +61,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let src = Source::open(&a.source)?;
     let safety = Safety::scan()?;
     let targets = plan::targets(&a.layout, &src.snapshot.manifest.disks, &safety)?;
-    let plan = plan::build(&src, targets, None, a.layout.grow_last())?;
+    let plan = plan::build(&src, targets, None, &a.layout)?;
     let mut reports = Vec::new();
     for (d, index) in plan.disks.iter().zip(&src.snapshot.indexes) {
         reports.push(

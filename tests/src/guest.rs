@@ -47,7 +47,7 @@ impl Guest<'_> {
         let initrd = dir.join(format!("{name}-initrd.img"));
         self.initrd(&k, script, &dir.join(format!("{name}-root")), &initrd)?;
         let mut spec = VmSpec::new(name, qemu::Firmware::Bios);
-        spec.memory_mib = 768;
+        spec.memory_mib = 1536;
         spec.kernel = Some((
             k.vmlinuz.clone(),
             initrd,

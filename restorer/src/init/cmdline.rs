@@ -21,6 +21,10 @@ pub struct Params {
     pub nic_map: Vec<String>,
     /// `ip=` values, in order.
     pub ip: Vec<String>,
+    /// `restorer.grow=last|none` (`--grow`).
+    pub grow: Option<String>,
+    /// `restorer.growlv=VG/LV` (`--grow-lv`).
+    pub grow_lv: Option<String>,
 }
 
 #[derive(Debug, Default, PartialEq, Clone, Copy)]
@@ -78,6 +82,13 @@ pub fn parse(cmdline: &str) -> Result<Params> {
             "restorer.url" => p.url = Some(v),
             "restorer.host" => p.host = Some(v),
             "restorer.snapshot" => p.snapshot = Some(v),
+            "restorer.grow" => {
+                if v != "last" && v != "none" {
+                    bail!("restorer.grow={v}: expected last or none");
+                }
+                p.grow = Some(v)
+            }
+            "restorer.growlv" => p.grow_lv = Some(v),
             "restorer.target" => {
                 p.target = v
                     .split(',')
@@ -160,6 +171,10 @@ mod tests {
         assert!(p.no_adapt);
         assert_eq!(p.nic_map, ["enp0s3=52:54:00:ab:cd:ef", "eth1=0000:00:05.0"]);
         assert!(parse("restorer.adapt=no").is_err());
+        let p = parse("restorer.grow=none restorer.growlv=rhel/home").unwrap();
+        assert_eq!(p.grow.as_deref(), Some("none"));
+        assert_eq!(p.grow_lv.as_deref(), Some("rhel/home"));
+        assert!(parse("restorer.grow=all").is_err());
     }
 
     #[test]

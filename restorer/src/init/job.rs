@@ -53,6 +53,12 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
             }
             trust(&mut a);
             a.extend(["--target".into(), p.target.join(",")]);
+            if let Some(g) = &p.grow {
+                a.extend(["--grow".into(), g.clone()]);
+            }
+            if let Some(lv) = &p.grow_lv {
+                a.extend(["--grow-lv".into(), lv.clone()]);
+            }
             if !p.no_boot_entry && crate::bootentry::uefi_booted() {
                 a.push("--efi-boot-entry".into());
             }
