@@ -301,6 +301,15 @@ fn rhel_like_pv_grows_and_the_named_lv_with_its_filesystem() {
     )
     .unwrap();
     assert!(manifest.contains("\"kind\": \"xfs\""), "{manifest}");
+    // 35 MiB of incompressible files (6 in /boot, 24 in root, 5 in home): stored with the
+    // filesystems' and the PV's metadata, not the free space of the LVs or the free extents.
+    let m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let stored = m["disks"][0]["totals"]["stored_bytes"].as_u64().unwrap();
+    assert!(
+        (35 * MIB..40 * MIB).contains(&stored),
+        "stored {stored} bytes"
+    );
+    eprintln!("lvm: stored {stored} bytes for 35 MiB of files on a 2 GiB disk");
 
     // On the host: the plan names the LV, and a --grow-lv naming no LV is refused, nothing written.
     let big = env.file("big.img", BIG);
