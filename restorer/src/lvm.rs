@@ -211,8 +211,16 @@ pub fn grow(lo: &Loop, lv: Option<&LvGrow>) -> Result<(String, Option<String>)> 
             )),
         ));
     }
-    lvm.run(&["lvchange", "-q", "-ay", &name])
-        .with_context(|| format!("activating {name}"))?;
+    if let Err(e) = lvm.run(&["lvchange", "-q", "-ay", &name]) {
+        // The extents are the LV's already: only its filesystem is left at its size.
+        return Ok((
+            done,
+            Some(format!(
+                "LV {name}: its filesystem is not grown: activating it failed ({e:#}); grow it on the restored system ({})",
+                lv.fs.tool()
+            )),
+        ));
+    }
     let grown = lvm
         .output(&["lvs", "--noheadings", "-o", "lv_dm_path", &name])
         .and_then(|p| {
