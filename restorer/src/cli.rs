@@ -126,6 +126,10 @@ pub struct RestoreArgs {
     pub no_adapt: bool,
     #[command(flatten)]
     pub adapt: AdaptOptions,
+    /// Where partitions that shrink or move onto a smaller target are rebuilt first (sparse
+    /// files holding their used data); default: $TMPDIR or /tmp.
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<std::path::PathBuf>,
 }
 
 /// How the restored OS is adapted to this machine.

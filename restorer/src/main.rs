@@ -14,6 +14,7 @@ mod plan;
 mod report;
 mod resize;
 mod restore;
+mod shrink;
 mod table;
 mod target;
 mod verify;

@@ -219,8 +219,13 @@ impl<'a> DiskWriter<'a> {
             }
         };
         let per_run = (ZERO_RUN / CHUNK_SIZE) as usize;
+        let beyond = |i: usize| {
+            self.plan
+                .keep_end
+                .is_some_and(|k| self.index.span(i).0 >= k)
+        };
         for (i, slot) in self.index.slots() {
-            if skip.contains(&i) {
+            if skip.contains(&i) || beyond(i) {
                 continue;
             }
             match slot {
@@ -378,6 +383,12 @@ impl<'a> DiskWriter<'a> {
         scratch: &mut Option<AlignedBuf>,
     ) -> Result<()> {
         let (off, len) = self.index.span(i);
+        // A slot reaching into partitions that are rebuilt stops where they start.
+        let len = match self.plan.keep_end {
+            Some(k) if off + len > k => k.saturating_sub(off),
+            _ => len,
+        };
+        let data = data.map(|d| &d[..len as usize]);
         let (ws, wl) = self.disk.widen(off, len);
         let touches_mask = self.masked.within(ws, ws + wl).next().is_some();
         if let (Some(data), false, false) = (data, touches_mask, self.disk.direct) {
@@ -545,7 +556,7 @@ mod tests {
             grow: "last".into(),
             grow_lv: None,
         };
-        let plan = plan::build(&src, vec![t], None, &layout).unwrap();
+        let plan = plan::build(&src, vec![t], None, &layout, &Default::default()).unwrap();
         let d = &plan.disks[0];
         assert_eq!(d.held.ranges(), &[(0, 4096)]);
         let index = &src.snapshot.indexes[0];

@@ -5,9 +5,10 @@
 use crate::cli::{LayoutArgs, SourceArgs};
 use crate::lvm::{self, LvGrow};
 use crate::report::bytes;
+use crate::shrink::{self, Place};
 use crate::table;
 use crate::target::{self, Kind, Safety, Target};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use snapshot::fs::FsKind;
 use snapshot::manifest::{Disk, Firmware, LvmPv};
@@ -17,7 +18,11 @@ use snapshot::sign::PublicKey;
 use snapshot::store::{self, Snapshot, Store};
 use snapshot::volume::md;
 use snapshot::{ChunkIndex, Extents, Slot};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+/// Minimum sizes measured by the filesystems' own tools, by (disk, partition); a plan without
+/// them estimates from the used data.
+pub type Mins = HashMap<(u32, u32), u64>;
 
 /// Bytes of the in-progress marker (see `marker.rs`); the held-back range that holds it must be at
 /// least this long.
@@ -142,8 +147,16 @@ pub struct DiskPlan {
     pub target_sector: u32,
     /// `gpt`, `mbr` or `none`.
     pub table: &'static str,
-    /// `same` or `bigger`.
+    /// `same`, `bigger` or `smaller`.
     pub fit: &'static str,
+    /// On a smaller target: the partitions that shrink or move (rebuilt in the scratch directory
+    /// and copied to their new place in the data phase).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relocate: Vec<Place>,
+    /// Data bytes of the snapshot inside the partitions of `relocate`: what rebuilding them stores
+    /// in the scratch directory.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub scratch_bytes: u64,
     pub partitions: Vec<PartPlan>,
     pub resize: Vec<Resize>,
     pub data_slots: u64,
@@ -168,6 +181,13 @@ pub struct DiskPlan {
     /// Where the in-progress marker goes (inside `held`).
     #[serde(skip)]
     pub marker_at: Option<u64>,
+    /// Slots from here on are not written by the data phase: the partitions there are rebuilt.
+    #[serde(skip)]
+    pub keep_end: Option<u64>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl DiskPlan {
@@ -176,6 +196,9 @@ impl DiskPlan {
         let mut m = self.held.clone();
         for &(s, e) in self.source_table.ranges() {
             m.add(s, e);
+        }
+        if let Some(k) = self.keep_end {
+            m.add(k, self.source_size.max(k));
         }
         m
     }
@@ -361,6 +384,7 @@ pub fn build(
     targets: Vec<Target>,
     safety: Option<&Safety>,
     layout: &LayoutArgs,
+    mins: &Mins,
 ) -> Result<Plan> {
     let m = &src.snapshot.manifest;
     let notes = left_out(&m.disks, targets.len())?;
@@ -377,7 +401,7 @@ pub fn build(
                 .with_context(|| format!("disk {}: refusing target", disk.number))?;
         }
         disks.push(
-            plan_disk(disk, index, target, grow_last, grow_lv)
+            plan_disk(disk, index, target, grow_last, grow_lv, mins)
                 .with_context(|| format!("disk {}", disk.number))?,
         );
     }
@@ -393,12 +417,69 @@ pub fn build(
     })
 }
 
+/// The places of the partitions that shrink or move on a target smaller than the source disk; an
+/// error naming the size needed when even the smallest layout does not fit.
+fn fit(
+    disk: &Disk,
+    target: &Target,
+    src_sector: u32,
+    tgt_sector: u32,
+    mins: &Mins,
+) -> Result<Vec<Place>> {
+    let too_small = |why: String| {
+        anyhow!(
+            "target {} is too small: it has {} bytes ({}), the snapshot's disk {} bytes ({}); {why}",
+            target.path.display(),
+            target.size,
+            bytes(target.size),
+            disk.size,
+            bytes(disk.size)
+        )
+    };
+    if disk.table == PartitionTable::None {
+        return Err(too_small(
+            "with no partition table there is nothing to shrink".into(),
+        ));
+    }
+    if src_sector != tgt_sector {
+        return Err(too_small(format!(
+            "shrinking onto {tgt_sector}-byte sectors from {src_sector} is not supported"
+        )));
+    }
+    let mut parts = disk.partitions.clone();
+    parts.sort_by_key(|p| p.offset);
+    let measured = !mins.is_empty();
+    let min = |p: &Partition| {
+        shrink::shrinkable(p).and_then(|_| {
+            mins.get(&(disk.number, p.number))
+                .copied()
+                .or_else(|| shrink::estimate(p))
+        })
+    };
+    let end = shrink::usable_end(&disk.table, target.size, tgt_sector);
+    match shrink::layout(&parts, end, min) {
+        Ok(places) => Ok(places
+            .into_iter()
+            .filter(|p| p.moved() || p.shrunk())
+            .collect()),
+        Err(needed) => {
+            let total = shrink::disk_needed(&disk.table, needed, tgt_sector);
+            Err(too_small(format!(
+                "even with its ext and NTFS filesystems shrunk to {} (XFS and the rest cannot shrink), it needs at least {total} bytes ({})",
+                if measured { "the minimums their tools measured" } else { "about their used data" },
+                bytes(total)
+            )))
+        }
+    }
+}
+
 fn plan_disk(
     disk: &Disk,
     index: &ChunkIndex,
     target: Target,
     grow_last: bool,
     grow_lv: Option<&str>,
+    mins: &Mins,
 ) -> Result<DiskPlan> {
     let src_sector = disk.logical_sector;
     let tgt_sector = target.logical_sector.unwrap_or(src_sector);
@@ -408,16 +489,11 @@ fn plan_disk(
             target.path.display()
         );
     }
-    if target.size < disk.size {
-        bail!(
-            "target {} is too small: it has {} bytes ({}), the snapshot's disk needs at least {} bytes ({}); shrinking is not supported",
-            target.path.display(),
-            target.size,
-            bytes(target.size),
-            disk.size,
-            bytes(disk.size)
-        );
-    }
+    let relocate = if target.size < disk.size {
+        fit(disk, &target, src_sector, tgt_sector, mins)?
+    } else {
+        Vec::new()
+    };
     if target.kind == Kind::Block && !target.size.is_multiple_of(tgt_sector as u64) {
         bail!(
             "{}: size is not a multiple of its sector size",
@@ -486,11 +562,21 @@ fn plan_disk(
             ));
         }
     }
-    let mut attempt = table::for_target(&disk.table, src_sector, target.size, tgt_sector, grow);
+    let placed: Vec<(u32, u64, u64)> = relocate
+        .iter()
+        .map(|p| (p.number, p.offset, p.size))
+        .collect();
+    let source_layout = if placed.is_empty() {
+        disk.table.clone()
+    } else {
+        disk.table.placed(src_sector, &placed)?
+    };
+    let mut attempt = table::for_target(&source_layout, src_sector, target.size, tgt_sector, grow);
     if grow {
         if let Err(e) = &attempt {
             // Growing is a convenience: when it cannot be laid out, restore with the source sizes.
-            let plain = table::for_target(&disk.table, src_sector, target.size, tgt_sector, false);
+            let plain =
+                table::for_target(&source_layout, src_sector, target.size, tgt_sector, false);
             if plain.is_ok() {
                 notes.push(format!(
                     "the last partition cannot be grown ({e:#}); the {} past it stay unallocated",
@@ -514,6 +600,37 @@ fn plan_disk(
     for p in &disk.partitions {
         let np = new_parts.iter().find(|n| n.number == p.number);
         let (offset, size) = np.map(|n| (n.offset, n.size)).unwrap_or((p.offset, p.size));
+        let kind = p.fs.as_ref().map(|f| f.kind);
+        if let Some(pl) = relocate.iter().find(|r| r.number == p.number) {
+            let mut action = match pl.shrink {
+                Some(k) => format!(
+                    "shrink to {} ({}; its minimum {} {})",
+                    bytes(pl.size),
+                    k.tool(),
+                    if mins.is_empty() {
+                        "is about"
+                    } else {
+                        "measured"
+                    },
+                    bytes(pl.min.unwrap_or(0))
+                ),
+                None => "copy".to_string(),
+            };
+            if pl.moved() {
+                action.push_str(&format!(", move to {}", bytes(pl.offset)));
+            }
+            partitions.push(PartPlan {
+                volume: None,
+                number: p.number,
+                offset,
+                size,
+                source_size: p.size,
+                fs: kind,
+                label: p.fs.as_ref().and_then(|f| f.label.clone()),
+                action: format!("{action} (rebuilt in the scratch directory first)"),
+            });
+            continue;
+        }
         if offset != p.offset {
             bail!(
                 "partition {} would move from byte {} to {}: restoring needs the same offsets",
@@ -522,7 +639,6 @@ fn plan_disk(
                 offset
             );
         }
-        let kind = p.fs.as_ref().map(|f| f.kind);
         let mut action = "copy".to_string();
         if size > p.size {
             match part_growable(p) {
@@ -640,7 +756,19 @@ fn plan_disk(
         source_sector: src_sector,
         target_sector: tgt_sector,
         table: table_name(&disk.table),
-        fit: if bigger { "bigger" } else { "same" },
+        fit: if bigger {
+            "bigger"
+        } else if relocate.is_empty() {
+            "same"
+        } else {
+            "smaller"
+        },
+        scratch_bytes: relocate
+            .iter()
+            .map(|p| shrink::data_within(index, p.from_offset, p.from_size))
+            .sum(),
+        keep_end: relocate.iter().map(|p| p.from_offset).min(),
+        relocate,
         partitions,
         resize,
         data_slots: 0,
@@ -659,7 +787,10 @@ fn plan_disk(
     };
     let mut distinct = HashSet::new();
     for (i, slot) in index.slots() {
-        let len = index.span(i).1;
+        let (off, len) = index.span(i);
+        if plan.keep_end.is_some_and(|k| off >= k) {
+            continue;
+        }
         match slot {
             Slot::Unused => {
                 plan.unused_slots += 1;

@@ -8,8 +8,9 @@ use crate::marker::Marker;
 use crate::pipeline::DiskWriter;
 use crate::plan::{self, Plan, Source};
 use crate::report::{self, DiskSummary};
+use crate::shrink::Rebuilt;
 use crate::target::{Kind, Safety};
-use crate::{adapt, bootentry, resize, table};
+use crate::{adapt, bootentry, resize, shrink, table};
 use anyhow::{Context, Result};
 use snapshot::Slot;
 use std::collections::HashSet;
@@ -21,7 +22,7 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
     let src = Source::open(&a.source)?;
     let safety = Safety::scan()?;
     let targets = plan::targets(&a.layout, &src.snapshot.manifest.disks, &safety)?;
-    let plan = plan::build(&src, targets, Some(&safety), &a.layout)?;
+    let mut plan = plan::build(&src, targets, Some(&safety), &a.layout, &plan::Mins::new())?;
     if !a.json {
         plan.print();
         if !a.no_adapt {
@@ -41,8 +42,16 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
         }
         return Ok(());
     }
-    // Everything that can fail without writing is done before the first write: open every target
-    // (exclusively for block devices) and lay out every table.
+    // Everything that can fail without writing is done before the first write: rebuild and
+    // shrink what moves onto a smaller target, open every target (exclusively for block devices)
+    // and lay out every table.
+    let rebuilt = if plan.disks.iter().any(|d| !d.relocate.is_empty()) {
+        let (p, r) = rebuild(a, &src, &safety, plan)?;
+        plan = p;
+        r
+    } else {
+        Vec::new()
+    };
     let mut writers = Vec::new();
     let mut patches = Vec::new();
     for (d, index) in plan.disks.iter().zip(&src.snapshot.indexes) {
@@ -57,7 +66,15 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
         writers.push(DiskWriter::new(d, index, disk, &m));
     }
     let mut started_disks = 0;
-    let result = execute(a, &src, &plan, &writers, &patches, &mut started_disks);
+    let result = execute(
+        a,
+        &src,
+        &plan,
+        &writers,
+        &patches,
+        &rebuilt,
+        &mut started_disks,
+    );
     match result {
         Ok(summaries) => {
             // The targets are held exclusively while open: released, their partitions can be
@@ -145,6 +162,7 @@ fn execute(
     plan: &Plan,
     writers: &[DiskWriter],
     patches: &[Vec<(u64, Vec<u8>)>],
+    rebuilt: &[Rebuilt],
     started_disks: &mut usize,
 ) -> Result<Vec<DiskSummary>> {
     let threads = a.jobs as usize;
@@ -195,6 +213,18 @@ fn execute(
         w.write_data(src.store.as_ref(), &skip, threads, &pb)?;
         w.disk.sync()?;
         pb.finish_and_clear();
+        let mut lines = Vec::new();
+        for r in rebuilt.iter().filter(|r| r.disk == d.disk) {
+            let n = r
+                .write(&w.disk)
+                .with_context(|| format!("disk {}: writing {}", d.disk, r.line))?;
+            w.counters.written_bytes.fetch_add(n, Ordering::Relaxed);
+            lines.push(format!(
+                "{}; {} written and read back",
+                r.line,
+                report::bytes(n)
+            ));
+        }
         let c = &w.counters;
         let get = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
         summaries.push(DiskSummary {
@@ -210,7 +240,7 @@ fn execute(
             verified_in_place_slots: get(&c.verified_slots),
             hashed_bytes: get(&c.hashed_bytes),
             seconds: t0.elapsed().as_secs_f64(),
-            resized: Vec::new(),
+            resized: lines,
             boot_entry: None,
             warnings: Vec::new(),
         });
@@ -276,4 +306,101 @@ fn execute(
         }
     }
     Ok(summaries)
+}
+
+/// Rebuild every partition that shrinks or moves in the scratch directory, measure how small its
+/// filesystem can be, plan again with those minimums, and shrink each to its final size. Nothing
+/// is written to a target.
+fn rebuild(
+    a: &RestoreArgs,
+    src: &Source,
+    safety: &Safety,
+    plan: Plan,
+) -> Result<(Plan, Vec<Rebuilt>)> {
+    let dir = a.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    let need: u64 = plan.disks.iter().map(|d| d.scratch_bytes).sum();
+    let free = shrink::scratch_free(&dir)?;
+    if need > free {
+        anyhow::bail!(
+            "rebuilding the partitions that shrink needs {} in the scratch directory {}, which has {} free; give --scratch a bigger directory",
+            report::bytes(need),
+            dir.display(),
+            report::bytes(free)
+        );
+    }
+    let m = &src.snapshot.manifest;
+    let mut out = Vec::new();
+    let mut mins = plan::Mins::new();
+    for (d, index) in plan.disks.iter().zip(&src.snapshot.indexes) {
+        let disk = &m.disks[d.disk as usize];
+        for pl in &d.relocate {
+            let p = disk
+                .partitions
+                .iter()
+                .find(|p| p.number == pl.number)
+                .context("a planned partition")?;
+            if !a.json {
+                println!(
+                    "disk {} partition {}: rebuilding {} in {}",
+                    d.disk,
+                    p.number,
+                    report::bytes(shrink::data_within(index, p.offset, p.size)),
+                    dir.display()
+                );
+            }
+            let r = Rebuilt::fetch(
+                src.store.as_ref(),
+                index,
+                d.disk,
+                p,
+                pl.clone(),
+                &dir,
+                a.jobs as usize,
+            )?;
+            if let (Some(kind), Some(f)) = (shrink::shrinkable(p), &p.fs) {
+                let min = r.measure(kind, f.block_size).with_context(|| {
+                    format!(
+                        "disk {} partition {}: measuring how far it can shrink",
+                        d.disk, p.number
+                    )
+                })?;
+                mins.insert((d.disk, p.number), min);
+            }
+            out.push(r);
+        }
+    }
+    let targets = plan.disks.iter().map(|d| d.target.clone()).collect();
+    let plan = plan::build(src, targets, Some(safety), &a.layout, &mins)
+        .context("planning again with the minimums the filesystems' tools measured")?;
+    // The final places: partitions the measured plan no longer moves keep their rebuild unused.
+    let mut kept = Vec::new();
+    for mut r in out {
+        let Some(d) = plan.disks.iter().find(|d| d.disk == r.disk) else {
+            continue;
+        };
+        let Some(pl) = d.relocate.iter().find(|p| p.number == r.place.number) else {
+            continue;
+        };
+        r.place = pl.clone();
+        r.shrink(d.target_sector)?;
+        if !a.json {
+            println!("disk {}: {}", r.disk, r.line);
+        }
+        kept.push(r);
+    }
+    for d in &plan.disks {
+        for pl in &d.relocate {
+            if !kept
+                .iter()
+                .any(|r| r.disk == d.disk && r.place.number == pl.number)
+            {
+                anyhow::bail!(
+                    "disk {} partition {}: planned to move with the measured minimums but not rebuilt",
+                    d.disk,
+                    pl.number
+                );
+            }
+        }
+    }
+    Ok((plan, kept))
 }

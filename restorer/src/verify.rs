@@ -14,6 +14,7 @@ use crate::target::{Kind, Safety};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use snapshot::chunker::is_zero;
+use snapshot::ptable::PartitionTable;
 use snapshot::store::Store;
 use snapshot::threads::start_scoped;
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
@@ -61,8 +62,16 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let src = Source::open(&a.source)?;
     let safety = Safety::scan()?;
     let targets = plan::targets(&a.layout, &src.snapshot.manifest.disks, &safety)?;
-    let plan = plan::build(&src, targets, None, &a.layout)?;
+    let plan = plan::build(&src, targets, None, &a.layout, &plan::Mins::new())?;
     let mut reports = Vec::new();
+    for d in plan.disks.iter().filter(|d| !d.relocate.is_empty()) {
+        let parts: Vec<String> = d.relocate.iter().map(|p| p.number.to_string()).collect();
+        eprintln!(
+            "disk {}: partitions {} were shrunk or moved onto the smaller target: not compared with the snapshot (check them with fsck); the rest is",
+            d.disk,
+            parts.join(", ")
+        );
+    }
     for (d, index) in plan.disks.iter().zip(&src.snapshot.indexes) {
         reports.push(
             verify_disk(src.store.as_ref(), d, index, a.jobs as usize)
@@ -134,7 +143,7 @@ fn verify_disk(
     let t0 = Instant::now();
     let t = &d.target;
     let disk = Disk::open_read(&t.path, t.kind == Kind::Block, d.target_sector, t.size)?;
-    let patches = table::to_disk(&d.new_table, t.size, d.target_sector)?;
+    let patches = table::to_disk(&expected_table(d)?, t.size, d.target_sector)?;
     let mut patched = Extents::new();
     for (at, b) in &patches {
         patched.add(*at, at + b.len() as u64);
@@ -154,9 +163,14 @@ fn verify_disk(
             .find(|p| p.offset <= off && off < p.offset + p.size)
             .map(|p| p.number)
     };
+    // Partitions rebuilt onto a smaller target differ from the snapshot by design.
+    let kept = |i: usize| {
+        let (o, l) = index.span(i);
+        d.keep_end.is_none_or(|k| o + l <= k)
+    };
     let slots: Vec<usize> = index
         .slots()
-        .filter(|(_, s)| *s != Slot::Unused)
+        .filter(|&(i, s)| s != Slot::Unused && kept(i))
         .map(|(i, _)| i)
         .collect();
     let next = AtomicUsize::new(0);
@@ -248,6 +262,36 @@ fn verify_disk(
 type Diff = (&'static str, String, String);
 
 /// Compare slot `i`; `None` when it matches, else (kind, expected, found).
+/// The table the target should hold. A restore onto a smaller target placed the partitions it
+/// rebuilt by the minimums it measured: their places are taken from the target's own table, after
+/// checking that every other partition is where the plan puts it.
+fn expected_table(d: &DiskPlan) -> Result<PartitionTable> {
+    if d.relocate.is_empty() {
+        return Ok(d.new_table.clone());
+    }
+    let dev = snapshot::DiskSource::open(&d.target.path)?;
+    let (found, _) = PartitionTable::read(&dev, Some(d.target_sector))
+        .context("reading the target's partition table")?;
+    let on_disk = found.partitions(d.target_sector);
+    for p in &d.partitions {
+        let there = on_disk.iter().find(|q| q.number == p.number);
+        let rebuilt = d.relocate.iter().any(|r| r.number == p.number);
+        match there {
+            None => bail!("the target's table has no partition {}", p.number),
+            Some(q) if !rebuilt && (q.offset, q.size) != (p.offset, p.size) => bail!(
+                "the target's partition {} is at {} ({} bytes), the plan puts it at {} ({} bytes)",
+                p.number,
+                q.offset,
+                q.size,
+                p.offset,
+                p.size
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(found)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compare_slot(
     store: &dyn Store,

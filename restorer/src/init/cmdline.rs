@@ -25,6 +25,8 @@ pub struct Params {
     pub grow: Option<String>,
     /// `restorer.growlv=VG/LV` (`--grow-lv`).
     pub grow_lv: Option<String>,
+    /// `restorer.scratch=DIR` (`--scratch`): where partitions that shrink are rebuilt.
+    pub scratch: Option<String>,
 }
 
 #[derive(Debug, Default, PartialEq, Clone, Copy)]
@@ -89,6 +91,7 @@ pub fn parse(cmdline: &str) -> Result<Params> {
                 p.grow = Some(v)
             }
             "restorer.growlv" => p.grow_lv = Some(v),
+            "restorer.scratch" => p.scratch = Some(v),
             "restorer.target" => {
                 p.target = v
                     .split(',')
@@ -171,7 +174,9 @@ mod tests {
         assert!(p.no_adapt);
         assert_eq!(p.nic_map, ["enp0s3=52:54:00:ab:cd:ef", "eth1=0000:00:05.0"]);
         assert!(parse("restorer.adapt=no").is_err());
-        let p = parse("restorer.grow=none restorer.growlv=rhel/home").unwrap();
+        let p =
+            parse("restorer.grow=none restorer.growlv=rhel/home restorer.scratch=/mnt/s").unwrap();
+        assert_eq!(p.scratch.as_deref(), Some("/mnt/s"));
         assert_eq!(p.grow.as_deref(), Some("none"));
         assert_eq!(p.grow_lv.as_deref(), Some("rhel/home"));
         assert!(parse("restorer.grow=all").is_err());

@@ -59,6 +59,9 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
             if let Some(lv) = &p.grow_lv {
                 a.extend(["--grow-lv".into(), lv.clone()]);
             }
+            if let Some(d) = &p.scratch {
+                a.extend(["--scratch".into(), d.clone()]);
+            }
             if !p.no_boot_entry && crate::bootentry::uefi_booted() {
                 a.push("--efi-boot-entry".into());
             }

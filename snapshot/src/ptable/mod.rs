@@ -169,6 +169,54 @@ impl PartitionTable {
         })
     }
 
+    /// This table with partitions moved or resized: `places` gives `(number, offset, size)` in
+    /// bytes (multiples of `sector`) for the partitions that change; the others keep theirs. Lay
+    /// the result out for its disk with [`PartitionTable::for_target`]. MBR logical partitions
+    /// (their EBR chain would move too) cannot be placed.
+    pub fn placed(&self, sector: u32, places: &[(u32, u64, u64)]) -> Result<PartitionTable> {
+        let s = u64::from(sector);
+        for &(n, off, size) in places {
+            if !off.is_multiple_of(s) || !size.is_multiple_of(s) || size == 0 {
+                anyhow::bail!(
+                    "partition {n}: offset {off} and size {size} must be non-zero multiples of {s}"
+                );
+            }
+        }
+        let find = |n: u32| places.iter().find(|p| p.0 == n).map(|p| (p.1 / s, p.2 / s));
+        Ok(match self {
+            PartitionTable::None => {
+                anyhow::bail!("a disk with no partition table has no partitions to place")
+            }
+            PartitionTable::Gpt(g) => {
+                let mut g = g.clone();
+                for p in &mut g.partitions {
+                    if let Some((first, n)) = find(p.number) {
+                        p.first_lba = first;
+                        p.last_lba = first + n - 1;
+                    }
+                }
+                PartitionTable::Gpt(g)
+            }
+            PartitionTable::Mbr(m) => {
+                let mut m = m.clone();
+                for p in &mut m.partitions {
+                    if let Some((first, n)) = find(p.number) {
+                        if p.number > 4 || p.is_extended() {
+                            anyhow::bail!(
+                                "MBR partition {} is a logical partition or an extended container: moving it is not supported",
+                                p.number
+                            );
+                        }
+                        p.first_lba = first;
+                        p.sectors = n;
+                        p.chs = None;
+                    }
+                }
+                PartitionTable::Mbr(m)
+            }
+        })
+    }
+
     /// Byte patches `(offset, bytes)` writing this table on a disk of `disk_size` bytes with
     /// `sector`-byte sectors (empty for [`PartitionTable::None`]). The table must have been laid
     /// out for that disk with [`PartitionTable::for_target`].

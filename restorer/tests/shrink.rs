@@ -1,0 +1,378 @@
+//! Acceptance of restoring onto a smaller disk (issue 10): a 20 GiB GPT disk (ESP, a 10 GiB ext4,
+//! a 9.7 GiB NTFS) holding 3 GiB of files, placed deep inside both filesystems so the tools must
+//! move data, restored over HTTP onto an 8 GiB target: the ext4 and NTFS partitions shrink
+//! (`resize2fs`, `ntfsresize` on scratch rebuilds), the NTFS one moves and its boot sectors name
+//! its new start, `e2fsck -fn`, `ntfsfix -n` and `fsck.fat -n` are clean and every file reads back
+//! identical. A 2 GiB target is refused before any write, naming the size needed.
+
+mod common;
+
+use bmr_tests::prng::Prng;
+use bmr_tests::util::{extract, Cmd};
+use common::*;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const GIB: u64 = 1 << 30;
+
+fn run(c: Cmd) -> String {
+    c.timeout(Duration::from_secs(900)).ok().stdout
+}
+
+/// `size` incompressible bytes from `seed`, streamed.
+fn random_file(path: &Path, size: u64, seed: u64) {
+    let mut rng = Prng::new(seed);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+/// A mounted filesystem, unmounted when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Cmd::new("umount").arg(&self.0).run();
+    }
+}
+
+struct Source {
+    image: PathBuf,
+    esp: (u64, u64),
+    ext: (u64, u64),
+    ntfs: (u64, u64),
+    /// (path inside the filesystem, size, seed)
+    ext_files: Vec<(String, u64, u64)>,
+    ntfs_files: Vec<(String, u64, u64)>,
+}
+
+fn place(fsimg: &Path, disk: &Path, offset: u64) {
+    run(Cmd::new("dd")
+        .arg(format!("if={}", fsimg.display()))
+        .arg(format!("of={}", disk.display()))
+        .args([
+            "bs=4M",
+            "conv=notrunc,sparse",
+            "oflag=seek_bytes",
+            "status=none",
+        ])
+        .arg(format!("seek={offset}")));
+}
+
+fn source_disk(env: &Env) -> Source {
+    let dir = &env.dir;
+    let size = 20 * GIB;
+    let esp = (MIB, 256 * MIB);
+    let ext = (esp.0 + esp.1, 10 * GIB);
+    let ntfs = (ext.0 + ext.1, size - ext.0 - ext.1 - MIB);
+    let image = env.file("source.img", size);
+    let table = format!(
+        "label: gpt\nstart={}, size={}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\nstart={}, size={}, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\nstart={}, size={}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n",
+        esp.0 / 512,
+        esp.1 / 512,
+        ext.0 / 512,
+        ext.1 / 512,
+        ntfs.0 / 512,
+        ntfs.1 / 512
+    );
+    run(Cmd::new("sfdisk").arg("-q").arg(&image).stdin(table));
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+
+    // ESP: a few files through mtools.
+    let fat = env.file("esp.img", esp.1);
+    run(Cmd::new("mkfs.fat")
+        .args(["-F", "32", "-n", "ESP"])
+        .arg(&fat));
+    let loader = dir.join("loader.efi");
+    random_file(&loader, 300_000, 1);
+    run(Cmd::new("mmd")
+        .arg("-i")
+        .arg(&fat)
+        .args(["::/EFI", "::/EFI/BOOT"]));
+    run(Cmd::new("mcopy")
+        .arg("-i")
+        .arg(&fat)
+        .arg(&loader)
+        .arg("::/EFI/BOOT/BOOTX64.EFI"));
+    place(&fat, &image, esp.0);
+    std::fs::remove_file(&fat).unwrap();
+
+    // ext4: a 5 GiB filler allocated first and deleted last, so the 2 GiB of files sit past
+    // where the shrunk filesystem ends.
+    let ex = env.file("ext.img", ext.1);
+    run(Cmd::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "root"])
+        .arg(&ex));
+    let mut ext_files = Vec::new();
+    {
+        run(Cmd::new("mount").args(["-o", "loop"]).arg(&ex).arg(&mnt));
+        let _m = Mounted(mnt.clone());
+        run(Cmd::new("fallocate")
+            .args(["-l", "5G"])
+            .arg(mnt.join("filler")));
+        for d in 0..4u64 {
+            std::fs::create_dir_all(mnt.join(format!("srv/d{d}"))).unwrap();
+            for i in 0..5u64 {
+                let name = format!("srv/d{d}/f{i}.bin");
+                let (sz, seed) = (100 * MIB + i * 12345 + d, 1000 + d * 10 + i);
+                random_file(&mnt.join(&name), sz, seed);
+                ext_files.push((name, sz, seed));
+            }
+        }
+        for i in 0..200u64 {
+            let name = format!("etc/conf{i}");
+            std::fs::create_dir_all(mnt.join("etc")).unwrap();
+            random_file(&mnt.join(&name), 100 + i * 37, 5000 + i);
+            ext_files.push((name, 100 + i * 37, 5000 + i));
+        }
+        std::fs::remove_file(mnt.join("filler")).unwrap();
+    }
+    place(&ex, &image, ext.0);
+    std::fs::remove_file(&ex).unwrap();
+
+    // NTFS: the same trick with a 3 GiB filler of zeros written through ntfs-3g.
+    let nt = env.file("ntfs.img", ntfs.1);
+    run(Cmd::new("mkntfs")
+        .args(["-F", "-Q", "-q", "-L", "Data", "-c", "4096"])
+        .arg(&nt));
+    let mut ntfs_files = Vec::new();
+    {
+        run(Cmd::new("ntfs-3g").arg(&nt).arg(&mnt));
+        let _m = Mounted(mnt.clone());
+        run(Cmd::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", mnt.join("filler").display()))
+            .args(["bs=4M", "count=768", "status=none"]));
+        std::fs::create_dir_all(mnt.join("Users/Public")).unwrap();
+        for i in 0..4u64 {
+            let name = format!("Users/Public/Archive {i}.bin");
+            let (sz, seed) = (250 * MIB + i * 4099, 7000 + i);
+            random_file(&mnt.join(&name), sz, seed);
+            ntfs_files.push((name, sz, seed));
+        }
+        for i in 0..100u64 {
+            let name = format!("Users/Public/note {i}.txt");
+            random_file(&mnt.join(&name), 50 + i * 91, 8000 + i);
+            ntfs_files.push((name, 50 + i * 91, 8000 + i));
+        }
+        std::fs::remove_file(mnt.join("filler")).unwrap();
+    }
+    place(&nt, &image, ntfs.0);
+    std::fs::remove_file(&nt).unwrap();
+    Source {
+        image,
+        esp,
+        ext,
+        ntfs,
+        ext_files,
+        ntfs_files,
+    }
+}
+
+/// The content `random_file` wrote for (size, seed).
+fn expected(size: u64, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size as usize];
+    let mut rng = Prng::new(seed);
+    for c in v.chunks_mut(4 << 20) {
+        rng.fill(c);
+    }
+    v
+}
+
+fn same(dir: &Path, files: &[(String, u64, u64)], what: &str) {
+    for (name, size, seed) in files {
+        let got = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{what} {name}: {e}"));
+        assert!(
+            got == expected(*size, *seed),
+            "{what} {name} differs after the restore"
+        );
+    }
+}
+
+#[test]
+fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
+    let env = Env::new("shrink");
+    let t0 = std::time::Instant::now();
+    let s = source_disk(&env);
+    eprintln!("fixture built in {:.1}s", t0.elapsed().as_secs_f64());
+    let id = env.ingest("small", &[&s.image]);
+    let srv = env.serve();
+    let scratch = env.dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let sarg = scratch.display().to_string();
+
+    // Too small even shrunk: refused before anything is written, with the size needed.
+    let tiny = env.file("tiny.img", 2 * GIB);
+    let mark = vec![0xA5u8; 1 << 20];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tiny)
+        .unwrap()
+        .write_all_at(&mark, 0)
+        .unwrap();
+    let (out, _) = restore(&srv.url, "small", &[&tiny], &["--scratch", &sarg]);
+    assert!(
+        !out.success(),
+        "a 2 GiB target was accepted: {}",
+        out.describe()
+    );
+    let err = out.stderr.trim();
+    assert!(
+        err.contains("too small") && err.contains("needs at least"),
+        "{err}"
+    );
+    let needed: u64 = err
+        .split("needs at least ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size needed in: {err}"));
+    assert!(needed > 3 * GIB && needed < 4 * GIB, "{needed}: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(&tiny)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert!(head == mark, "the refused target was written");
+    assert_eq!(std::fs::metadata(&tiny).unwrap().len(), 2 * GIB);
+
+    // The plan shows the sizes.
+    let target = env.file("target.img", 8 * GIB);
+    let t = target.display().to_string();
+    let dry = restorer()
+        .args([
+            "restore",
+            "--dry-run",
+            "--from",
+            &srv.url,
+            "--host",
+            "small",
+        ])
+        .args(["--target", &t, "--scratch", &sarg])
+        .ok();
+    assert!(dry.stdout.contains("shrink to"), "{}", dry.stdout);
+    assert!(
+        dry.stdout.contains("resize2fs") && dry.stdout.contains("ntfsresize"),
+        "{}",
+        dry.stdout
+    );
+    assert!(dry.stdout.contains("move to"), "{}", dry.stdout);
+
+    let t1 = std::time::Instant::now();
+    let (out, v) = restore(&srv.url, "small", &[&target], &["--scratch", &sarg]);
+    assert!(out.success(), "{}", out.describe());
+    eprintln!("restored in {:.1}s", t1.elapsed().as_secs_f64());
+    eprintln!("{}", out.stderr);
+    let plan = &v["plan"]["disks"][0];
+    assert_eq!(plan["fit"], "smaller", "{plan}");
+    let lines = v["disks"][0]["resized"].to_string();
+    assert!(
+        lines.contains("resize2fs") && lines.contains("ntfsresize"),
+        "{lines}"
+    );
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "the scratch rebuilds are removed"
+    );
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 8 * GIB);
+
+    let (label, parts) = target_table(&target).expect("sfdisk reads the table");
+    assert_eq!(label, "gpt");
+    assert_eq!(parts.len(), 3);
+    assert_eq!((parts[0].offset, parts[0].size), s.esp, "the ESP is kept");
+    assert_eq!(
+        parts[1].offset, s.ext.0,
+        "the ext4 partition keeps its start"
+    );
+    assert!(parts[1].size < s.ext.1 && parts[1].size > 2 * GIB);
+    assert!(parts[2].offset < s.ntfs.0 && parts[2].size < s.ntfs.1 && parts[2].size > GIB);
+    assert!(parts[2].offset + parts[2].size <= 8 * GIB - 34 * 512);
+    run(Cmd::new("sgdisk").arg("-v").arg(&target));
+
+    // ESP.
+    let esp = env.dir.join("r-esp.img");
+    extract(&target, parts[0].offset, parts[0].size, &esp).unwrap();
+    run(Cmd::new("fsck.fat").arg("-n").arg(&esp));
+    let got = env.dir.join("r-loader.efi");
+    run(Cmd::new("mcopy")
+        .arg("-i")
+        .arg(&esp)
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .arg(&got));
+    assert!(std::fs::read(&got).unwrap() == expected(300_000, 1));
+
+    // ext4: clean, its size the partition's, the files identical.
+    let ex = env.dir.join("r-ext.img");
+    extract(&target, parts[1].offset, parts[1].size, &ex).unwrap();
+    run(Cmd::new("e2fsck").arg("-fn").arg(&ex));
+    let sb = run(Cmd::new("dumpe2fs").arg("-h").arg(&ex));
+    let field = |k: &str| -> u64 {
+        sb.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {sb}"))
+    };
+    assert_eq!(field("Block count") * field("Block size"), parts[1].size);
+    let mnt = env.dir.join("mnt");
+    {
+        run(Cmd::new("mount").args(["-o", "loop,ro"]).arg(&ex).arg(&mnt));
+        let _m = Mounted(mnt.clone());
+        same(&mnt, &s.ext_files, "ext4");
+    }
+
+    // NTFS: clean, told its new start, the files identical.
+    let nt = env.dir.join("r-ntfs.img");
+    extract(&target, parts[2].offset, parts[2].size, &nt).unwrap();
+    let fix = run(Cmd::new("ntfsfix").arg("-n").arg(&nt));
+    assert!(fix.contains("processed successfully"), "{fix}");
+    let mut boot = [0u8; 512];
+    std::fs::File::open(&nt)
+        .unwrap()
+        .read_exact_at(&mut boot, 0)
+        .unwrap();
+    let hidden = u32::from_le_bytes(boot[0x1C..0x20].try_into().unwrap()) as u64;
+    assert_eq!(
+        hidden * 512,
+        parts[2].offset,
+        "NTFS hidden sectors name the new start"
+    );
+    let total = u64::from_le_bytes(boot[0x28..0x30].try_into().unwrap());
+    assert!(total * 512 < parts[2].size);
+    let mut backup = [0u8; 512];
+    std::fs::File::open(&nt)
+        .unwrap()
+        .read_exact_at(&mut backup, parts[2].size - 512)
+        .unwrap();
+    assert_eq!(
+        backup[..0x54],
+        boot[..0x54],
+        "the backup boot sector (last sector) matches"
+    );
+    {
+        run(Cmd::new("ntfs-3g").args(["-o", "ro"]).arg(&nt).arg(&mnt));
+        let _m = Mounted(mnt.clone());
+        same(&mnt, &s.ntfs_files, "NTFS");
+    }
+
+    // verify compares what was not rebuilt and says what was.
+    let ver = restorer()
+        .args([
+            "verify", "--from", &srv.url, "--host", "small", "--target", &t,
+        ])
+        .run();
+    assert!(ver.success(), "{}", ver.describe());
+    assert!(ver.stderr.contains("not compared"), "{}", ver.stderr);
+    let _ = id;
+}
