@@ -758,7 +758,7 @@ fn plan_disk(
         table: table_name(&disk.table),
         fit: if bigger {
             "bigger"
-        } else if relocate.is_empty() {
+        } else if target.size == disk.size {
             "same"
         } else {
             "smaller"
@@ -767,7 +767,17 @@ fn plan_disk(
             .iter()
             .map(|p| shrink::data_within(index, p.from_offset, p.from_size))
             .sum(),
-        keep_end: relocate.iter().map(|p| p.from_offset).min(),
+        // On a smaller target nothing past the partitions is written (what a source kept after
+        // its last partition is not restored).
+        keep_end: relocate.iter().map(|p| p.from_offset).min().or_else(|| {
+            (target.size < disk.size).then(|| {
+                disk.partitions
+                    .iter()
+                    .map(|p| p.offset + p.size)
+                    .max()
+                    .unwrap_or(0)
+            })
+        }),
         relocate,
         partitions,
         resize,
@@ -825,10 +835,21 @@ impl Plan {
         );
         for d in &self.disks {
             println!("disk {} -> {}", d.disk, d.target.describe());
-            let fit = if d.fit == "bigger" {
-                format!("target {} bigger", bytes(d.target.size - d.source_size))
-            } else {
-                "same size".to_string()
+            let fit = match d.fit {
+                "bigger" => format!("target {} bigger", bytes(d.target.size - d.source_size)),
+                "smaller" => format!(
+                    "target {} smaller{}",
+                    bytes(d.source_size - d.target.size),
+                    if d.scratch_bytes > 0 {
+                        format!(
+                            "; {} of data rebuilt in the scratch directory first",
+                            bytes(d.scratch_bytes)
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+                _ => "same size".to_string(),
             };
             let conv = if d.source_sector != d.target_sector {
                 format!(", table converted to {}-byte sectors", d.target_sector)

@@ -115,6 +115,22 @@ pub fn layout(
         .iter()
         .map(|p| min(p).map(|m| up(m).min(p.size)))
         .collect();
+    if parts.iter().all(|p| p.offset + p.size <= end) {
+        // Only the space past the last partition is missing: nothing moves.
+        return Ok(parts
+            .iter()
+            .zip(&mins)
+            .map(|(p, m)| Place {
+                number: p.number,
+                from_offset: p.offset,
+                from_size: p.size,
+                offset: p.offset,
+                size: p.size,
+                shrink: None,
+                min: *m,
+            })
+            .collect());
+    }
     let first = mins.iter().position(Option::is_some).unwrap_or(0);
     // Offsets for these sizes: unchanged up to the first partition that can shrink, then packed.
     let place = |sizes: &[u64]| -> Vec<u64> {
@@ -574,6 +590,12 @@ mod tests {
         let l = layout(&p, 20 * G, estimate).expect("fits");
         assert!(l.iter().all(|pl| !pl.shrunk()));
         assert_eq!(l[2].offset, 257 * MIB + 10 * G);
+    }
+
+    #[test]
+    fn nothing_moves_when_the_partitions_fit() {
+        let l = layout(&disk(), 20 * G, estimate).expect("fits");
+        assert!(l.iter().all(|pl| !pl.moved() && !pl.shrunk()));
     }
 
     #[test]

@@ -277,6 +277,7 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
     let plan = &v["plan"]["disks"][0];
     assert_eq!(plan["fit"], "smaller", "{plan}");
     let lines = v["disks"][0]["resized"].to_string();
+    eprintln!("{lines}");
     assert!(
         lines.contains("resize2fs") && lines.contains("ntfsresize"),
         "{lines}"
@@ -375,4 +376,64 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
     assert!(ver.success(), "{}", ver.describe());
     assert!(ver.stderr.contains("not compared"), "{}", ver.stderr);
     let _ = id;
+}
+
+/// The sample server (ESP, ext4 root, swap: 320 MiB) onto 240 MiB: the root shrinks in place,
+/// the swap moves down whole; every filesystem is clean and every file identical.
+#[test]
+fn sample_server_onto_a_smaller_disk() {
+    let env = Env::new("shrink-sample");
+    let fx = bmr_tests::fixtures::gpt_server().unwrap();
+    env.ingest("sample", &[&fx.image]);
+    let srv = env.serve();
+    let scratch = env.dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let target = env.file("target.img", 240 * MIB);
+    let (out, v) = restore(
+        &srv.url,
+        "sample",
+        &[&target],
+        &["--scratch", scratch.to_str().unwrap()],
+    );
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(v["plan"]["disks"][0]["fit"], "smaller");
+    let (_, parts) = target_table(&target).expect("sfdisk reads the table");
+    let at = |n: u32| parts.iter().find(|p| p.number == n).expect("partition");
+    for p in &fx.partitions {
+        let t = at(p.number);
+        match p.number {
+            1 => assert_eq!((t.offset, t.size), (p.offset, p.size), "the ESP is kept"),
+            2 => assert!(t.offset == p.offset && t.size < p.size, "the root shrinks"),
+            _ => assert!(
+                t.offset < p.offset && t.size == p.size,
+                "the swap moves whole"
+            ),
+        }
+        let Some(kind) = p.fs else { continue };
+        let img = env.dir.join(format!("part{}.img", p.number));
+        extract(&target, t.offset, t.size, &img).unwrap();
+        bmr_tests::oracle::fsck(kind, &img)
+            .unwrap_or_else(|e| panic!("partition {}: {e:#}", p.number));
+        let problems = bmr_tests::oracle::check_files(kind, &img, &p.files, &scratch).unwrap();
+        assert!(
+            problems.is_empty(),
+            "partition {}: {}",
+            p.number,
+            problems.join("\n")
+        );
+    }
+    let swap = run(Cmd::new("blkid")
+        .args(["-p", "-o", "value", "-s", "UUID", "-O"])
+        .arg(at(3).offset.to_string())
+        .arg(&target));
+    assert_eq!(
+        swap.trim(),
+        "5b1f0c2d-5a5a-4e11-9d44-000000000003",
+        "the swap keeps its UUID"
+    );
+    let ver = restorer()
+        .args(["verify", "--from", &srv.url, "--host", "sample", "--target"])
+        .arg(&target)
+        .run();
+    assert!(ver.success(), "{}", ver.describe());
 }
