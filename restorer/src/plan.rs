@@ -125,7 +125,9 @@ pub struct Resize {
 #[derive(Debug, Clone, Serialize)]
 pub struct PartPlan {
     pub number: u32,
+    /// On the target.
     pub offset: u64,
+    pub source_offset: u64,
     pub size: u64,
     pub source_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -627,7 +629,8 @@ fn plan_disk(
                 source_size: p.size,
                 fs: kind,
                 label: p.fs.as_ref().and_then(|f| f.label.clone()),
-                action: format!("{action} (rebuilt in the scratch directory first)"),
+                source_offset: p.offset,
+                action,
             });
             continue;
         }
@@ -721,6 +724,7 @@ fn plan_disk(
             volume,
             number: p.number,
             offset,
+            source_offset: p.offset,
             size,
             source_size: p.size,
             fs: kind,
@@ -881,7 +885,7 @@ impl Plan {
                 };
                 println!(
                     "  {name}  at {:>10}  {:>10}  {fs}{label}: {}",
-                    bytes(p.offset),
+                    bytes(p.source_offset),
                     bytes(p.source_size),
                     p.action
                 );
