@@ -264,3 +264,72 @@ pub(crate) fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpt() -> PartitionTable {
+        let part = |number, first_lba, last_lba| gpt::GptPartition {
+            number,
+            type_guid: Guid([1; 16]),
+            unique_guid: Guid([number as u8; 16]),
+            first_lba,
+            last_lba,
+            attributes: 0,
+            name: format!("p{number}"),
+            name_raw: None,
+        };
+        PartitionTable::Gpt(gpt::Gpt {
+            disk_guid: Guid([9; 16]),
+            entries_lba: 2,
+            entry_count: 128,
+            entry_size: 128,
+            first_usable_lba: 34,
+            last_usable_lba: 41_943_006,
+            backup_lba: 41_943_039,
+            partitions: vec![part(1, 2048, 526_335), part(2, 526_336, 41_940_991)],
+            revision: 0x0001_0000,
+            protective_mbr: None,
+            notes: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn placed_moves_and_resizes_only_the_named_partitions() {
+        let t = gpt().placed(512, &[(2, 300 << 20, 1 << 30)]).unwrap();
+        let laid = t.for_target(512, 2 << 30, 512, false).unwrap();
+        let p = laid.partitions(512);
+        assert_eq!((p[0].offset, p[0].size), (1 << 20, 256 << 20));
+        assert_eq!((p[1].offset, p[1].size), (300 << 20, 1 << 30));
+        assert!(
+            gpt().placed(512, &[(2, 1000, 1 << 20)]).is_err(),
+            "not a sector multiple"
+        );
+    }
+
+    #[test]
+    fn placed_refuses_mbr_logicals() {
+        let part = |number, kind, first_lba, sectors, ebr_lba| mbr::MbrPartition {
+            number,
+            bootable: false,
+            kind,
+            first_lba,
+            sectors,
+            ebr_lba,
+            chs: None,
+        };
+        let m = PartitionTable::Mbr(mbr::Mbr {
+            disk_signature: 1,
+            partitions: vec![
+                part(1, 0x83, 2048, 4096, None),
+                part(2, 0x05, 8192, 8192, None),
+                part(5, 0x83, 10240, 4096, Some(8192)),
+            ],
+        });
+        let moved = m.placed(512, &[(1, 1 << 20, 1 << 20)]).unwrap();
+        assert_eq!(moved.partitions(512)[0].size, 1 << 20);
+        let e = m.placed(512, &[(5, 4 << 20, 1 << 20)]).unwrap_err();
+        assert!(e.to_string().contains("logical"), "{e}");
+    }
+}
