@@ -24,6 +24,18 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// The most memory this process has held (`VmHWM`), in bytes; 0 where /proc does not say.
+pub fn peak_memory() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// `bytes / seconds` in words.
 pub fn rate(n: u64, d: Duration) -> String {
     let s = d.as_secs_f64();

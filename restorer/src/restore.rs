@@ -35,7 +35,9 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
         if a.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "plan": plan }))?
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "plan": plan, "peak_memory_bytes": report::peak_memory(),
+                }))?
             );
         } else {
             println!("dry run: nothing written");
@@ -121,6 +123,7 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
                 let v = serde_json::json!({
                     "plan": plan, "disks": summaries, "adapt": adapt,
                     "seconds": started.elapsed().as_secs_f64(),
+                    "peak_memory_bytes": report::peak_memory(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
@@ -129,10 +132,11 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
             }
             if !a.json {
                 println!(
-                    "restore of {}/{} complete in {:.1}s",
+                    "restore of {}/{} complete in {:.1}s (peak memory {})",
                     plan.host,
                     plan.snapshot,
-                    started.elapsed().as_secs_f64()
+                    started.elapsed().as_secs_f64(),
+                    report::bytes(report::peak_memory())
                 );
             }
             Ok(())
