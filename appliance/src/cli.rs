@@ -32,6 +32,62 @@ pub enum Command {
     Serve(ServeArgs),
     /// Failover VMs (QEMU) and failback rounds.
     Failover(crate::failover::cli::FailoverArgs),
+    /// Browse a snapshot's filesystems and take files out, without restoring the disk.
+    Files(FilesArgs),
+}
+
+#[derive(clap::Args)]
+pub struct FilesArgs {
+    #[command(subcommand)]
+    pub action: FilesAction,
+}
+
+#[derive(clap::Args)]
+pub struct FilesWhere {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub host: String,
+    /// Snapshot id; default: the newest (`latest`).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Disk number (from 0).
+    #[arg(long, default_value_t = 0)]
+    pub disk: u32,
+    /// Partition number (as Linux numbers them); default: the only one with a filesystem
+    /// that can be browsed.
+    #[arg(long)]
+    pub partition: Option<u32>,
+}
+
+#[derive(Subcommand)]
+pub enum FilesAction {
+    /// List a directory (default `/`).
+    Ls {
+        #[command(flatten)]
+        at: FilesWhere,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one file's content to `-o FILE` (or stdout).
+    Get {
+        #[command(flatten)]
+        at: FilesWhere,
+        path: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Write a file or a directory tree as a tar archive (modes, owners, times and symbolic
+    /// links kept) to `-o FILE` (or stdout).
+    Export {
+        #[command(flatten)]
+        at: FilesWhere,
+        path: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]

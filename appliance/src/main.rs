@@ -2,6 +2,7 @@
 
 mod cli;
 mod failover;
+mod files;
 mod gc;
 mod images;
 mod ingest;
@@ -24,6 +25,7 @@ fn main() {
         Command::Gc(a) => gc::run(&a),
         Command::Serve(a) => serve::run(&a),
         Command::Failover(a) => failover::run(&a),
+        Command::Files(a) => files::run(&a),
     };
     if let Err(e) = result {
         eprintln!("appliance: error: {e:#}");

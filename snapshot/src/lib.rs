@@ -25,6 +25,7 @@
 //!   `latest` always names the snapshot committed last, whatever its id.
 //! - `private/` (signing key, tokens) and `tmp/` are never served.
 
+pub mod browse;
 pub mod chunker;
 pub mod extents;
 pub mod format;
@@ -39,6 +40,7 @@ pub mod source;
 pub mod store;
 pub mod sys;
 pub mod threads;
+pub mod view;
 pub mod volume;
 
 pub use extents::Extents;

@@ -24,7 +24,7 @@
 //! superset of what the filesystem uses once the journal is replayed. Journals that cannot be
 //! read that way (external, fast commits, a pending resize) make the probe fail: copied whole.
 
-mod files;
+pub mod files;
 
 use super::exclude::{self, Exclusions, Hit};
 use super::{bit_runs, extents_from, le, uncovered, Filesystem, FsKind, Part, Probe};
@@ -70,6 +70,35 @@ pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Option<anyhow::Result<P
         return None;
     }
     Some(map(&part, &sb))
+}
+
+/// An ext filesystem opened for reading its files (see [`files::Tree`]).
+pub struct ExtFiles<'a> {
+    part: Part<'a>,
+    geo: Geometry,
+    descs: Vec<Desc>,
+}
+
+impl<'a> ExtFiles<'a> {
+    pub fn open(dev: &'a dyn ReadAt, offset: u64, len: u64) -> Result<ExtFiles<'a>> {
+        let part = Part { dev, offset, len };
+        let mut sb = [0u8; 1024];
+        part.read(1024, &mut sb, "ext superblock")?;
+        if le::u16(&sb, 0x38) != MAGIC {
+            anyhow::bail!("no ext2/3/4 superblock at byte {offset}");
+        }
+        let geo = Geometry::from_superblock(&sb, len)?;
+        let descs = read_descriptors(&part, &geo)?;
+        Ok(ExtFiles { part, geo, descs })
+    }
+
+    pub fn tree(&self) -> files::Tree<'_> {
+        files::Tree {
+            part: &self.part,
+            geo: &self.geo,
+            descs: &self.descs,
+        }
+    }
 }
 
 /// The files `ex` names in the ext filesystem at `offset` of `dev`, with the structures no

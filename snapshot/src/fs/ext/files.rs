@@ -14,6 +14,7 @@ const ROOT_INODE: u64 = 2;
 const S_IFMT: u16 = 0xF000;
 const S_IFREG: u16 = 0x8000;
 const S_IFDIR: u16 = 0x4000;
+const S_IFLNK: u16 = 0xA000;
 const EXTENTS_FL: u32 = 0x8_0000;
 const INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -30,14 +31,23 @@ pub struct Run {
     pub logical: u64,
     pub physical: u64,
     pub len: u64,
+    /// Allocated but never written (ext4 "uninitialized" extents): reads as zeros.
+    pub unwritten: bool,
 }
 
-/// An inode as far as paths and blocks need it.
+/// An inode as far as paths, blocks and a file listing need it.
 pub struct Inode {
     pub number: u64,
+    /// Type and permission bits (`st_mode`).
     pub mode: u16,
     pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the epoch (the low 32 bits the base inode holds).
+    pub mtime: u32,
+    pub atime: u32,
     flags: u32,
+    blocks: u32,
     block: [u8; 60],
 }
 
@@ -48,6 +58,15 @@ impl Inode {
     pub fn is_dir(&self) -> bool {
         self.mode & S_IFMT == S_IFDIR
     }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & S_IFMT == S_IFLNK
+    }
+}
+
+/// One directory entry: its name's bytes and its inode number.
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub inode: u64,
 }
 
 /// Reads inodes, blocks and directories of one filesystem.
@@ -81,7 +100,12 @@ impl Tree<'_> {
             number: n,
             mode: le::u16(&raw, 0x0),
             size,
+            uid: u32::from(le::u16(&raw, 0x2)) | u32::from(le::u16(&raw, 0x78)) << 16,
+            gid: u32::from(le::u16(&raw, 0x18)) | u32::from(le::u16(&raw, 0x7A)) << 16,
+            atime: le::u32(&raw, 0x8),
+            mtime: le::u32(&raw, 0x10),
             flags: le::u32(&raw, 0x20),
+            blocks: le::u32(&raw, 0x1C),
             block: le::bytes(&raw, 0x28),
         })
     }
@@ -126,7 +150,11 @@ impl Tree<'_> {
             bail!("{what}: more than {MAX_RUNS} runs");
         }
         match out.last_mut() {
-            Some(l) if l.logical + l.len == run.logical && l.physical + l.len == run.physical => {
+            Some(l)
+                if l.logical + l.len == run.logical
+                    && l.physical + l.len == run.physical
+                    && l.unwritten == run.unwritten =>
+            {
                 l.len += run.len
             }
             _ => out.push(run),
@@ -157,11 +185,8 @@ impl Tree<'_> {
             let e = &node[12 + i * 12..24 + i * 12];
             if d == 0 {
                 let raw_len = u64::from(le::u16(e, 4));
-                let len = if raw_len > 32768 {
-                    raw_len - 32768
-                } else {
-                    raw_len
-                };
+                let unwritten = raw_len > 32768;
+                let len = if unwritten { raw_len - 32768 } else { raw_len };
                 let physical = u64::from(le::u16(e, 6)) << 32 | u64::from(le::u32(e, 8));
                 if len > 0 {
                     let logical = u64::from(le::u32(e, 0));
@@ -171,6 +196,7 @@ impl Tree<'_> {
                             logical,
                             physical,
                             len,
+                            unwritten,
                         },
                         what,
                     )?;
@@ -205,6 +231,7 @@ impl Tree<'_> {
                         logical,
                         physical: p,
                         len: 1,
+                        unwritten: false,
                     },
                     what,
                 )?;
@@ -256,6 +283,7 @@ impl Tree<'_> {
                         logical,
                         physical: q,
                         len: 1,
+                        unwritten: false,
                     },
                     what,
                 )?;
@@ -285,6 +313,65 @@ impl Tree<'_> {
             )?;
         }
         Ok(buf)
+    }
+
+    /// Every entry of directory `dir` but `.` and `..`, in on-disk order.
+    pub fn entries(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let bs = self.geo.bs as usize;
+        let content = self.read(dir, MAX_CONTENT)?;
+        let mut out = Vec::new();
+        for (bi, block) in content.chunks(bs).enumerate() {
+            let mut pos = 0usize;
+            while pos + 8 <= block.len() {
+                let inode = le::u32(block, pos);
+                let rec_len = usize::from(le::u16(block, pos + 4));
+                let name_len = usize::from(block[pos + 6]);
+                if rec_len < 8 || pos + rec_len > block.len() || 8 + name_len > rec_len {
+                    bail!(
+                        "directory inode {}: entry at byte {pos} of block {bi} is damaged",
+                        dir.number
+                    );
+                }
+                let name = &block[pos + 8..pos + 8 + name_len];
+                if inode != 0 && name != b"." && name != b".." {
+                    out.push(DirEntry {
+                        name: name.to_vec(),
+                        inode: u64::from(inode),
+                    });
+                }
+                pos += rec_len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where symbolic link `ino` points.
+    pub fn link(&self, ino: &Inode) -> Result<Vec<u8>> {
+        if !ino.is_symlink() {
+            bail!("inode {} is not a symbolic link", ino.number);
+        }
+        // A fast symlink keeps its target in the block pointers.
+        if ino.size < 60 && (ino.blocks == 0 || ino.flags & INLINE_DATA_FL != 0) {
+            return Ok(ino.block[..ino.size as usize].to_vec());
+        }
+        self.read(ino, 4096)
+    }
+
+    /// A reader of the content of file `ino` (holes and unwritten extents read as zeros).
+    pub fn open(&self, ino: Inode) -> Result<FileReader<'_>> {
+        if ino.flags & INLINE_DATA_FL != 0 && ino.size > 60 {
+            bail!(
+                "inode {}: inline data past its first 60 bytes is not read",
+                ino.number
+            );
+        }
+        let runs = self.runs(&ino)?;
+        Ok(FileReader {
+            tree: self,
+            ino,
+            runs,
+            pos: 0,
+        })
     }
 
     /// The inode a name in directory `dir` refers to.
@@ -326,5 +413,63 @@ impl Tree<'_> {
             }
         }
         Ok(Some(cur))
+    }
+}
+
+/// The content of one file, read on demand.
+pub struct FileReader<'t> {
+    tree: &'t Tree<'t>,
+    ino: Inode,
+    runs: Vec<Run>,
+    pos: u64,
+}
+
+impl std::io::Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let size = self.ino.size;
+        if self.pos >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(size - self.pos);
+        if self.ino.flags & INLINE_DATA_FL != 0 {
+            let (s, n) = (self.pos as usize, want as usize);
+            buf[..n].copy_from_slice(&self.ino.block[s..s + n]);
+            self.pos += want;
+            return Ok(n);
+        }
+        let bs = self.tree.geo.bs;
+        let block = self.pos / bs;
+        // The run holding this block, or the next one after a hole.
+        let i = self.runs.partition_point(|r| r.logical + r.len <= block);
+        let n = match self.runs.get(i) {
+            Some(r) if r.logical <= block && !r.unwritten => {
+                let end = (r.logical + r.len).saturating_mul(bs).min(size);
+                let n = want.min(end - self.pos);
+                let at = (r.physical + (block - r.logical)) * bs + self.pos % bs;
+                self.tree
+                    .part
+                    .read(
+                        at,
+                        &mut buf[..n as usize],
+                        &format!("inode {}", self.ino.number),
+                    )
+                    .map_err(std::io::Error::other)?;
+                n
+            }
+            Some(r) if r.logical <= block => {
+                let end = (r.logical + r.len).saturating_mul(bs).min(size);
+                let n = want.min(end - self.pos);
+                buf[..n as usize].fill(0);
+                n
+            }
+            next => {
+                let end = next.map_or(size, |r| r.logical.saturating_mul(bs).min(size));
+                let n = want.min(end - self.pos);
+                buf[..n as usize].fill(0);
+                n
+            }
+        };
+        self.pos += n;
+        Ok(n as usize)
     }
 }

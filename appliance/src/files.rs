@@ -1,0 +1,221 @@
+//! `appliance files ls|get|export`: file-level restore from a snapshot, read through the chunks
+//! (only those the reads touch are fetched), never restoring the disk. See `snapshot::browse`.
+
+use crate::cli::{FilesAction, FilesArgs, FilesWhere};
+use anyhow::{bail, Context, Result};
+use snapshot::browse::{Browser, Entry, Kind};
+use snapshot::store::{open_snapshot, LocalStore, Snapshot};
+use snapshot::view::SnapshotView;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+pub fn run(a: &FilesArgs) -> Result<()> {
+    let at = match &a.action {
+        FilesAction::Ls { at, .. }
+        | FilesAction::Get { at, .. }
+        | FilesAction::Export { at, .. } => at,
+    };
+    let store = LocalStore::open(&at.store)?;
+    let key = store.public_key()?;
+    let snap = open_snapshot(&store, &at.host, at.snapshot.as_deref(), Some(&key))?;
+    let (index, offset, len, kind, part) = place(&snap, at)?;
+    let size = snap.manifest.disks[at.disk as usize].size;
+    let view = SnapshotView::new(&store, index, size);
+    let b = Browser::open(&view, offset, len, kind)
+        .with_context(|| format!("disk {} partition {part}", at.disk))?;
+    match &a.action {
+        FilesAction::Ls { path, json, .. } => {
+            let list = b.list(path)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for e in &list {
+                    println!("{}", line(e));
+                }
+            }
+            Ok(())
+        }
+        FilesAction::Get { path, output, .. } => {
+            let mut out = sink(output.as_deref())?;
+            b.open_file(path, &mut |_, mut r| {
+                std::io::copy(&mut r, &mut out).context("writing the file")?;
+                Ok(())
+            })?;
+            out.flush().context("writing the file")
+        }
+        FilesAction::Export { path, output, .. } => {
+            let out = sink(output.as_deref())?;
+            let mut tar = tar::Builder::new(out);
+            let base = path_base(path)?;
+            let mut files = 0u64;
+            b.walk(path, &mut |e, r| {
+                let name = relative(&base, e);
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(e.mode);
+                h.set_uid(u64::from(e.uid));
+                h.set_gid(u64::from(e.gid));
+                h.set_mtime(u64::from(e.mtime));
+                match (e.kind, r) {
+                    (Kind::Dir, _) => {
+                        h.set_entry_type(tar::EntryType::Directory);
+                        h.set_size(0);
+                        tar.append_data(&mut h, name.as_path(), std::io::empty())?;
+                    }
+                    (Kind::File, Some(r)) => {
+                        h.set_entry_type(tar::EntryType::Regular);
+                        h.set_size(e.size);
+                        tar.append_data(&mut h, name.as_path(), r)
+                            .with_context(|| format!("{}: reading or writing", e.path))?;
+                        files += 1;
+                    }
+                    (Kind::Symlink, _) => {
+                        h.set_entry_type(tar::EntryType::Symlink);
+                        h.set_size(0);
+                        let target = e.link_raw.clone().unwrap_or_default();
+                        tar.append_link(
+                            &mut h,
+                            name.as_path(),
+                            Path::new(std::ffi::OsStr::from_bytes(&target)),
+                        )?;
+                    }
+                    _ => eprintln!(
+                        "appliance: {}: not a file, directory or link: left out",
+                        e.path
+                    ),
+                }
+                Ok(())
+            })?;
+            let mut out = tar.into_inner().context("finishing the archive")?;
+            out.flush().context("writing the archive")?;
+            eprintln!("exported {files} file(s) from {}", path);
+            Ok(())
+        }
+    }
+}
+
+/// The index, byte range and filesystem of the partition `at` names.
+fn place<'s>(
+    snap: &'s Snapshot,
+    at: &FilesWhere,
+) -> Result<(
+    &'s snapshot::ChunkIndex,
+    u64,
+    u64,
+    snapshot::fs::FsKind,
+    u32,
+)> {
+    let disks = &snap.manifest.disks;
+    let Some(d) = disks.get(at.disk as usize) else {
+        bail!(
+            "the snapshot has {} disk(s); there is no disk {}",
+            disks.len(),
+            at.disk
+        );
+    };
+    let with_fs: Vec<_> = d.partitions.iter().filter(|p| p.fs.is_some()).collect();
+    let p = match at.partition {
+        Some(n) => d
+            .partitions
+            .iter()
+            .find(|p| p.number == n)
+            .with_context(|| format!("disk {} has no partition {n}", at.disk))?,
+        None => {
+            let ext: Vec<_> = with_fs
+                .iter()
+                .filter(|p| {
+                    matches!(
+                        p.fs.as_ref().map(|f| f.kind),
+                        Some(
+                            snapshot::fs::FsKind::Ext2
+                                | snapshot::fs::FsKind::Ext3
+                                | snapshot::fs::FsKind::Ext4
+                        )
+                    )
+                })
+                .collect();
+            match ext.as_slice() {
+                [p] => **p,
+                _ => bail!(
+                    "name a partition (--partition N); disk {} has: {}",
+                    at.disk,
+                    with_fs
+                        .iter()
+                        .map(|p| format!(
+                            "{} ({})",
+                            p.number,
+                            format!("{:?}", p.fs.as_ref().map(|f| f.kind).expect("fs"))
+                                .to_lowercase()
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let Some(fs) = &p.fs else {
+        bail!(
+            "disk {} partition {}: no filesystem was recognised in it",
+            at.disk,
+            p.number
+        );
+    };
+    Ok((
+        &snap.indexes[at.disk as usize],
+        p.offset,
+        p.size,
+        fs.kind,
+        p.number,
+    ))
+}
+
+fn sink(output: Option<&Path>) -> Result<Box<dyn Write>> {
+    Ok(match output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    })
+}
+
+/// The directory an export's names are relative to: the parent of what is exported.
+fn path_base(path: &str) -> Result<String> {
+    let parts = snapshot::browse::components(path)?;
+    Ok(format!(
+        "/{}",
+        parts[..parts.len().saturating_sub(1)].join("/")
+    ))
+}
+
+/// The archive name of `e`: its path below `base`, never absolute, never with `..` (the names
+/// come from directory entries, which hold neither `/` nor `..`).
+fn relative(base: &str, e: &Entry) -> std::path::PathBuf {
+    let rel = e
+        .path
+        .strip_prefix(base)
+        .unwrap_or(&e.path)
+        .trim_start_matches('/');
+    let rel = if rel.is_empty() { "." } else { rel };
+    std::path::PathBuf::from(rel)
+}
+
+fn line(e: &Entry) -> String {
+    let t = match e.kind {
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::File => '-',
+        Kind::Other => '?',
+    };
+    let when = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(e.mtime)),
+    );
+    let link = e
+        .link
+        .as_ref()
+        .map(|l| format!(" -> {l}"))
+        .unwrap_or_default();
+    format!(
+        "{t}{:04o} {:>6} {:>6} {:>12} {when} {}{link}",
+        e.mode, e.uid, e.gid, e.size, e.name
+    )
+}
