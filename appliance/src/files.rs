@@ -55,7 +55,7 @@ pub fn run(a: &FilesArgs) -> Result<()> {
                 h.set_mode(e.mode);
                 h.set_uid(u64::from(e.uid));
                 h.set_gid(u64::from(e.gid));
-                h.set_mtime(u64::from(e.mtime));
+                h.set_mtime(e.mtime);
                 match (e.kind, r) {
                     (Kind::Dir, _) => {
                         h.set_entry_type(tar::EntryType::Directory);
@@ -121,7 +121,7 @@ fn place<'s>(
             .find(|p| p.number == n)
             .with_context(|| format!("disk {} has no partition {n}", at.disk))?,
         None => {
-            let ext: Vec<_> = with_fs
+            let browsable: Vec<_> = with_fs
                 .iter()
                 .filter(|p| {
                     matches!(
@@ -130,11 +130,12 @@ fn place<'s>(
                             snapshot::fs::FsKind::Ext2
                                 | snapshot::fs::FsKind::Ext3
                                 | snapshot::fs::FsKind::Ext4
+                                | snapshot::fs::FsKind::Ntfs
                         )
                     )
                 })
                 .collect();
-            match ext.as_slice() {
+            match browsable.as_slice() {
                 [p] => **p,
                 _ => bail!(
                     "name a partition (--partition N); disk {} has: {}",
@@ -207,7 +208,7 @@ fn line(e: &Entry) -> String {
         Kind::Other => '?',
     };
     let when = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(e.mtime)),
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.mtime),
     );
     let link = e
         .link

@@ -1,7 +1,7 @@
-//! File-level restore (issue 10, item 5) from an ext4 snapshot: `appliance files ls|get|export`
-//! read through the chunks, never restoring the disk. A GPT disk (ESP + ext4 made by `mkfs.ext4
-//! -d` from a tree with modes, owners, times, a symbolic link, a sparse file and a 2 GiB file) is
-//! ingested; the listing matches the tree, the exported tar unpacks (GNU tar) to the same files,
+//! File-level restore (issue 10, item 5) from ext4 and NTFS snapshots: `appliance files
+//! ls|get|export` read through the chunks, never restoring the disk. A GPT disk (ESP, an ext4 made
+//! by `mkfs.ext4 -d` from a tree with modes, owners, times, a symbolic link, a sparse file and a
+//! 2 GiB file, and an NTFS filled through ntfs-3g) is ingested; the listing matches the tree, the exported tar unpacks (GNU tar) to the same files,
 //! modes, owners, times and links, with no absolute or `..` names; `..` in a request is refused;
 //! the 2 GiB file streams out under a 512 MiB address-space limit.
 
@@ -36,23 +36,144 @@ fn sh(script: &str) {
     Cmd::new("bash").args(["-euc", script]).ok();
 }
 
-fn files(env: &Env, args: &[&str]) -> Cmd {
+/// `appliance files ARGS[0] --store .. --host fs1 --partition PART ARGS[1..]`.
+fn files_in(env: &Env, part: &str, args: &[&str]) -> Cmd {
     Cmd::new(BIN)
         .arg("files")
         .arg(args[0])
         .arg("--store")
         .arg(&env.store)
-        .args(["--host", "fs1"])
+        .args(["--host", "fs1", "--partition", part])
         .args(&args[1..])
         .timeout(Duration::from_secs(600))
+}
+
+fn files(env: &Env, args: &[&str]) -> Cmd {
+    files_in(env, "2", args)
 }
 
 fn sha(p: &Path) -> String {
     Cmd::new("sha256sum").arg(p).ok().stdout[..64].to_string()
 }
 
+const NTFS_SIZE: u64 = 200 * MIB;
+
+/// An NTFS volume filled through ntfs-3g: nested folders, a resident (tiny) file, big and
+/// fragmented ones, Unicode names, set modification times. The tree is kept in `ntfs-tree`.
+fn ntfs_volume(env: &Env) -> std::path::PathBuf {
+    let img = env.path("ntfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(NTFS_SIZE)
+        .unwrap();
+    Cmd::new("mkntfs")
+        .args(["-F", "-Q", "-q", "-L", "Data", "-c", "4096"])
+        .arg(&img)
+        .ok();
+    let tree = env.path("ntfs-tree");
+    std::fs::create_dir_all(tree.join("Users/Public/Documents")).unwrap();
+    std::fs::write(tree.join("Users/Public/tiny.txt"), "resident\r\n").unwrap();
+    random_file(
+        &tree.join("Users/Public/Documents/Résumé été.docx"),
+        123_457,
+        21,
+    );
+    random_file(
+        &tree.join("Users/Public/Documents/report.pdf"),
+        9 * MIB + 17,
+        22,
+    );
+    for i in 0..40u64 {
+        random_file(
+            &tree.join(format!("Users/Public/file {i:02}.dat")),
+            3000 + i * 4111,
+            30 + i,
+        );
+    }
+    sh(&format!(
+        "touch -d @1300000000 '{t}/Users/Public/tiny.txt' '{t}/Users/Public/Documents/report.pdf'",
+        t = tree.display()
+    ));
+    let mnt = env.path("ntfs-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    Cmd::new("ntfs-3g").arg(&img).arg(&mnt).ok();
+    let copied = Cmd::new("cp")
+        .args(["-r", "--preserve=timestamps"])
+        .arg(tree.join("Users"))
+        .arg(&mnt)
+        .run();
+    Cmd::new("umount").arg(&mnt).ok();
+    assert!(copied.success(), "{}", copied.describe());
+    img
+}
+
+fn ntfs_checks(env: &Env) {
+    let tree = env.path("ntfs-tree");
+    let ls = files_in(env, "3", &["ls", "--json", "/Users/Public"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 42, "{names:?}");
+    assert!(
+        names.contains(&"Documents") && names.contains(&"tiny.txt"),
+        "{names:?}"
+    );
+    let tiny = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "tiny.txt")
+        .unwrap();
+    assert_eq!(tiny["mtime"], 1_300_000_000u64, "{tiny}");
+    assert_eq!(tiny["size"], 10);
+    // Windows looks names up without regard to case.
+    let out = env.path("nt-got");
+    files_in(
+        env,
+        "3",
+        &[
+            "get",
+            "/users/PUBLIC/documents/RÉSUMÉ ÉTÉ.docx",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert_eq!(
+        sha(&out),
+        sha(&tree.join("Users/Public/Documents/Résumé été.docx"))
+    );
+    let tarball = env.path("users.tar");
+    files_in(
+        env,
+        "3",
+        &["export", "/Users", "-o", tarball.to_str().unwrap()],
+    )
+    .ok();
+    let dst = env.path("nt-unpacked");
+    std::fs::create_dir_all(&dst).unwrap();
+    Cmd::new("tar")
+        .arg("-xf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&dst)
+        .ok();
+    let diff = Cmd::new("diff")
+        .arg("-r")
+        .arg(tree.join("Users"))
+        .arg(dst.join("Users"))
+        .run();
+    assert!(diff.success(), "{}", diff.describe());
+    let m = std::fs::metadata(dst.join("Users/Public/Documents/report.pdf")).unwrap();
+    assert_eq!(m.mtime(), 1_300_000_000, "NTFS modification time kept");
+}
+
 #[test]
-fn ext4_files_listed_got_and_exported_from_a_snapshot() {
+fn ext4_and_ntfs_files_listed_got_and_exported_from_a_snapshot() {
     let env = Env::new("files");
     let tree = env.path("tree");
     std::fs::create_dir_all(tree.join("etc/ssh")).unwrap();
@@ -88,15 +209,21 @@ fn ext4_files_listed_got_and_exported_from_a_snapshot() {
         .arg(&tree)
         .arg(&fs)
         .ok();
+    let nt = ntfs_volume(&env);
     let disk = env.path("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
-        .set_len(2 * GIB + 600 * MIB)
+        .set_len(2 * GIB + 800 * MIB)
         .unwrap();
+    let ext_sectors = (2 * GIB + 512 * MIB) / 512;
     Cmd::new("sfdisk")
         .arg("-q")
         .arg(&disk)
-        .stdin("label: gpt\nstart=2048, size=65536, type=U\nstart=67584, type=L\n")
+        .stdin(format!(
+            "label: gpt\nstart=2048, size=65536, type=U\nstart=67584, size={ext_sectors}, type=L\nstart={}, size={}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n",
+            67584 + ext_sectors,
+            NTFS_SIZE / 512
+        ))
         .ok();
     let esp = env.path("esp.img");
     std::fs::File::create(&esp)
@@ -104,7 +231,11 @@ fn ext4_files_listed_got_and_exported_from_a_snapshot() {
         .set_len(32 * MIB)
         .unwrap();
     Cmd::new("mkfs.fat").arg(&esp).ok();
-    for (img, at) in [(&esp, MIB), (&fs, 67584 * 512)] {
+    for (img, at) in [
+        (&esp, MIB),
+        (&fs, 67584 * 512),
+        (&nt, (67584 + ext_sectors) * 512),
+    ] {
         Cmd::new("dd")
             .arg(format!("if={}", img.display()))
             .arg(format!("of={}", disk.display()))
@@ -118,7 +249,9 @@ fn ext4_files_listed_got_and_exported_from_a_snapshot() {
             .ok();
     }
     std::fs::remove_file(&fs).unwrap();
+    std::fs::remove_file(&nt).unwrap();
     env.ingest_ok("fs1", "s1", &[&disk]);
+    ntfs_checks(&env);
 
     // ls: names, kinds, modes, owners, times and sizes as the tree has them.
     let ls = files(&env, &["ls", "--json", "/srv/data"]).ok();
@@ -172,7 +305,7 @@ fn ext4_files_listed_got_and_exported_from_a_snapshot() {
     let got = Cmd::new("prlimit")
         .args(["--as=536870912", "--", BIN, "files", "get", "--store"])
         .arg(&env.store)
-        .args(["--host", "fs1", "/big.bin", "-o"])
+        .args(["--host", "fs1", "--partition", "2", "/big.bin", "-o"])
         .arg(&big)
         .timeout(Duration::from_secs(600))
         .ok();
@@ -185,7 +318,6 @@ fn ext4_files_listed_got_and_exported_from_a_snapshot() {
         (vec!["get", "/srv/../etc/hostname"], "`..`"),
         (vec!["get", "/nope"], "no such file"),
         (vec!["get", "/srv"], "not a regular file"),
-        (vec!["ls", "--partition", "1", "/"], "not built yet"),
     ] {
         let out = files(&env, &args).run();
         assert!(!out.success(), "{args:?}: {}", out.describe());
@@ -195,6 +327,23 @@ fn ext4_files_listed_got_and_exported_from_a_snapshot() {
             "{args:?}: {err}"
         );
     }
+
+    let fat = files_in(&env, "1", &["ls", "/"]).run();
+    assert!(
+        !fat.success() && fat.stderr.contains("not built yet"),
+        "{}",
+        fat.describe()
+    );
+    let which = Cmd::new(BIN)
+        .args(["files", "ls", "--store"])
+        .arg(&env.store)
+        .args(["--host", "fs1", "/"])
+        .run();
+    assert!(
+        !which.success() && which.stderr.contains("name a partition"),
+        "{}",
+        which.describe()
+    );
 
     // export: a tar that GNU tar unpacks to the same tree.
     let tarball = env.path("srv.tar");

@@ -14,7 +14,9 @@
 //! refuses to mount it: the log may hold `$Bitmap` updates the disk does not have yet, so the
 //! partition is copied whole.
 
+mod browse;
 mod files;
+pub use browse::{Node as NtfsNode, NtfsFiles, NtfsReader};
 
 use super::exclude::{self, Exclusions, Hit};
 use super::{bit_runs, extents_from, le, uncovered, Filesystem, FsKind, Part, Probe};

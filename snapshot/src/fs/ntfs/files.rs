@@ -21,10 +21,12 @@ const ENTRY_LAST: u32 = 0x2;
 const MAX_NODES: usize = 1 << 14;
 
 /// One `$I30` entry's record number and name.
-struct Entry {
-    record: u64,
-    sequence: u16,
-    name: String,
+pub(super) struct Entry {
+    pub record: u64,
+    pub sequence: u16,
+    pub name: String,
+    /// 0 POSIX, 1 Win32, 2 DOS (the 8.3 alias of a long name), 3 Win32 and DOS.
+    pub namespace: u8,
 }
 
 impl Volume<'_> {
@@ -69,8 +71,35 @@ impl Volume<'_> {
     }
 
     /// Look `name` up in the `$I30` index of directory record `rec`.
-    fn find(&self, rec: &[u8], name: &str, clusters: u64, what: &str) -> Result<Option<Entry>> {
+    pub(super) fn find(
+        &self,
+        rec: &[u8],
+        name: &str,
+        clusters: u64,
+        what: &str,
+    ) -> Result<Option<Entry>> {
         let want = name.to_lowercase();
+        let mut hit = None;
+        self.walk_i30(rec, clusters, what, &mut |e| {
+            if e.name.to_lowercase() == want {
+                hit = Some(e);
+                true
+            } else {
+                false
+            }
+        })?;
+        Ok(hit)
+    }
+
+    /// Visit every entry of the `$I30` index of directory record `rec`: the `$INDEX_ROOT`, then
+    /// the `INDX` blocks its entries point to. `f` returns `true` to stop.
+    pub(super) fn walk_i30(
+        &self,
+        rec: &[u8],
+        clusters: u64,
+        what: &str,
+        f: &mut dyn FnMut(Entry) -> bool,
+    ) -> Result<()> {
         let attrs = attributes(rec, what)?;
         let i30 = |a: &&super::Attr| a.name_len == 4;
         let Some(root) = attrs.iter().filter(i30).find(|a| a.kind == AT_INDEX_ROOT) else {
@@ -82,11 +111,11 @@ impl Volume<'_> {
             bail!("{what}: index block size {block_size} is invalid");
         }
         let mut pending: Vec<u64> = Vec::new();
-        if let Some(hit) = entries(v.get(16..).unwrap_or_default(), &want, &mut pending, what)? {
-            return Ok(Some(hit));
+        if entries(v.get(16..).unwrap_or_default(), &mut pending, what, f)? {
+            return Ok(());
         }
         if pending.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let Some(alloc) = attrs
             .iter()
@@ -115,22 +144,27 @@ impl Volume<'_> {
                 .ok_or_else(|| anyhow::anyhow!("{node}: offset overflows"))?;
             self.read_stream(&runs, off, &mut block, &node)?;
             fixup_as(&mut block, b"INDX", &node)?;
-            if let Some(hit) = entries(
+            if entries(
                 block.get(0x18..).unwrap_or_default(),
-                &want,
                 &mut pending,
                 &node,
+                f,
             )? {
-                return Ok(Some(hit));
+                return Ok(());
             }
         }
-        Ok(None)
+        Ok(())
     }
 }
 
-/// Scan the entries of one index node (`h` starts at its index header); subnode VCNs go to
-/// `pending`.
-fn entries(h: &[u8], want: &str, pending: &mut Vec<u64>, what: &str) -> Result<Option<Entry>> {
+/// Visit the entries of one index node (`h` starts at its index header); subnode VCNs go to
+/// `pending`. Returns `true` when `f` stopped the walk.
+fn entries(
+    h: &[u8],
+    pending: &mut Vec<u64>,
+    what: &str,
+    f: &mut dyn FnMut(Entry) -> bool,
+) -> Result<bool> {
     let start = le::u32(h, 0) as usize;
     let end = (le::u32(h, 4) as usize).min(h.len());
     let mut pos = start;
@@ -158,17 +192,18 @@ fn entries(h: &[u8], want: &str, pending: &mut Vec<u64>, what: &str) -> Result<O
                 .chunks_exact(2)
                 .map(|c| u16::from_le_bytes([c[0], c[1]]))
                 .collect();
-            let name = String::from_utf16_lossy(&units);
-            if name.to_lowercase() == want {
-                let r = le::u64(e, 0);
-                return Ok(Some(Entry {
-                    record: r & 0xFFFF_FFFF_FFFF,
-                    sequence: (r >> 48) as u16,
-                    name,
-                }));
+            let r = le::u64(e, 0);
+            let entry = Entry {
+                record: r & 0xFFFF_FFFF_FFFF,
+                sequence: (r >> 48) as u16,
+                name: String::from_utf16_lossy(&units),
+                namespace: key.get(0x41).copied().unwrap_or(0),
+            };
+            if f(entry) {
+                return Ok(true);
             }
         }
         pos += len;
     }
-    Ok(None)
+    Ok(false)
 }
