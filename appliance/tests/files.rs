@@ -172,8 +172,83 @@ fn ntfs_checks(env: &Env) {
     assert_eq!(m.mtime(), 1_300_000_000, "NTFS modification time kept");
 }
 
+/// An ESP-like FAT16 volume filled with mtools: long names, nested folders, set times (FAT keeps
+/// them to 2 seconds, in local time: the test runs mtools with TZ=UTC). The tree is `fat-tree`.
+fn fat_files(env: &Env, img: &Path) {
+    let tree = env.path("fat-tree");
+    std::fs::create_dir_all(tree.join("EFI/BOOT")).unwrap();
+    std::fs::create_dir_all(tree.join("EFI/debian/Long Folder Name")).unwrap();
+    random_file(&tree.join("EFI/BOOT/BOOTX64.EFI"), 945_000, 51);
+    random_file(&tree.join("EFI/debian/grubx64.efi"), 2_100_000, 52);
+    std::fs::write(
+        tree.join("EFI/debian/grub.cfg"),
+        "search.fs_uuid 1234 root\n",
+    )
+    .unwrap();
+    random_file(
+        &tree.join("EFI/debian/Long Folder Name/A file with a long name.txt"),
+        777,
+        53,
+    );
+    std::fs::write(tree.join("EFI/debian/Long Folder Name/empty"), "").unwrap();
+    sh(&format!(
+        "find {} -exec touch -d @1500000000 {{}} +",
+        tree.display()
+    ));
+    Cmd::new("mcopy")
+        .env("TZ", "UTC")
+        .args(["-s", "-m", "-i"])
+        .arg(img)
+        .arg(tree.join("EFI"))
+        .arg("::/")
+        .ok();
+}
+
+fn fat_checks(env: &Env) {
+    let tree = env.path("fat-tree");
+    let ls = files_in(env, "1", &["ls", "--json", "/efi/DEBIAN"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&ls.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["Long Folder Name", "grub.cfg", "grubx64.efi"],
+        "{v}"
+    );
+    assert_eq!(v[2]["size"], 2_100_000);
+    assert_eq!(v[2]["mtime"], 1_500_000_000u64);
+    let tarball = env.path("efi.tar");
+    files_in(
+        env,
+        "1",
+        &["export", "/EFI", "-o", tarball.to_str().unwrap()],
+    )
+    .ok();
+    let dst = env.path("fat-unpacked");
+    std::fs::create_dir_all(&dst).unwrap();
+    Cmd::new("tar")
+        .arg("-xf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&dst)
+        .ok();
+    let diff = Cmd::new("diff")
+        .arg("-r")
+        .arg(tree.join("EFI"))
+        .arg(dst.join("EFI"))
+        .run();
+    assert!(diff.success(), "{}", diff.describe());
+    let m = std::fs::metadata(dst.join("EFI/debian/Long Folder Name/A file with a long name.txt"))
+        .unwrap();
+    assert_eq!(m.mtime(), 1_500_000_000, "FAT modification time kept");
+}
+
 #[test]
-fn ext4_and_ntfs_files_listed_got_and_exported_from_a_snapshot() {
+fn ext4_ntfs_and_fat_files_listed_got_and_exported_from_a_snapshot() {
     let env = Env::new("files");
     let tree = env.path("tree");
     std::fs::create_dir_all(tree.join("etc/ssh")).unwrap();
@@ -213,16 +288,18 @@ fn ext4_and_ntfs_files_listed_got_and_exported_from_a_snapshot() {
     let disk = env.path("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
-        .set_len(2 * GIB + 800 * MIB)
+        .set_len(2 * GIB + 1200 * MIB)
         .unwrap();
     let ext_sectors = (2 * GIB + 512 * MIB) / 512;
+    let xfs_at = 67584 + ext_sectors + NTFS_SIZE / 512;
     Cmd::new("sfdisk")
         .arg("-q")
         .arg(&disk)
         .stdin(format!(
-            "label: gpt\nstart=2048, size=65536, type=U\nstart=67584, size={ext_sectors}, type=L\nstart={}, size={}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n",
+            "label: gpt\nstart=2048, size=65536, type=U\nstart=67584, size={ext_sectors}, type=L\nstart={}, size={}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\nstart={xfs_at}, size={}, type=L\n",
             67584 + ext_sectors,
-            NTFS_SIZE / 512
+            NTFS_SIZE / 512,
+            320 * MIB / 512
         ))
         .ok();
     let esp = env.path("esp.img");
@@ -231,10 +308,18 @@ fn ext4_and_ntfs_files_listed_got_and_exported_from_a_snapshot() {
         .set_len(32 * MIB)
         .unwrap();
     Cmd::new("mkfs.fat").arg(&esp).ok();
+    fat_files(&env, &esp);
+    let xfs = env.path("xfs.img");
+    std::fs::File::create(&xfs)
+        .unwrap()
+        .set_len(320 * MIB)
+        .unwrap();
+    Cmd::new("mkfs.xfs").args(["-q", "-f"]).arg(&xfs).ok();
     for (img, at) in [
         (&esp, MIB),
         (&fs, 67584 * 512),
         (&nt, (67584 + ext_sectors) * 512),
+        (&xfs, xfs_at * 512),
     ] {
         Cmd::new("dd")
             .arg(format!("if={}", img.display()))
@@ -328,11 +413,12 @@ fn ext4_and_ntfs_files_listed_got_and_exported_from_a_snapshot() {
         );
     }
 
-    let fat = files_in(&env, "1", &["ls", "/"]).run();
+    fat_checks(&env);
+    let xfs = files_in(&env, "4", &["ls", "/"]).run();
     assert!(
-        !fat.success() && fat.stderr.contains("not built yet"),
+        !xfs.success() && xfs.stderr.contains("not built yet"),
         "{}",
-        fat.describe()
+        xfs.describe()
     );
     let which = Cmd::new(BIN)
         .args(["files", "ls", "--store"])

@@ -1,14 +1,15 @@
 //! File-level restore: a filesystem inside a snapshot browsed and read without restoring its disk,
 //! through a read-only block view ([`crate::view::SnapshotView`]) that fetches only the chunks the
-//! reads touch. Our own reader of each filesystem's structures does the walking: ext2/3/4 and
-//! NTFS so far (FAT and XFS are refused with a line saying so: restore the disk, or mount a
-//! restored copy). NTFS has no Unix modes or owners: files show 0644, directories 0755, owner 0.
+//! reads touch. Our own reader of each filesystem's structures does the walking: ext2/3/4, NTFS
+//! and FAT (XFS is refused with a line saying so: restore the disk, or mount a restored copy).
+//! NTFS and FAT have no Unix modes or owners: files show 0644, directories 0755, owner 0.
 //!
 //! Paths are `/`-separated from the filesystem's root; `..` is refused (never resolved), `.` and
 //! empty components are ignored, symbolic links are listed and exported as links, never followed.
 
 use crate::fs::ext::files::{Inode, Tree};
 use crate::fs::ext::ExtFiles;
+use crate::fs::fat::{FatFiles, FatNode};
 use crate::fs::ntfs::{NtfsFiles, NtfsNode};
 use crate::fs::FsKind;
 use crate::source::ReadAt;
@@ -74,6 +75,7 @@ pub struct Browser<'a> {
 enum Fs<'a> {
     Ext(ExtFiles<'a>),
     Ntfs(NtfsFiles<'a>),
+    Fat(FatFiles<'a>),
 }
 
 /// Called with each entry a walk reaches and, for a regular file, a reader of its content.
@@ -85,6 +87,9 @@ impl<'a> Browser<'a> {
         let fs = match kind {
             FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => Fs::Ext(ExtFiles::open(dev, offset, len)?),
             FsKind::Ntfs => Fs::Ntfs(NtfsFiles::open(dev, offset, len)?),
+            FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => {
+                Fs::Fat(FatFiles::open(dev, offset, len)?)
+            }
             other => bail!(
                 "file-level restore of {} is not built yet: restore the disk (or an image of it) and mount it",
                 format!("{other:?}").to_lowercase()
@@ -120,19 +125,8 @@ impl<'a> Browser<'a> {
                 }
                 out
             }
-            Fs::Ntfs(n) => {
-                let dir = ntfs_find(n, &clean)?;
-                if !dir.dir {
-                    bail!("{clean}: not a directory");
-                }
-                n.list(&dir)?
-                    .into_iter()
-                    .map(|c| {
-                        let p = child(&clean, c.name.as_bytes());
-                        ntfs_entry(&c, p)
-                    })
-                    .collect()
-            }
+            Fs::Ntfs(n) => plain_list(n, &clean)?,
+            Fs::Fat(f) => plain_list(f, &clean)?,
         };
         out.sort_by(|a, b| a.raw.cmp(&b.raw));
         Ok(out)
@@ -166,11 +160,8 @@ impl<'a> Browser<'a> {
                 let ino = ext_find(&tree, &clean)?;
                 ext_walk(&tree, ino, &name, clean, recurse, 0, &mut seen, f)
             }
-            Fs::Ntfs(n) => {
-                let mut node = ntfs_find(n, &clean)?;
-                node.name = String::from_utf8_lossy(&name).into_owned();
-                ntfs_walk(n, node, clean, recurse, 0, &mut seen, f)
-            }
+            Fs::Ntfs(n) => plain_at(n, clean, recurse, f),
+            Fs::Fat(x) => plain_at(x, clean, recurse, f),
         }
     }
 }
@@ -253,70 +244,152 @@ fn ext_walk(
     }
 }
 
-fn ntfs_find(n: &NtfsFiles, clean: &str) -> Result<NtfsNode> {
-    let mut cur = n.root()?;
+/// Filesystems without Unix modes, owners or links (NTFS, FAT), walked the same way: files show
+/// 0644, directories 0755, owner 0.
+trait Plain {
+    type Node;
+    fn root(&self) -> Result<Self::Node>;
+    fn list(&self, dir: &Self::Node) -> Result<Vec<Self::Node>>;
+    fn child(&self, dir: &Self::Node, name: &str) -> Result<Option<Self::Node>>;
+    fn reader<'s>(&'s self, n: &Self::Node) -> Result<Box<dyn Read + 's>>;
+    /// Name, directory?, other (not a file or directory)?, size, mtime, a unique id.
+    fn info(n: &Self::Node) -> (&str, bool, bool, u64, u64, u64);
+}
+
+impl Plain for NtfsFiles<'_> {
+    type Node = NtfsNode;
+    fn root(&self) -> Result<NtfsNode> {
+        NtfsFiles::root(self)
+    }
+    fn list(&self, dir: &NtfsNode) -> Result<Vec<NtfsNode>> {
+        NtfsFiles::list(self, dir)
+    }
+    fn child(&self, dir: &NtfsNode, name: &str) -> Result<Option<NtfsNode>> {
+        NtfsFiles::child(self, dir, name)
+    }
+    fn reader<'s>(&'s self, n: &NtfsNode) -> Result<Box<dyn Read + 's>> {
+        Ok(Box::new(NtfsFiles::reader(self, n)?))
+    }
+    fn info(n: &NtfsNode) -> (&str, bool, bool, u64, u64, u64) {
+        (&n.name, n.dir, n.reparse, n.size, n.mtime, n.record)
+    }
+}
+
+impl Plain for FatFiles<'_> {
+    type Node = FatNode;
+    fn root(&self) -> Result<FatNode> {
+        Ok(FatFiles::root(self))
+    }
+    fn list(&self, dir: &FatNode) -> Result<Vec<FatNode>> {
+        FatFiles::list(self, dir)
+    }
+    fn child(&self, dir: &FatNode, name: &str) -> Result<Option<FatNode>> {
+        FatFiles::child(self, dir, name)
+    }
+    fn reader<'s>(&'s self, n: &FatNode) -> Result<Box<dyn Read + 's>> {
+        Ok(Box::new(FatFiles::reader(self, n)?))
+    }
+    fn info(n: &FatNode) -> (&str, bool, bool, u64, u64, u64) {
+        (&n.name, n.dir, false, n.size, n.mtime, n.id())
+    }
+}
+
+fn plain_find<P: Plain>(p: &P, clean: &str) -> Result<P::Node> {
+    let mut cur = p.root()?;
     let mut at = String::new();
     for c in components(clean)? {
-        if !cur.dir {
+        if !P::info(&cur).1 {
             bail!("{at}: not a directory");
         }
         at = format!("{at}/{c}");
-        cur = n
+        cur = p
             .child(&cur, c)?
             .with_context(|| format!("{at}: no such file or directory"))?;
     }
     Ok(cur)
 }
 
-fn ntfs_entry(n: &NtfsNode, path: String) -> Entry {
-    let (kind, mode) = match (n.dir, n.reparse) {
+fn plain_entry<P: Plain>(n: &P::Node, name: Option<&[u8]>, path: String) -> Entry {
+    let (own, dir, other, size, mtime, _) = P::info(n);
+    let raw = name.map_or_else(|| own.as_bytes().to_vec(), <[u8]>::to_vec);
+    let (kind, mode) = match (dir, other) {
         (_, true) => (Kind::Other, 0o644),
         (true, false) => (Kind::Dir, 0o755),
         (false, false) => (Kind::File, 0o644),
     };
     Entry {
-        name: n.name.clone(),
-        raw: n.name.as_bytes().to_vec(),
+        name: String::from_utf8_lossy(&raw).into_owned(),
+        raw,
         path,
         kind,
         mode,
         uid: 0,
         gid: 0,
-        size: if n.dir { 0 } else { n.size },
-        mtime: n.mtime,
+        size: if dir { 0 } else { size },
+        mtime,
         link: None,
         link_raw: None,
     }
 }
 
-fn ntfs_walk(
-    n: &NtfsFiles,
-    node: NtfsNode,
+fn plain_list<P: Plain>(p: &P, clean: &str) -> Result<Vec<Entry>> {
+    let dir = plain_find(p, clean)?;
+    if !P::info(&dir).1 {
+        bail!("{clean}: not a directory");
+    }
+    Ok(p.list(&dir)?
+        .iter()
+        .map(|c| plain_entry::<P>(c, None, child(clean, P::info(c).0.as_bytes())))
+        .collect())
+}
+
+/// `clean` names the node by the request's spelling; the entry has the name the volume stores
+/// (NTFS and FAT names match without regard to case).
+fn plain_at<P: Plain>(p: &P, clean: String, recurse: bool, f: &mut Visit) -> Result<()> {
+    let node = plain_find(p, &clean)?;
+    let stored = P::info(&node).0.to_string();
+    let path = match clean.rsplit_once('/') {
+        Some((dir, _)) if !stored.is_empty() => {
+            child(if dir.is_empty() { "/" } else { dir }, stored.as_bytes())
+        }
+        _ => clean,
+    };
+    let mut seen = HashSet::new();
+    plain_walk(p, &node, None, path, recurse, 0, &mut seen, f)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plain_walk<P: Plain>(
+    p: &P,
+    node: &P::Node,
+    name: Option<&[u8]>,
     path: String,
     recurse: bool,
     depth: usize,
     seen: &mut HashSet<u64>,
     f: &mut Visit,
 ) -> Result<()> {
-    let e = ntfs_entry(&node, path);
+    let e = plain_entry::<P>(node, name, path);
     match e.kind {
         Kind::Dir if recurse => {
-            if depth > MAX_DEPTH || !seen.insert(node.record) {
+            if depth > MAX_DEPTH || !seen.insert(P::info(node).5) {
                 bail!(
                     "{}: directories nested too deep or in a loop (damaged?)",
                     e.path
                 );
             }
             f(&e, None)?;
-            for c in n.list(&node)? {
-                let p = child(&e.path, c.name.as_bytes());
-                ntfs_walk(n, c, p, true, depth + 1, seen, f)?;
+            let mut children = p.list(node)?;
+            children.sort_by(|a, b| P::info(a).0.cmp(P::info(b).0));
+            for c in &children {
+                let cp = child(&e.path, P::info(c).0.as_bytes());
+                plain_walk(p, c, None, cp, true, depth + 1, seen, f)?;
             }
             Ok(())
         }
         Kind::File => {
-            let mut r = n.reader(&node)?;
-            f(&e, Some(&mut r))
+            let mut r = p.reader(node)?;
+            f(&e, Some(&mut *r))
         }
         _ => f(&e, None),
     }

@@ -9,6 +9,9 @@
 //! copy agrees with it, and the FAT32 root directory's chain is allocated. Otherwise the
 //! allocation data is damaged and the filesystem is copied whole.
 
+mod browse;
+pub use browse::{FatFiles, FatReader, Node as FatNode};
+
 use super::{extents_from, le, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
 use anyhow::{anyhow, bail, Result};
