@@ -149,7 +149,7 @@ impl<'a> FatFiles<'a> {
             }
             let sum = e[..11]
                 .iter()
-                .fold(0u8, |s, &b| (s >> 1 | s << 7).wrapping_add(b));
+                .fold(0u8, |s, &b| s.rotate_right(1).wrapping_add(b));
             let name = if !long.is_empty() && long.iter().all(|(c, _)| *c == sum) {
                 let mut units: Vec<u16> = long.iter().rev().flat_map(|(_, u)| *u).collect();
                 if let Some(end) = units.iter().position(|&u| u == 0) {
