@@ -130,6 +130,7 @@ fn place<'s>(
                             snapshot::fs::FsKind::Ext2
                                 | snapshot::fs::FsKind::Ext3
                                 | snapshot::fs::FsKind::Ext4
+                                | snapshot::fs::FsKind::Xfs
                                 | snapshot::fs::FsKind::Ntfs
                         )
                     )

@@ -21,6 +21,9 @@
 //! allocations that only the log holds, whose blocks the on-disk btrees still call free: it is
 //! copied whole, as NTFS with a dirty `$LogFile` is.
 
+mod browse;
+pub use browse::{Inode as XfsInode, XfsFiles, XfsReader};
+
 use super::{extents_from, uncovered, Filesystem, FsKind, Part, Probe};
 use crate::source::ReadAt;
 use anyhow::{bail, Context, Result};
