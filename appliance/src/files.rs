@@ -1,7 +1,7 @@
 //! `appliance files ls|get|export`: file-level restore from a snapshot, read through the chunks
 //! (only those the reads touch are fetched), never restoring the disk. See `snapshot::browse`.
 
-use crate::cli::{FilesAction, FilesArgs, FilesWhere};
+use crate::cli::{FilesAction, FilesArgs};
 use anyhow::{bail, Context, Result};
 use snapshot::browse::{Browser, Entry, Kind};
 use snapshot::store::{open_snapshot, LocalStore, Snapshot};
@@ -19,7 +19,7 @@ pub fn run(a: &FilesArgs) -> Result<()> {
     let store = LocalStore::open(&at.store)?;
     let key = store.public_key()?;
     let snap = open_snapshot(&store, &at.host, at.snapshot.as_deref(), Some(&key))?;
-    let (index, offset, len, kind, part) = place(&snap, at)?;
+    let (index, offset, len, kind, part) = place(&snap, at.disk, at.partition)?;
     let size = snap.manifest.disks[at.disk as usize].size;
     let view = SnapshotView::new(&store, index, size);
     let b = Browser::open(&view, offset, len, kind)
@@ -45,66 +45,69 @@ pub fn run(a: &FilesArgs) -> Result<()> {
             out.flush().context("writing the file")
         }
         FilesAction::Export { path, output, .. } => {
-            let out = sink(output.as_deref())?;
-            let mut tar = tar::Builder::new(out);
-            let base = path_base(path)?;
-            let mut files = 0u64;
-            b.walk(path, &mut |e, r| {
-                let name = relative(&base, e);
-                let mut h = tar::Header::new_gnu();
-                h.set_mode(e.mode);
-                h.set_uid(u64::from(e.uid));
-                h.set_gid(u64::from(e.gid));
-                h.set_mtime(e.mtime);
-                match (e.kind, r) {
-                    (Kind::Dir, _) => {
-                        h.set_entry_type(tar::EntryType::Directory);
-                        h.set_size(0);
-                        tar.append_data(&mut h, name.as_path(), std::io::empty())?;
-                    }
-                    (Kind::File, Some(r)) => {
-                        h.set_entry_type(tar::EntryType::Regular);
-                        h.set_size(e.size);
-                        tar.append_data(&mut h, name.as_path(), r)
-                            .with_context(|| format!("{}: reading or writing", e.path))?;
-                        files += 1;
-                    }
-                    (Kind::Symlink, _) => {
-                        h.set_entry_type(tar::EntryType::Symlink);
-                        h.set_size(0);
-                        let target = e.link_raw.clone().unwrap_or_default();
-                        tar.append_link(
-                            &mut h,
-                            name.as_path(),
-                            Path::new(std::ffi::OsStr::from_bytes(&target)),
-                        )?;
-                    }
-                    _ => eprintln!(
-                        "appliance: {}: not a file, directory or link: left out",
-                        e.path
-                    ),
-                }
-                Ok(())
-            })?;
-            let mut out = tar.into_inner().context("finishing the archive")?;
-            out.flush().context("writing the archive")?;
-            eprintln!("exported {files} file(s) from {}", path);
+            let files = export_tar(&b, path, sink(output.as_deref())?)?;
+            eprintln!("exported {files} file(s) from {path}");
             Ok(())
         }
     }
 }
 
-/// The index, byte range and filesystem of the partition `at` names.
-fn place<'s>(
-    snap: &'s Snapshot,
-    at: &FilesWhere,
-) -> Result<(
-    &'s snapshot::ChunkIndex,
-    u64,
-    u64,
-    snapshot::fs::FsKind,
-    u32,
-)> {
+/// Write `path` of `b` (a file, or a directory and everything below it) to `out` as a tar
+/// archive; returns the regular files written.
+pub fn export_tar(b: &Browser, path: &str, out: impl Write) -> Result<u64> {
+    let mut tar = tar::Builder::new(out);
+    let base = path_base(path)?;
+    let mut files = 0u64;
+    b.walk(path, &mut |e, r| {
+        let name = relative(&base, e);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(e.mode);
+        h.set_uid(u64::from(e.uid));
+        h.set_gid(u64::from(e.gid));
+        h.set_mtime(e.mtime);
+        match (e.kind, r) {
+            (Kind::Dir, _) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                tar.append_data(&mut h, name.as_path(), std::io::empty())?;
+            }
+            (Kind::File, Some(r)) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(e.size);
+                tar.append_data(&mut h, name.as_path(), r)
+                    .with_context(|| format!("{}: reading or writing", e.path))?;
+                files += 1;
+            }
+            (Kind::Symlink, _) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                let target = e.link_raw.clone().unwrap_or_default();
+                tar.append_link(
+                    &mut h,
+                    name.as_path(),
+                    Path::new(std::ffi::OsStr::from_bytes(&target)),
+                )?;
+            }
+            _ => eprintln!(
+                "appliance: {}: not a file, directory or link: left out",
+                e.path
+            ),
+        }
+        Ok(())
+    })?;
+    let mut out = tar.into_inner().context("finishing the archive")?;
+    out.flush().context("writing the archive")?;
+    Ok(files)
+}
+
+/// The index, byte range and filesystem of partition `partition` of disk `disk` (default: the
+/// only ext, XFS or NTFS one).
+pub fn place(
+    snap: &Snapshot,
+    disk: u32,
+    partition: Option<u32>,
+) -> Result<(&snapshot::ChunkIndex, u64, u64, snapshot::fs::FsKind, u32)> {
+    let at = Where { disk, partition };
     let disks = &snap.manifest.disks;
     let Some(d) = disks.get(at.disk as usize) else {
         bail!(
@@ -169,6 +172,11 @@ fn place<'s>(
         fs.kind,
         p.number,
     ))
+}
+
+struct Where {
+    disk: u32,
+    partition: Option<u32>,
 }
 
 fn sink(output: Option<&Path>) -> Result<Box<dyn Write>> {

@@ -291,6 +291,63 @@ fn xfs_checks(env: &Env) {
     assert_eq!((m.mtime(), m.uid(), m.gid()), (1_234_567_890, 77, 88));
 }
 
+/// The same over `appliance serve`'s API, with a read token for the host and one for another.
+fn api_checks(env: &Env) {
+    use common::http::{get, write_tokens, Server};
+    write_tokens(
+        &env.store,
+        serde_json::json!({ "tokens": [
+            { "name": "fs1", "token": "read-fs1-0123456789", "access": "read", "hosts": ["fs1"] },
+            { "name": "other", "token": "read-other-0123456789", "access": "read", "hosts": ["other"] },
+        ]}),
+    );
+    let srv = Server::start(&env.store, &[]);
+    let tok = Some("read-fs1-0123456789");
+    let api = |rest: &str| srv.url(&format!("/api/v1/hosts/fs1/snapshots/latest/{rest}"));
+    let r = get(&api("files?partition=2&path=/srv/data"), tok);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().unwrap().len(), 301);
+    let r = get(&api("file?partition=2&path=/etc/ssh/ssh_host_key"), tok);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.h("content-length"), Some("1675"));
+    let want = std::fs::read(env.path("tree/etc/ssh/ssh_host_key")).unwrap();
+    assert!(r.body == want, "the file over HTTP");
+    let r = get(&api("export?partition=3&path=/Users"), tok);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.h("content-type"), Some("application/x-tar"));
+    let tarball = env.path("api-users.tar");
+    std::fs::write(&tarball, &r.body).unwrap();
+    let dst = env.path("api-unpacked");
+    std::fs::create_dir_all(&dst).unwrap();
+    Cmd::new("tar")
+        .arg("-xf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&dst)
+        .ok();
+    let diff = Cmd::new("diff")
+        .arg("-r")
+        .arg(env.path("ntfs-tree/Users"))
+        .arg(dst.join("Users"))
+        .run();
+    assert!(diff.success(), "{}", diff.describe());
+    for (rest, token, status) in [
+        ("file?partition=2&path=/nope", tok, 404),
+        ("file?partition=2&path=/srv/../etc/hostname", tok, 400),
+        ("file?partition=2&path=/srv", tok, 400),
+        ("files?partition=9", tok, 400),
+        (
+            "files?partition=2&path=/",
+            Some("read-other-0123456789"),
+            403,
+        ),
+        ("files?partition=2&path=/", None, 401),
+    ] {
+        let r = get(&api(rest), token);
+        assert_eq!(r.status, status, "{rest}: {}", r.text());
+    }
+}
+
 /// An ESP-like FAT16 volume filled with mtools: long names, nested folders, set times (FAT keeps
 /// them to 2 seconds, in local time: the test runs mtools with TZ=UTC). The tree is `fat-tree`.
 fn fat_files(env: &Env, img: &Path) {
@@ -457,6 +514,7 @@ fn ext4_xfs_ntfs_and_fat_files_listed_got_and_exported_from_a_snapshot() {
     std::fs::remove_file(&nt).unwrap();
     env.ingest_ok("fs1", "s1", &[&disk]);
     ntfs_checks(&env);
+    api_checks(&env);
 
     // ls: names, kinds, modes, owners, times and sizes as the tree has them.
     let ls = files(&env, &["ls", "--json", "/srv/data"]).ok();

@@ -68,6 +68,15 @@ pub fn handle(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
         (["hosts"], _) if read => list_hosts(app, who),
         (["hosts", host, "snapshots"], _) if read => list_snapshots(app, who, host),
         (["hosts", host, "snapshots", id], _) if read => manifest(app, who, host, id),
+        (["hosts", host, "snapshots", id, "files"], _) if read => {
+            super::browse::list(app, who, host, id, &req.query)
+        }
+        (["hosts", host, "snapshots", id, "file"], _) if read => {
+            super::browse::file(app, who, host, id, &req.query)
+        }
+        (["hosts", host, "snapshots", id, "export"], _) if read => {
+            super::browse::export(app, who, host, id, &req.query)
+        }
         (["pubkey"], _) if read => pubkey(app),
         (["progress"], _) if read => list_progress(app, who),
         (["progress", host], "POST") => report_progress(app, req, who, host),
@@ -120,9 +129,11 @@ fn failover(app: &App, req: &mut Request, rest: &str, who: &Who) -> Response {
 /// The methods of a known endpoint, for 405.
 fn allowed(s: &[&str]) -> Option<&'static str> {
     Some(match s {
-        ["hosts"] | ["hosts", _, "snapshots"] | ["hosts", _, "snapshots", _] | ["pubkey"] => {
-            "GET, HEAD"
-        }
+        ["hosts"]
+        | ["hosts", _, "snapshots"]
+        | ["hosts", _, "snapshots", _]
+        | ["hosts", _, "snapshots", _, "files" | "file" | "export"]
+        | ["pubkey"] => "GET, HEAD",
         ["progress"] => "GET, HEAD",
         ["uploads"] | ["uploads", _, "missing"] | ["uploads", _, "commit"] | ["progress", _] => {
             "POST"
@@ -174,7 +185,7 @@ fn latest(app: &App, host: &str) -> Option<String> {
     check_name(&id, "snapshot").ok().map(|_| id)
 }
 
-fn host_access(app: &App, who: &Who, host: &str) -> Result<(), Response> {
+pub(super) fn host_access(app: &App, who: &Who, host: &str) -> Result<(), Response> {
     name(host, "host")?;
     if !who.may_read(host) {
         return Err(err(403, format!("this token may not read host {host}")));

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest request head (request line and headers) accepted.
@@ -57,6 +58,8 @@ pub struct Request<'c> {
     pub method: String,
     /// The path part of the request target, still percent-encoded.
     pub path: String,
+    /// What follows `?` in the request target (empty without one), still percent-encoded.
+    pub query: String,
     pub headers: Vec<(String, String)>,
     body: BodyReader<'c>,
 }
@@ -347,14 +350,36 @@ pub enum Body {
         offset: u64,
         len: u64,
     },
+    /// Bytes a function writes as it makes them: `len` of them when known (a file taken out of a
+    /// snapshot), else the connection closes after them (an archive being built).
+    Stream {
+        len: Option<u64>,
+        write: Mutex<Option<StreamFn>>,
+    },
 }
 
+/// Writes a streamed body; returns the bytes written.
+pub type StreamFn = Box<dyn FnOnce(&mut dyn Write) -> io::Result<u64>>;
+
 impl Body {
-    fn len(&self) -> u64 {
+    fn len(&self) -> Option<u64> {
         match self {
-            Body::Empty => 0,
-            Body::Bytes(b) => b.len() as u64,
-            Body::File { len, .. } => *len,
+            Body::Empty => Some(0),
+            Body::Bytes(b) => Some(b.len() as u64),
+            Body::File { len, .. } => Some(*len),
+            Body::Stream { len, .. } => *len,
+        }
+    }
+
+    /// A body whose end only the closing connection marks.
+    pub fn unframed(&self) -> bool {
+        self.len().is_none()
+    }
+
+    pub fn stream(len: Option<u64>, write: StreamFn) -> Body {
+        Body::Stream {
+            len,
+            write: Mutex::new(Some(write)),
         }
     }
 }
@@ -538,10 +563,14 @@ pub fn serve_connection(
             && head.headers.iter().any(|(n, v)| {
                 n.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case("100-continue")
             });
-        let path = head.target.split('?').next().unwrap_or("").to_string();
+        let (path, query) = match head.target.split_once('?') {
+            Some((p, q)) => (p.to_string(), q.to_string()),
+            None => (head.target.clone(), String::new()),
+        };
         let mut req = Request {
             method: head.method,
             path,
+            query,
             headers: head.headers,
             body: BodyReader {
                 conn: &mut conn,
@@ -556,7 +585,7 @@ pub fn serve_connection(
         let resp = handler(&mut req);
         let clean = req.body.finish();
         drop(req);
-        let close = !keep_alive || !clean || stop.load(Ordering::SeqCst);
+        let close = !keep_alive || !clean || stop.load(Ordering::SeqCst) || resp.body.unframed();
         let result = write_response(conn.get_ref(), http10, is_head, resp.status, &resp, close);
         let (bytes, note) = match &result {
             Ok(n) => (*n, String::new()),
@@ -805,8 +834,8 @@ fn write_response(
         env!("CARGO_PKG_VERSION")
     );
     let no_body = status == 204 || status == 304 || (100..200).contains(&status);
-    if !no_body {
-        let _ = write!(head, "Content-Length: {}\r\n", resp.body.len());
+    if let (false, Some(len)) = (no_body, resp.body.len()) {
+        let _ = write!(head, "Content-Length: {len}\r\n");
     }
     for (n, v) in &resp.headers {
         // Header values come from our own code, but never let one break the framing.
@@ -849,6 +878,28 @@ fn write_response(
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("file ended after {sent} of {len} bytes"),
+                ));
+            }
+            Ok(sent)
+        }
+        Body::Stream { len, write } => {
+            w.write_all(head.as_bytes())?;
+            let f = write
+                .lock()
+                .map_err(|_| io::Error::other("stream lock"))?
+                .take();
+            let Some(f) = f else {
+                return Err(io::Error::other("stream already written"));
+            };
+            let mut out = io::BufWriter::with_capacity(1 << 16, w);
+            let sent = f(&mut out)?;
+            out.flush()?;
+            if len.is_some_and(|l| l != sent) {
+                // The promised length cannot be kept: the client must see a cut body.
+                let _ = stream.shutdown(Shutdown::Both);
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("stream ended after {sent} of {len:?} bytes"),
                 ));
             }
             Ok(sent)

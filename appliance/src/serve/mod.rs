@@ -10,6 +10,7 @@
 
 mod api;
 mod auth;
+mod browse;
 mod files;
 mod http;
 mod progress;
