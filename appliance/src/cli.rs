@@ -58,6 +58,9 @@ pub struct FilesWhere {
     /// that can be browsed.
     #[arg(long)]
     pub partition: Option<u32>,
+    /// An LVM2 logical volume (`VG/LV`) of a PV on the disk, instead of a partition.
+    #[arg(long, value_name = "VG/LV", conflicts_with = "partition")]
+    pub lv: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -19,11 +19,125 @@ pub fn run(a: &FilesArgs) -> Result<()> {
     let store = LocalStore::open(&at.store)?;
     let key = store.public_key()?;
     let snap = open_snapshot(&store, &at.host, at.snapshot.as_deref(), Some(&key))?;
-    let (index, offset, len, kind, part) = place(&snap, at.disk, at.partition)?;
-    let size = snap.manifest.disks[at.disk as usize].size;
-    let view = SnapshotView::new(&store, index, size);
+    let pick = Pick {
+        disk: at.disk,
+        partition: at.partition,
+        lv: at.lv.clone(),
+    };
+    browse(&store, &snap, &pick, |b| act(a, b))
+}
+
+/// Which filesystem of a snapshot: a partition of a disk, or an LV of a PV on it.
+pub struct Pick {
+    pub disk: u32,
+    pub partition: Option<u32>,
+    /// `VG/LV`: the LV's filesystem, read through its segments.
+    pub lv: Option<String>,
+}
+
+/// Run `f` with the browser of the filesystem `pick` names.
+pub fn browse<R>(
+    store: &LocalStore,
+    snap: &Snapshot,
+    pick: &Pick,
+    f: impl FnOnce(&Browser) -> Result<R>,
+) -> Result<R> {
+    let disks = &snap.manifest.disks;
+    let Some(d) = disks.get(pick.disk as usize) else {
+        bail!(
+            "the snapshot has {} disk(s); there is no disk {}",
+            disks.len(),
+            pick.disk
+        );
+    };
+    let view = SnapshotView::new(store, &snap.indexes[pick.disk as usize], d.size);
+    if let Some(want) = &pick.lv {
+        let (p, pv, lv) = find_lv(d, want)?;
+        let Some(fs) = &lv.fs else {
+            bail!("LV {want}: no filesystem was recognised in it");
+        };
+        let segs = segments(pv, lv).with_context(|| format!("LV {want}"))?;
+        let lvv = snapshot::volume::lvm::LvView {
+            dev: &view,
+            base: p.offset,
+            segs: &segs,
+            size: lv.size,
+        };
+        let b = Browser::open(&lvv, 0, lv.size, fs.kind).with_context(|| format!("LV {want}"))?;
+        return f(&b);
+    }
+    let (_, offset, len, kind, part) = place(snap, pick.disk, pick.partition)?;
     let b = Browser::open(&view, offset, len, kind)
-        .with_context(|| format!("disk {} partition {part}", at.disk))?;
+        .with_context(|| format!("disk {} partition {part}", pick.disk))?;
+    f(&b)
+}
+
+/// The partition, PV and LV `VG/LV` names on disk `d`.
+fn find_lv<'d>(
+    d: &'d snapshot::manifest::Disk,
+    want: &str,
+) -> Result<(
+    &'d snapshot::ptable::Partition,
+    &'d snapshot::manifest::LvmPv,
+    &'d snapshot::manifest::LvmLv,
+)> {
+    let Some((vg, name)) = want.split_once('/') else {
+        bail!("--lv {want}: expected VG/LV");
+    };
+    let mut known = Vec::new();
+    for p in &d.partitions {
+        let Some(pv) = p.lvm.as_deref() else { continue };
+        if p.md.is_some() {
+            continue;
+        }
+        for lv in &pv.vg.lvs {
+            known.push(format!("{}/{}", pv.vg.name, lv.name));
+            if pv.vg.name == vg && lv.name == name {
+                if pv.vg.pv_count != 1 {
+                    bail!(
+                        "LV {want}: its VG spans {} PVs (only a VG of one PV is read)",
+                        pv.vg.pv_count
+                    );
+                }
+                return Ok((p, pv, lv));
+            }
+        }
+    }
+    bail!(
+        "no LV {want} on disk {} (LVs: {})",
+        d.number,
+        if known.is_empty() {
+            "none".into()
+        } else {
+            known.join(", ")
+        }
+    )
+}
+
+/// The LV's segments as the view reads them (linear and striped only).
+fn segments(
+    pv: &snapshot::manifest::LvmPv,
+    lv: &snapshot::manifest::LvmLv,
+) -> Result<Vec<snapshot::volume::lvm::Seg>> {
+    let es = pv.extent_size;
+    let mut out = Vec::new();
+    for s in &lv.segments {
+        if s.kind != "striped" || s.stripes.is_empty() {
+            bail!("a {} segment is not read (copied whole at ingest)", s.kind);
+        }
+        let len = s.extent_count * es;
+        out.push(snapshot::volume::lvm::Seg {
+            lv_start: s.start_extent * es,
+            len,
+            stripe_size: s.stripe_size.unwrap_or(len),
+            stripes: s.stripes.iter().map(|pe| pv.pe_start + pe * es).collect(),
+        });
+    }
+    out.sort_by_key(|s| s.lv_start);
+    Ok(out)
+}
+
+fn act(a: &FilesArgs, b: &Browser) -> Result<()> {
     match &a.action {
         FilesAction::Ls { path, json, .. } => {
             let list = b.list(path)?;
@@ -45,7 +159,7 @@ pub fn run(a: &FilesArgs) -> Result<()> {
             out.flush().context("writing the file")
         }
         FilesAction::Export { path, output, .. } => {
-            let files = export_tar(&b, path, sink(output.as_deref())?)?;
+            let files = export_tar(b, path, sink(output.as_deref())?)?;
             eprintln!("exported {files} file(s) from {path}");
             Ok(())
         }

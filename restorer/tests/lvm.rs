@@ -200,6 +200,38 @@ fn build(env: &Env) -> Source {
     }
 }
 
+/// File-level restore from the LVs (issue 10 item 5): `appliance files export --lv` of the ext4
+/// in rhel/home and the XFS in rhel/root, read through the LVs' segments, unpack to the same
+/// files; a missing LV is refused, naming those there are.
+fn files_from_lvs(env: &Env, src: &Source) {
+    for (lv, tree) in [("rhel/home", &src.home), ("rhel/root", &src.root)] {
+        let tarball = env.dir.join(format!("{}.tar", lv.replace('/', "-")));
+        appliance()
+            .args(["files", "export", "--store"])
+            .arg(&env.store)
+            .args(["--host", "rhel1", "--lv", lv, "/", "-o"])
+            .arg(&tarball)
+            .ok();
+        let out = env.dir.join(format!("{}-files", lv.replace('/', "-")));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        run(Cmd::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(&out));
+        for (rel, want) in tree {
+            assert_eq!(&sha(&out.join(rel)), want, "{lv}: {rel}");
+        }
+    }
+    let bad = appliance()
+        .args(["files", "ls", "--store"])
+        .arg(&env.store)
+        .args(["--host", "rhel1", "--lv", "rhel/tmp", "/"])
+        .run();
+    assert!(
+        !bad.success() && bad.stderr.contains("LVs: rhel/swap, rhel/root, rhel/home"),
+        "{}",
+        bad.describe()
+    );
+}
+
 /// (offset, size) in bytes of each partition of `img`.
 fn parts_of(img: &Path) -> Vec<(u64, u64)> {
     let j: serde_json::Value =
@@ -310,6 +342,7 @@ fn rhel_like_pv_grows_and_the_named_lv_with_its_filesystem() {
         "stored {stored} bytes"
     );
     eprintln!("lvm: stored {stored} bytes for 35 MiB of files on a 2 GiB disk");
+    files_from_lvs(&env, &src);
 
     // On the host: the plan names the LV, and a --grow-lv naming no LV is refused, nothing written.
     let big = env.file("big.img", BIG);

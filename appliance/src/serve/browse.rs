@@ -6,10 +6,9 @@ use super::auth::Who;
 use super::files::percent_decode;
 use super::http::{json_bytes, Body, Response};
 use super::App;
-use crate::files::{export_tar, place};
+use crate::files::{browse, export_tar, Pick};
 use snapshot::browse::Browser;
 use snapshot::store::{open_snapshot, LocalStore, Snapshot};
-use snapshot::view::SnapshotView;
 use std::io::Write;
 
 type Answer = Result<Response, Response>;
@@ -20,15 +19,17 @@ fn err(status: u16, msg: impl AsRef<str>) -> Response {
 
 /// The query's `disk`, `partition` and `path` (default `/`).
 struct Query {
-    disk: u32,
-    partition: Option<u32>,
+    pick: Pick,
     path: String,
 }
 
 fn query(q: &str) -> Result<Query, Response> {
     let mut out = Query {
-        disk: 0,
-        partition: None,
+        pick: Pick {
+            disk: 0,
+            partition: None,
+            lv: None,
+        },
         path: "/".into(),
     };
     for pair in q.split('&').filter(|p| !p.is_empty()) {
@@ -41,8 +42,9 @@ fn query(q: &str) -> Result<Query, Response> {
                 .map_err(|_| err(400, format!("query parameter {k}={v}: not a number")))
         };
         match k {
-            "disk" => out.disk = number(&v)?,
-            "partition" => out.partition = Some(number(&v)?),
+            "disk" => out.pick.disk = number(&v)?,
+            "partition" => out.pick.partition = Some(number(&v)?),
+            "lv" => out.pick.lv = Some(v),
             "path" => out.path = v,
             other => return Err(err(400, format!("unknown query parameter {other:?}"))),
         }
@@ -61,18 +63,14 @@ fn open(app: &App, host: &str, id: &str) -> Result<Snapshot, Response> {
     open_snapshot(&app.store, host, id, Some(&key)).map_err(|e| err(404, format!("{e:#}")))
 }
 
-/// Run `f` with the browser of the partition `q` names.
+/// Run `f` with the browser of the filesystem `q` names.
 fn with_browser<R>(
     store: &LocalStore,
     snap: &Snapshot,
     q: &Query,
     f: impl FnOnce(&Browser) -> anyhow::Result<R>,
 ) -> anyhow::Result<R> {
-    let (index, offset, len, kind, _) = place(snap, q.disk, q.partition)?;
-    let size = snap.manifest.disks[q.disk as usize].size;
-    let view = SnapshotView::new(store, index, size);
-    let b = Browser::open(&view, offset, len, kind)?;
-    f(&b)
+    browse(store, snap, &q.pick, f)
 }
 
 /// 404 for a path that is not there, 400 for the rest of what the request got wrong.
