@@ -7,10 +7,9 @@
 
 mod common;
 
-use bmr_tests::prng::Prng;
+use bmr_tests::prng::write_random as random_file;
 use bmr_tests::util::Cmd;
 use common::{Env, BIN};
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
@@ -18,18 +17,31 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-fn random_file(path: &Path, size: u64, seed: u64) {
-    let mut rng = Prng::new(seed);
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut buf = vec![0u8; 4 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
+/// Unpack `tarball` (GNU tar, modes and owners kept) into `env`'s `name` and require
+/// `diff -r` of `top` there against `top` of `src` (links compared as links) to be clean.
+/// Returns the directory unpacked into.
+fn unpack_matches(
+    env: &Env,
+    tarball: &Path,
+    name: &str,
+    src: &Path,
+    top: &str,
+) -> std::path::PathBuf {
+    let dst = env.path(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    Cmd::new("tar")
+        .args(["-x", "-p", "--same-owner", "-f"])
+        .arg(tarball)
+        .arg("-C")
+        .arg(&dst)
+        .ok();
+    let diff = Cmd::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(src.join(top))
+        .arg(dst.join(top))
+        .run();
+    assert!(diff.success(), "{}", diff.describe());
+    dst
 }
 
 fn sh(script: &str) {
@@ -154,20 +166,7 @@ fn ntfs_checks(env: &Env) {
         &["export", "/Users", "-o", tarball.to_str().unwrap()],
     )
     .ok();
-    let dst = env.path("nt-unpacked");
-    std::fs::create_dir_all(&dst).unwrap();
-    Cmd::new("tar")
-        .arg("-xf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&dst)
-        .ok();
-    let diff = Cmd::new("diff")
-        .arg("-r")
-        .arg(tree.join("Users"))
-        .arg(dst.join("Users"))
-        .run();
-    assert!(diff.success(), "{}", diff.describe());
+    let dst = unpack_matches(env, &tarball, "nt-unpacked", &tree, "Users");
     let m = std::fs::metadata(dst.join("Users/Public/Documents/report.pdf")).unwrap();
     assert_eq!(m.mtime(), 1_300_000_000, "NTFS modification time kept");
 }
@@ -273,20 +272,7 @@ fn xfs_checks(env: &Env) {
         &["export", "/srv", "-o", tarball.to_str().unwrap()],
     )
     .ok();
-    let dst = env.path("xfs-unpacked");
-    std::fs::create_dir_all(&dst).unwrap();
-    Cmd::new("tar")
-        .args(["-x", "-p", "--same-owner", "-f"])
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&dst)
-        .ok();
-    let diff = Cmd::new("diff")
-        .args(["-r", "--no-dereference"])
-        .arg(tree.join("srv"))
-        .arg(dst.join("srv"))
-        .run();
-    assert!(diff.success(), "{}", diff.describe());
+    let dst = unpack_matches(env, &tarball, "xfs-unpacked", &tree, "srv");
     let m = std::fs::metadata(dst.join("srv/small/a")).unwrap();
     assert_eq!((m.mtime(), m.uid(), m.gid()), (1_234_567_890, 77, 88));
 }
@@ -317,20 +303,13 @@ fn api_checks(env: &Env) {
     assert_eq!(r.h("content-type"), Some("application/x-tar"));
     let tarball = env.path("api-users.tar");
     std::fs::write(&tarball, &r.body).unwrap();
-    let dst = env.path("api-unpacked");
-    std::fs::create_dir_all(&dst).unwrap();
-    Cmd::new("tar")
-        .arg("-xf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&dst)
-        .ok();
-    let diff = Cmd::new("diff")
-        .arg("-r")
-        .arg(env.path("ntfs-tree/Users"))
-        .arg(dst.join("Users"))
-        .run();
-    assert!(diff.success(), "{}", diff.describe());
+    unpack_matches(
+        env,
+        &tarball,
+        "api-unpacked",
+        &env.path("ntfs-tree"),
+        "Users",
+    );
     for (rest, token, status) in [
         ("file?partition=2&path=/nope", tok, 404),
         ("file?partition=2&path=/srv/../etc/hostname", tok, 400),
@@ -404,20 +383,7 @@ fn fat_checks(env: &Env) {
         &["export", "/EFI", "-o", tarball.to_str().unwrap()],
     )
     .ok();
-    let dst = env.path("fat-unpacked");
-    std::fs::create_dir_all(&dst).unwrap();
-    Cmd::new("tar")
-        .arg("-xf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&dst)
-        .ok();
-    let diff = Cmd::new("diff")
-        .arg("-r")
-        .arg(tree.join("EFI"))
-        .arg(dst.join("EFI"))
-        .run();
-    assert!(diff.success(), "{}", diff.describe());
+    let dst = unpack_matches(env, &tarball, "fat-unpacked", &tree, "EFI");
     let m = std::fs::metadata(dst.join("EFI/debian/Long Folder Name/A file with a long name.txt"))
         .unwrap();
     assert_eq!(m.mtime(), 1_500_000_000, "FAT modification time kept");
@@ -614,22 +580,9 @@ fn ext4_xfs_ntfs_and_fat_files_listed_got_and_exported_from_a_snapshot() {
             "archive name {n:?}"
         );
     }
-    let out = env.path("unpacked");
-    std::fs::create_dir_all(&out).unwrap();
-    Cmd::new("tar")
-        .args(["-x", "-p", "--same-owner", "-f"])
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&out)
-        .ok();
+    let out = unpack_matches(&env, &tarball, "unpacked", &tree, "srv");
     let src = tree.join("srv");
     let dst = out.join("srv");
-    let diff = Cmd::new("diff")
-        .args(["-r", "--no-dereference"])
-        .arg(&src)
-        .arg(&dst)
-        .run();
-    assert!(diff.success(), "{}", diff.describe());
     for rel in [
         "data/file001.bin",
         "data/file002.bin",

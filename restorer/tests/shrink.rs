@@ -7,10 +7,9 @@
 
 mod common;
 
-use bmr_tests::prng::Prng;
+use bmr_tests::prng::{write_random as random_file, Prng};
 use bmr_tests::util::{extract, Cmd};
 use common::*;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,21 +18,6 @@ const GIB: u64 = 1 << 30;
 
 fn run(c: Cmd) -> String {
     c.timeout(Duration::from_secs(900)).ok().stdout
-}
-
-/// `size` incompressible bytes from `seed`, streamed.
-fn random_file(path: &Path, size: u64, seed: u64) {
-    let mut rng = Prng::new(seed);
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut buf = vec![0u8; 4 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
 }
 
 /// A mounted filesystem, unmounted when dropped.

@@ -37,6 +37,23 @@ impl Prng {
     }
 }
 
+/// Write `size` incompressible bytes from `seed` to `path`, streamed in 4 MiB pieces (the same
+/// bytes for the same seed: a test regenerates them to compare).
+pub fn write_random(path: &std::path::Path, size: u64, seed: u64) {
+    use std::io::Write;
+    let mut rng = Prng::new(seed);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("creating the file"));
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).expect("writing the file");
+        left -= n as u64;
+    }
+    f.flush().expect("writing the file");
+}
+
 /// What a generated file holds. Equal values give equal bytes (that is how duplicates are made).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -376,27 +376,11 @@ impl Tree<'_> {
 
     /// The inode a name in directory `dir` refers to.
     fn entry(&self, dir: &Inode, name: &str) -> Result<Option<u64>> {
-        let bs = self.geo.bs as usize;
-        let content = self.read(dir, MAX_CONTENT)?;
-        for (bi, block) in content.chunks(bs).enumerate() {
-            let mut pos = 0usize;
-            while pos + 8 <= block.len() {
-                let inode = le::u32(block, pos);
-                let rec_len = usize::from(le::u16(block, pos + 4));
-                let name_len = usize::from(block[pos + 6]);
-                if rec_len < 8 || pos + rec_len > block.len() || 8 + name_len > rec_len {
-                    bail!(
-                        "directory inode {}: entry at byte {pos} of block {bi} is damaged",
-                        dir.number
-                    );
-                }
-                if inode != 0 && block.get(pos + 8..pos + 8 + name_len) == Some(name.as_bytes()) {
-                    return Ok(Some(u64::from(inode)));
-                }
-                pos += rec_len;
-            }
-        }
-        Ok(None)
+        Ok(self
+            .entries(dir)?
+            .into_iter()
+            .find(|e| e.name == name.as_bytes())
+            .map(|e| e.inode))
     }
 
     /// The inode at `path` (absolute, `/`-separated), `None` when a component is missing or is
