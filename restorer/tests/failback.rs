@@ -49,7 +49,8 @@ fn ok(args: &[&str]) -> String {
 /// A store with one snapshot running as failover VM `vm`, served by `appliance serve` on a
 /// fixed port (so it can be killed and started again at the same address).
 struct Setup {
-    dir: PathBuf,
+    /// Removed after the VM is stopped (by `Drop`, before the fields), kept if the test fails.
+    dir: bmr_tests::Artifacts,
     store: PathBuf,
     vm: String,
     qmp: PathBuf,
@@ -205,10 +206,6 @@ impl Drop for Setup {
         let _ = appliance(&[
             "failover", "stop", "--hard", "--store", &s, "--name", &self.vm,
         ]);
-        // Artifacts are kept for a failed test only (they are hundreds of MiB).
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

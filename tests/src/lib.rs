@@ -10,6 +10,7 @@
 //! - [`guest`]: a throwaway QEMU guest with host tools, for what needs drivers this host lacks.
 //! - [`realsys`]: real Debian 12 servers (debootstrap, prepared on their source hardware).
 
+pub mod artifacts;
 pub mod bigdisk;
 pub mod boot;
 pub mod corrupt;
@@ -21,5 +22,6 @@ pub mod qemu;
 pub mod realsys;
 pub mod util;
 
+pub use artifacts::Artifacts;
 pub use fixtures::{Fixture, FsKind};
 pub use util::{Cmd, Output, Workspace};

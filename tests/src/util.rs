@@ -4,6 +4,7 @@
 //! Functions named `must_*` and the [`Cmd`] runners panic with a message naming the command, its
 //! exit status and output (tests may panic); the others return errors.
 
+use crate::artifacts::Artifacts;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
 use std::fs::File;
@@ -489,12 +490,10 @@ impl Workspace {
         p
     }
 
-    /// Where a test keeps its artifacts: `<workspace>/target/e2e/<test>/`, emptied first.
-    pub fn artifacts(test: &str) -> PathBuf {
-        let d = Self::root().join("target").join("e2e").join(test);
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating the artifacts dir");
-        d
+    /// Where a test keeps its artifacts: `<workspace>/target/e2e/<test>/`, emptied first, removed
+    /// when the test passes and kept when it fails ([`Artifacts`]).
+    pub fn artifacts(test: &str) -> Artifacts {
+        Artifacts::fresh(Self::root().join("target").join("e2e").join(test))
     }
 }
 

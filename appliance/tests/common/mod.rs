@@ -25,7 +25,7 @@ pub struct Env {
     pub name: String,
     pub scratch: tempfile::TempDir,
     pub store: PathBuf,
-    pub logs: PathBuf,
+    pub logs: bmr_tests::Artifacts,
 }
 
 impl Env {

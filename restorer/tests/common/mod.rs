@@ -19,7 +19,7 @@ pub const MIB: u64 = 1 << 20;
 
 /// One test's working directory, with a store initialised by `appliance init`.
 pub struct Env {
-    pub dir: PathBuf,
+    pub dir: bmr_tests::Artifacts,
     pub store: PathBuf,
     pub logs: PathBuf,
 }

@@ -38,7 +38,8 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let dir = Workspace::artifacts("demo");
+    // The demo keeps its directory: its logs and images are for the user to read.
+    let dir = Workspace::artifacts("demo").keep();
     let mut s = Steps(Vec::new(), Instant::now());
     let src = s.step(
         "build the sample server's disk (GPT, ESP + ext4 root with a mini Linux)",
