@@ -15,6 +15,7 @@ use clap::Parser;
 use cli::{Cli, Command};
 
 fn main() {
+    snapshot::stdout::exit_quietly_when_closed();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(a) => list::init(&a),

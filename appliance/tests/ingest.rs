@@ -1070,3 +1070,25 @@ fn ingest_refuses_missing_source_and_bad_names() {
     }
     assert!(env.list_json().as_array().is_some_and(|a| a.is_empty()));
 }
+
+/// Output into a reader that is gone (`appliance pubkey | true`): the program ends quietly with
+/// 141, as a SIGPIPE death would, instead of panicking (which it did before).
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let env = Env::new("closed_stdout");
+    let store = &env.store;
+    let mut child = std::process::Command::new(BIN)
+        .arg("pubkey")
+        .arg("--store")
+        .arg(store)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the program writes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}

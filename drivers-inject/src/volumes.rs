@@ -19,11 +19,27 @@ pub struct Volume {
     pub label: Option<String>,
     /// GPT partition type GUID (lowercase) or MBR type (`0x83`).
     pub parttype: Option<String>,
+    /// An activated LVM2 logical volume (`VG/LV`), not a partition: `device` is its
+    /// `/dev/mapper` node, `disk` that of its first PV, `partition` 0 and never matched.
+    pub lv: Option<String>,
 }
 
 pub const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 
 impl Volume {
+    /// Whether this is partition `part` of disk `disk` (never true of an LV).
+    pub fn is_partition(&self, disk: usize, part: u32) -> bool {
+        self.lv.is_none() && self.disk == disk && self.partition == part
+    }
+
+    /// Whether `spec` (an fstab or command-line device) names this LV: `/dev/mapper/VG-LV`
+    /// (the device itself) or `/dev/VG/LV`.
+    pub fn is_lv(&self, spec: &str) -> bool {
+        self.lv
+            .as_deref()
+            .is_some_and(|lv| spec.strip_prefix("/dev/") == Some(lv))
+    }
+
     pub fn is_esp(&self) -> bool {
         self.parttype.as_deref() == Some(ESP_TYPE) || self.parttype.as_deref() == Some("0xef")
     }

@@ -118,6 +118,22 @@ pub fn adapt(
     for (i, d) in disks.iter().enumerate() {
         volumes.extend(drivers_inject::volumes::probe(i, d)?);
     }
+    // The LVs of the restored VGs are volumes too (a root on LVM), active for the time of it.
+    let pvs: Vec<String> = volumes
+        .iter()
+        .filter(|v| v.fstype.as_deref() == Some("LVM2_member"))
+        .map(|v| v.device.clone())
+        .collect();
+    let mut active = crate::lvm::activate(&pvs)?;
+    for (name, dev, pv) in &active.lvs {
+        let mut v = drivers_inject::volumes::blkid(dev)?;
+        v.disk = volumes
+            .iter()
+            .find(|p| &p.device == pv)
+            .map_or(0, |p| p.disk);
+        v.lv = Some(name.clone());
+        volumes.push(v);
+    }
     let base = if Path::new("/run/bmr").is_dir() {
         Path::new("/run/bmr").to_path_buf()
     } else {
@@ -140,7 +156,10 @@ pub fn adapt(
     }
     let r = linux::adapt(&volumes, &inventory, &opts);
     let _ = std::fs::remove_dir_all(&work);
+    let lvm_warnings = std::mem::take(&mut active.warnings);
+    drop(active);
     let mut r = r?;
+    r.warnings.splice(0..0, lvm_warnings);
     r.steps.insert(
         0,
         linux::Step {

@@ -125,18 +125,19 @@ pub fn free_after(pv: &LvmPv, size: u64) -> u64 {
     extents.saturating_sub(allocated) * es
 }
 
-/// `lvm` restricted to one device, with no udev, devices file, backups or archives.
-struct Lvm<'a> {
-    dev: &'a Path,
+/// `lvm` restricted to the given devices (comma-separated), with no udev, devices file,
+/// backups or archives.
+struct Lvm {
+    devices: String,
     activation: bool,
 }
 
-impl Lvm<'_> {
+impl Lvm {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("lvm");
         c.args(args)
             .arg("--devices")
-            .arg(self.dev)
+            .arg(&self.devices)
             .arg("--config")
             .arg(format!(
                 "devices {{ use_devicesfile = 0 obtain_device_list_from_udev = 0 }} \
@@ -190,7 +191,7 @@ fn device_mapper() -> bool {
 pub fn grow(lo: &Loop, lv: Option<&LvGrow>) -> Result<(String, Option<String>)> {
     let dm = device_mapper();
     let lvm = Lvm {
-        dev: lo.path(),
+        devices: lo.path().to_string_lossy().into_owned(),
         activation: dm,
     };
     lvm.run(&["pvresize", "-q", &lo.path().to_string_lossy()])
@@ -243,6 +244,106 @@ pub fn grow(lo: &Loop, lv: Option<&LvGrow>) -> Result<(String, Option<String>)> 
         )),
         (Ok(()), Err(e)) => Err(e).with_context(|| format!("deactivating {name}")),
     }
+}
+
+/// The logical volumes of the VGs on some restored partitions, activated (for the adaptation
+/// to read the system on them); deactivated when dropped.
+pub struct Active {
+    lvm: Lvm,
+    vgs: Vec<String>,
+    /// `(VG/LV, /dev/mapper node, the PV it starts on)` of each active LV.
+    pub lvs: Vec<(String, String, String)>,
+    /// Why some VG was not activated.
+    pub warnings: Vec<String>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if !self.vgs.is_empty() {
+            let mut args = vec!["vgchange", "-q", "-an"];
+            args.extend(self.vgs.iter().map(String::as_str));
+            if let Err(e) = self.lvm.run(&args) {
+                eprintln!(
+                    "restorer: warning: deactivating {}: {e:#}",
+                    self.vgs.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// Activates the VGs whose PVs are among `pvs` (restored partitions), seeing no other device.
+/// A VG whose LV names are taken on this machine (`/dev/mapper/VG-*` exists) is left inactive
+/// and said, so that nothing of this machine's own is ever deactivated.
+pub fn activate(pvs: &[String]) -> Result<Active> {
+    let mut a = Active {
+        lvm: Lvm {
+            devices: pvs.join(","),
+            activation: true,
+        },
+        vgs: Vec::new(),
+        lvs: Vec::new(),
+        warnings: Vec::new(),
+    };
+    if pvs.is_empty() {
+        return Ok(a);
+    }
+    if !device_mapper() {
+        a.warnings.push(format!(
+            "LVM PVs on {}: not looked into (this kernel has no device-mapper)",
+            pvs.join(", ")
+        ));
+        return Ok(a);
+    }
+    let list = a.lvm.output(&["vgs", "--noheadings", "-o", "vg_name"])?;
+    let mapper = |vg: &str| {
+        let prefix = format!("{}-", vg.replace('-', "--"));
+        std::fs::read_dir("/dev/mapper")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    };
+    for vg in list.split_whitespace() {
+        if mapper(vg) {
+            a.warnings.push(format!(
+                "VG {vg}: not activated: this machine already has /dev/mapper/{vg}-* devices"
+            ));
+            continue;
+        }
+        match a.lvm.run(&["vgchange", "-q", "-ay", vg]) {
+            Ok(()) => a.vgs.push(vg.to_string()),
+            Err(e) => a
+                .warnings
+                .push(format!("VG {vg}: activating it failed: {e:#}")),
+        }
+    }
+    if a.vgs.is_empty() {
+        return Ok(a);
+    }
+    let mut args = vec![
+        "lvs",
+        "--noheadings",
+        "--separator",
+        "|",
+        "-o",
+        "vg_name,lv_name,lv_dm_path,devices",
+    ];
+    args.extend(a.vgs.iter().map(String::as_str));
+    let out = a.lvm.output(&args)?;
+    for line in out.lines() {
+        let f: Vec<&str> = line.trim().split('|').collect();
+        let [vg, lv, path, devices] = f[..] else {
+            continue;
+        };
+        let pv = devices.split('(').next().unwrap_or("").to_string();
+        let name = format!("{vg}/{lv}");
+        if path.is_empty() || !Path::new(path).exists() || a.lvs.iter().any(|l| l.0 == name) {
+            continue;
+        }
+        a.lvs.push((name, path.to_string(), pv));
+    }
+    Ok(a)
 }
 
 #[cfg(test)]

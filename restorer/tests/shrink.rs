@@ -1,9 +1,11 @@
 //! Acceptance of restoring onto a smaller disk (issue 10): a 20 GiB GPT disk (ESP, a 10 GiB ext4,
-//! a 9.7 GiB NTFS) holding 740 MiB of files, placed deep inside both filesystems so the tools must
-//! move data, restored over HTTP onto a 3 GiB target: the ext4 and NTFS partitions shrink
+//! a 9.7 GiB NTFS) holding 3 GiB of files, placed deep inside both filesystems so the tools must
+//! move data, restored over HTTP onto an 8 GiB target: the ext4 and NTFS partitions shrink
 //! (`resize2fs`, `ntfsresize` on scratch rebuilds), the NTFS one moves and its boot sectors name
 //! its new start, `e2fsck -fn`, `ntfsfix -n` and `fsck.fat -n` are clean and every file reads back
-//! identical. A 512 MiB target is refused before any write, naming the size needed.
+//! identical. A 2 GiB target is refused before any write, naming the size needed. The images are
+//! made in place (offset loop devices, fillers allocated with `fallocate`/`ntfsfallocate`) and
+//! removed when the test passes: about 12 GiB of disk at the peak.
 
 mod common;
 
@@ -89,7 +91,7 @@ fn source_disk(env: &Env) -> Source {
         .arg("::/EFI/BOOT/BOOTX64.EFI"));
     drop(fat);
 
-    // ext4: a 5 GiB filler allocated first and deleted last, so the files sit past
+    // ext4: a 5 GiB filler allocated first and deleted last, so the 2 GiB of files sit past
     // where the shrunk filesystem ends.
     let ex = part(&image, ext);
     run(Cmd::new("mkfs.ext4")
@@ -106,7 +108,7 @@ fn source_disk(env: &Env) -> Source {
             std::fs::create_dir_all(mnt.join(format!("srv/d{d}"))).unwrap();
             for i in 0..5u64 {
                 let name = format!("srv/d{d}/f{i}.bin");
-                let (sz, seed) = (24 * MIB + i * 12345 + d, 1000 + d * 10 + i);
+                let (sz, seed) = (100 * MIB + i * 12345 + d, 1000 + d * 10 + i);
                 random_file(&mnt.join(&name), sz, seed);
                 ext_files.push((name, sz, seed));
             }
@@ -121,7 +123,7 @@ fn source_disk(env: &Env) -> Source {
     }
     drop(ex);
 
-    // NTFS: the same trick with a 1.5 GiB filler.
+    // NTFS: the same trick with a 3 GiB filler, under 1 GiB of files.
     let nt = part(&image, ntfs);
     run(Cmd::new("mkntfs")
         .args(["-F", "-Q", "-q", "-L", "Data", "-c", "4096", "-p"])
@@ -134,7 +136,7 @@ fn source_disk(env: &Env) -> Source {
         std::fs::write(mnt.join("filler"), b"").unwrap();
         run(Cmd::new("umount").arg(&mnt));
         run(Cmd::new("ntfsfallocate")
-            .args(["-l", "1536M"])
+            .args(["-l", "3G"])
             .arg(&nt.path)
             .arg("filler"));
         run(Cmd::new("ntfs-3g")
@@ -145,7 +147,7 @@ fn source_disk(env: &Env) -> Source {
         std::fs::create_dir_all(mnt.join("Users/Public")).unwrap();
         for i in 0..4u64 {
             let name = format!("Users/Public/Archive {i}.bin");
-            let (sz, seed) = (64 * MIB + i * 4099, 7000 + i);
+            let (sz, seed) = (250 * MIB + i * 4099, 7000 + i);
             random_file(&mnt.join(&name), sz, seed);
             ntfs_files.push((name, sz, seed));
         }
@@ -200,7 +202,7 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
     let sarg = scratch.display().to_string();
 
     // Too small even shrunk: refused before anything is written, with the size needed.
-    let tiny = env.file("tiny.img", 512 * MIB);
+    let tiny = env.file("tiny.img", 2 * GIB);
     let mark = vec![0xA5u8; 1 << 20];
     std::fs::OpenOptions::new()
         .write(true)
@@ -211,7 +213,7 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
     let (out, _) = restore(&srv.url, "small", &[&tiny], &["--scratch", &sarg]);
     assert!(
         !out.success(),
-        "a 512 MiB target was accepted: {}",
+        "a 2 GiB target was accepted: {}",
         out.describe()
     );
     let err = out.stderr.trim();
@@ -237,10 +239,10 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
         .read_exact_at(&mut head, 0)
         .unwrap();
     assert!(head == mark, "the refused target was written");
-    assert_eq!(std::fs::metadata(&tiny).unwrap().len(), 512 * MIB);
+    assert_eq!(std::fs::metadata(&tiny).unwrap().len(), 2 * GIB);
 
     // The plan shows the sizes.
-    let target = env.file("target.img", 3 * GIB);
+    let target = env.file("target.img", 8 * GIB);
     let t = target.display().to_string();
     let dry = restorer()
         .args([
@@ -279,7 +281,7 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
         std::fs::read_dir(&scratch).unwrap().next().is_none(),
         "the scratch rebuilds are removed"
     );
-    assert_eq!(std::fs::metadata(&target).unwrap().len(), 3 * GIB);
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 8 * GIB);
 
     let (label, parts) = target_table(&target).expect("sfdisk reads the table");
     assert_eq!(label, "gpt");
@@ -290,14 +292,14 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
         "the ext4 partition keeps its start"
     );
     assert!(
-        parts[1].size < 5 * GIB && parts[1].size > GIB,
+        parts[1].size < 5 * GIB && parts[1].size > 2 * GIB,
         "ext4 shrinks below its files"
     );
     assert!(
-        parts[2].offset < s.ntfs.0 && parts[2].size < 3 * GIB / 2 && parts[2].size > 300 * MIB,
+        parts[2].offset < s.ntfs.0 && parts[2].size < 4 * GIB && parts[2].size > GIB,
         "NTFS shrinks below its files"
     );
-    assert!(parts[2].offset + parts[2].size <= 3 * GIB - 34 * 512);
+    assert!(parts[2].offset + parts[2].size <= 8 * GIB - 34 * 512);
     run(Cmd::new("sgdisk").arg("-v").arg(&target));
 
     // ESP.

@@ -37,6 +37,7 @@ pub mod reader;
 pub mod round;
 pub mod sign;
 pub mod source;
+pub mod stdout;
 pub mod store;
 pub mod sys;
 pub mod threads;

@@ -4,7 +4,7 @@
 //! there: the marker must come up with the root on the new controller and the HTTP service
 //! must answer on the static IP through the new NIC. The control restores the same snapshot with
 //! `restorer.adapt=0` and asserts where that boot stops; the same-hardware restore must change
-//! nothing. Logs under `target/e2e/<test>/`.
+//! nothing. One of them has RHEL's default layout: XFS on LVM. Logs under `target/e2e/<test>/`.
 
 use bmr_tests::boot::{self, appliance::Appliance};
 use bmr_tests::qemu::{Bus, Disk, Firmware, Nic, Vm, VmSpec};
@@ -261,6 +261,33 @@ fn dracut_hostonly_onto_nvme_and_e1000e() {
             "lacks nvme",
             "rebuilt with dracut",
             "/etc/fstab: /dev/vda",
+            "MAC binding",
+        ],
+    );
+}
+
+/// RHEL's default layout (`/boot` XFS, root XFS and swap on LVs of VG `rhel`, fstab by
+/// `/dev/mapper` names, dracut hostonly) restored onto a bigger NVMe disk with an e1000e: the PV,
+/// the root LV and its XFS grow in the boot image, the adaptation activates the restored VG to
+/// find the root on it, and dracut rebuilds the image in a chroot with the LV mounted.
+#[test]
+fn rhel_lvm_xfs_onto_nvme_and_e1000e() {
+    let Some(s) = server(Variant::RhelLvm) else {
+        return;
+    };
+    let dir = Workspace::artifacts("rhel_lvm_xfs_onto_nvme_and_e1000e");
+    migrate(
+        &dir,
+        "rhel",
+        &s,
+        47846,
+        &nvme_e1000e(),
+        "/dev/mapper/rhel-root",
+        &[
+            "LV rhel/root takes its new extents (lvextend), its filesystem grown",
+            "restored system: Debian GNU/Linux 12 (bookworm) on /dev/mapper/rhel-root (xfs)",
+            "lacks nvme",
+            "rebuilt with dracut",
             "MAC binding",
         ],
     );

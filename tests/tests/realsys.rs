@@ -40,8 +40,9 @@ fn boots_on_source(v: Variant) {
     let at = vm.started.elapsed();
     assert_eq!(up.host, s.host, "{}", up.line);
     assert!(
-        up.root.starts_with("/dev/vda"),
-        "root not on virtio-blk: {}",
+        up.root.starts_with(v.source_root()),
+        "root not on {}: {}",
+        v.source_root(),
         up.line
     );
     assert!(
@@ -95,6 +96,12 @@ fn dracut_server_boots_on_its_source_hardware() {
 #[test]
 fn bios_netplan_server_boots_on_its_source_hardware() {
     boots_on_source(Variant::BiosNetplan);
+}
+
+/// RHEL's default layout: `/boot` XFS, root XFS and swap on LVM, dracut hostonly.
+#[test]
+fn rhel_lvm_xfs_server_boots_on_its_source_hardware() {
+    boots_on_source(Variant::RhelLvm);
 }
 
 /// The control: the same disk on an NVMe controller with an e1000e NIC (another slot, another

@@ -74,10 +74,7 @@ pub fn rewrite(dev: &str, volumes: &[Volume]) -> Rewrite {
     let Some((disk, part)) = kernel_name(dev) else {
         return Rewrite::Keep;
     };
-    let Some(v) = volumes
-        .iter()
-        .find(|v| v.disk == disk && v.partition == part)
-    else {
+    let Some(v) = volumes.iter().find(|v| v.is_partition(disk, part)) else {
         return Rewrite::Unknown;
     };
     if v.device == dev {

@@ -110,10 +110,13 @@ pub fn configure(
         }
         Generator::Dracut => {
             let list: Vec<&str> = modules.iter().map(String::as_str).collect();
-            let content = format!(
+            let mut content = format!(
                 "{MARK} {why}\n# (dracut reads this on every rebuild, so kernel updates keep them)\nadd_drivers+=\" {} \"\n",
                 list.join(" ")
             );
+            if ctx.on_lvm {
+                content.push_str("# the root is on LVM\nadd_dracutmodules+=\" lvm \"\n");
+            }
             ctx.changes
                 .write("etc/dracut.conf.d/90-bmr-restore.conf", &content, why)
         }
@@ -155,13 +158,15 @@ pub fn chroot(ctx: &Ctx, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
-/// Makes a new initramfs for `k` with the distribution's tool, keeping the old one as
-/// `.pre-restore`, and checks that it now has `must_have`.
+/// Makes a new initramfs for `k` with the distribution's tool (adding `c.missing`, and for
+/// dracut the rest of the boot path's modules), keeping the
+/// old one as `.pre-restore`, and checks that it has every module of the boot path
+/// (`c.needed`), and lvm2 when the root is on an LV.
 pub fn rebuild(
     ctx: &mut Ctx,
     generator: Generator,
     k: &Kernel,
-    must_have: &BTreeSet<String>,
+    c: &KernelCheck,
     why: &str,
 ) -> Result<f64> {
     let t0 = Instant::now();
@@ -179,38 +184,65 @@ pub fn rebuild(
             chroot(ctx, &["update-initramfs", mode, "-k", &k.version])?;
         }
         Generator::Dracut => {
-            let drivers: Vec<&str> = must_have.iter().map(String::as_str).collect();
+            // The whole boot path, not only what was missing: hostonly dracut in a chroot
+            // does not see every layer (device-mapper under an LV root).
+            let km = KernelModules::open(&ctx.changes.path(&k.modules))?;
+            let drivers: Vec<&str> = c
+                .needed
+                .iter()
+                .filter(|m| !km.is_builtin(m))
+                .map(String::as_str)
+                .collect();
+            let drivers = drivers.join(" ");
             let path = format!("/{image}");
-            chroot(
-                ctx,
-                &[
-                    "dracut",
-                    "-f",
-                    "--kver",
-                    &k.version,
-                    "--add-drivers",
-                    &drivers.join(" "),
-                    &path,
-                ],
-            )?;
+            let mut args = vec!["dracut", "-f", "--kver", &k.version];
+            if !drivers.is_empty() {
+                args.extend(["--add-drivers", &drivers]);
+            }
+            // In a chroot, hostonly dracut may not see that the root is on an LV.
+            if ctx.on_lvm {
+                args.extend(["--add", "lvm"]);
+            }
+            args.push(&path);
+            chroot(ctx, &args)?;
         }
         g => bail!("rebuilding an initramfs with {g:?} is not supported"),
     }
-    let have = initramfs::read(&ctx.changes.path(&image))?.modules();
+    let listing = initramfs::read(&ctx.changes.path(&image))?;
+    let have = listing.modules();
     let km = KernelModules::open(&ctx.changes.path(&k.modules))?;
-    let still: Vec<&String> = must_have
+    let mut still: Vec<&str> = c
+        .needed
         .iter()
         .filter(|m| !have.contains(*m) && !km.is_builtin(m))
+        .map(String::as_str)
         .collect();
+    if ctx.on_lvm && !has_lvm(&listing.files) {
+        still.push("lvm (the root is on LVM)");
+    }
     if !still.is_empty() {
-        bail!(
-            "the new initramfs /{image} still lacks {}",
-            still
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        bail!("the new initramfs /{image} lacks {}", still.join(", "));
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Whether an initramfs holds lvm2's tool (dracut, initramfs-tools: `[usr/]sbin/lvm`).
+fn has_lvm(files: &[String]) -> bool {
+    files.iter().any(|f| {
+        let f = f.trim_start_matches("./").trim_start_matches('/');
+        f == "sbin/lvm" || f == "usr/sbin/lvm"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_lvm;
+
+    #[test]
+    fn lvm_in_an_initramfs_listing() {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(has_lvm(&l(&["usr/bin/udevadm", "usr/sbin/lvm"])));
+        assert!(has_lvm(&l(&["./sbin/lvm"])));
+        assert!(!has_lvm(&l(&["usr/sbin/lvmetad", "etc/lvm/lvm.conf"])));
+    }
 }

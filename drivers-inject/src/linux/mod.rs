@@ -81,6 +81,9 @@ pub struct Ctx<'a> {
     pub net_ifnames: bool,
     /// A `.link` file was written: the initramfs (whose udev names NICs too) must get it.
     pub pinned_links: bool,
+    /// The root or a filesystem the initramfs mounts is on an LVM2 LV: a new initramfs must
+    /// activate it (a generator in a chroot cannot always tell).
+    pub on_lvm: bool,
     pub warnings: Vec<String>,
     pub dry_run: bool,
 }
@@ -96,6 +99,7 @@ impl<'a> Ctx<'a> {
             volumes: &[],
             net_ifnames: true,
             pinned_links: false,
+            on_lvm: false,
             warnings: vec![],
             dry_run: false,
         }
@@ -206,7 +210,13 @@ fn run(
     let fstab = system::fstab(&fstab_text);
     let mut esp = None;
     let mut boot_vol = root_vol;
+    // The modules the root and /boot need besides the disk's driver: their filesystems', and
+    // device-mapper's for an LV (whose tools the distribution's generator adds itself).
     let mut fstypes = vec![fstype.clone()];
+    let mut on_lvm = root_vol.lv.is_some();
+    if on_lvm {
+        fstypes.push("dm_mod".into());
+    }
     for dir in ["/usr", "/var", "/boot", "/boot/efi", "/efi"] {
         let Some(e) = fstab.iter().find(|e| e.dir == dir) else {
             continue;
@@ -234,6 +244,10 @@ fn run(
         if dir == "/boot" {
             boot_vol = v;
             fstypes.push(t.clone());
+            if v.lv.is_some() {
+                fstypes.push("dm_mod".into());
+                on_lvm = true;
+            }
         }
         if is_esp {
             esp = Some(dir[1..].to_string());
@@ -265,6 +279,7 @@ fn run(
         volumes,
         net_ifnames: !cmdline_text.contains("net.ifnames=0"),
         pinned_links: false,
+        on_lvm,
         warnings: std::mem::take(&mut report.warnings),
         dry_run: opts.dry_run,
     };
@@ -430,7 +445,7 @@ fn steps(
             if k.initramfs.is_none() && c.missing.is_empty() {
                 continue;
             }
-            match initrd::rebuild(ctx, sys.generator, k, &c.missing, &why) {
+            match initrd::rebuild(ctx, sys.generator, k, c, &why) {
                 Ok(secs) => {
                     c.rebuilt_seconds = Some(secs);
                     rebuilt.push(format!("{} ({secs:.1} s)", k.version));

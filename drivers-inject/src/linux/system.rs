@@ -86,13 +86,11 @@ pub fn resolve<'a>(spec: &str, volumes: &'a [Volume]) -> Option<&'a Volume> {
     if let Some(l) = by("LABEL") {
         return volumes.iter().find(|v| v.label.as_deref() == Some(l));
     }
-    if let Some(v) = volumes.iter().find(|v| v.device == spec) {
+    if let Some(v) = volumes.iter().find(|v| v.device == spec || v.is_lv(spec)) {
         return Some(v);
     }
     let (disk, part) = super::devnames::kernel_name(spec)?;
-    volumes
-        .iter()
-        .find(|v| v.disk == disk && v.partition == part)
+    volumes.iter().find(|v| v.is_partition(disk, part))
 }
 
 fn os_release(root: &Path) -> Option<String> {
@@ -226,6 +224,19 @@ mod tests {
             assert!(resolve(s, &vols).is_some(), "{s}");
         }
         assert!(resolve("/dev/vda1", &vols).is_none());
+        // An LV by its mapper node or /dev/VG/LV, never by a kernel name of its PV's disk.
+        let lvs = vec![Volume {
+            disk: 0,
+            device: "/dev/mapper/rhel-root".into(),
+            lv: Some("rhel/root".into()),
+            ..Default::default()
+        }];
+        for s in ["/dev/mapper/rhel-root", "/dev/rhel/root"] {
+            assert!(resolve(s, &lvs).is_some(), "{s}");
+        }
+        for s in ["/dev/vda", "/dev/rhel/swap", "/dev/mapper/rhel-swap"] {
+            assert!(resolve(s, &lvs).is_none(), "{s}");
+        }
         let f =
             fstab("# c\nUUID=x / ext4 defaults 0 1\n\n/dev/vda1 /boot/efi vfat umask=0077 0 1\n");
         assert_eq!(f.len(), 2);

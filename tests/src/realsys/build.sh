@@ -6,15 +6,21 @@ set -euo pipefail
 : "${VARIANT:?}" "${HOST:?}" "${WORK:?}" "${SIZE_MIB:?}" "${ROOT_UUID:?}" "${ESP_VOLID:?}"
 : "${DISK_GUID:?}" "${MAC:?}" "${NIC:?}" "${MACHINE_ID:?}" "${DEBS:?}" "${MIRROR:?}" "${SUITE:?}"
 : "${SCRIPTS:?}"
+# A variant with its own disk layout brings it as $SCRIPTS/layout-<name>.sh, defining lay_fstab,
+# lay_grub_cfg and lay_disk (this script's helpers and variables in scope).
+layout=partitions
 export LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true
 R="$WORK/root"
-mounts=()
+mounts=() loops=()
 cleanup() {
   local i
   for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[$i]}" 2>/dev/null || true; done
+  for i in "${loops[@]}"; do losetup -d "$i" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 bind() { mkdir -p "$R$2"; mount --bind "$1" "$R$2"; mounts+=("$R$2"); }
+# attach OFFSET SIZE: a loop device over that byte range of $img, in $lo
+attach() { lo=$(losetup --find --show --offset "$1" --sizelimit "$2" "$img"); loops+=("$lo"); }
 in_root() { chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 \
   DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true "$@"; }
 step() { echo "realsys-build: +${SECONDS}s $*"; }
@@ -23,8 +29,11 @@ case "$VARIANT" in
   itools) initrd=initramfs-tools; boot=uefi; net=ifupdown ;;
   dracut) initrd=dracut; boot=uefi; net=networkd ;;
   bios)   initrd=initramfs-tools; boot=bios; net=netplan ;;
+  rhel)   initrd=dracut; boot=uefi; net=networkd; layout=lvm ;;
   *) echo "unknown variant $VARIANT" >&2; exit 2 ;;
 esac
+# shellcheck disable=SC1090
+[ "$layout" = partitions ] || . "$SCRIPTS/layout-$layout.sh"
 
 mkdir -p "$DEBS/debootstrap" "$DEBS/apt"
 step "debootstrap $SUITE (minbase) from $MIRROR"
@@ -55,6 +64,7 @@ bind /proc /proc; bind /sys /sys; bind /dev /dev; bind /dev/pts /dev/pts
 bind "$DEBS/apt" /var/cache/apt/archives
 
 pkgs=(linux-image-amd64)
+[ "$layout" = lvm ] && pkgs+=(lvm2 xfsprogs)
 case "$initrd" in
   initramfs-tools) pkgs+=(initramfs-tools) ;;
   dracut)
@@ -92,7 +102,11 @@ cat >"$R/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'X'
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
 X
-if [ "$boot" = uefi ]; then
+if [ "$layout" != partitions ]; then
+  lay_fstab
+  mkdir -p "$R/boot/efi"
+  grub_terminal=console
+elif [ "$boot" = uefi ]; then
   if [ "$VARIANT" = dracut ]; then
     printf '/dev/vda2\t/\text4\terrors=remount-ro\t0\t1\n/dev/vda1\t/boot/efi\tvfat\tumask=0077\t0\t1\n' >"$R/etc/fstab"
   else
@@ -216,7 +230,9 @@ X
 in_root systemctl enable realsys-web.service realsys-marker.service realsys-prepare.service
 
 step "boot loader configuration"
-if [ "$boot" = uefi ]; then
+if [ "$layout" != partitions ]; then
+  lay_grub_cfg
+elif [ "$boot" = uefi ]; then
   cat >"$R/boot/grub/grub.cfg" <<X
 # first boot only: the prepare boot replaces this with update-grub's
 set default=0
@@ -241,18 +257,10 @@ rm -rf "$R"/usr/share/doc/*/[!c]* "$R"/usr/share/man/* "$R"/usr/share/info/* "$R
 find "$R/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
 du -sm "$R" | awk '{print "realsys-build: root tree " $1 " MiB"}'
 
-step "disk image"
-img="$WORK/disk.img"
-sectors=$((SIZE_MIB * 2048))
-rm -f "$img"
-truncate -s "${SIZE_MIB}M" "$img"
-if [ "$boot" = uefi ]; then root_start=206848; else root_start=4096; fi
-root_sectors=$((sectors - 2048 - root_start))
-# the filesystems first: mke2fs wipes every signature it finds on the file, a GPT's included
-mkfs.ext4 -q -F -L root -U "$ROOT_UUID" -E "offset=$((root_start * 512)),hash_seed=$ROOT_UUID" \
-  -d "$R" "$img" $((root_sectors / 2))k
-if [ "$boot" = uefi ]; then
-  esp="$WORK/esp.img"
+# The FAT32 ESP at 1 MiB of $img: shim, GRUB, and GRUB's stub config that finds filesystem $1
+# (GPT partition 2 as a hint) and its config directory $2 there.
+make_esp() {
+  local esp="$WORK/esp.img"
   rm -f "$esp"
   mkfs.vfat -F 32 -S 512 -s 1 -n ESP -i "${ESP_VOLID/-/}" -C "$esp" $((100 * 1024)) >/dev/null
   mmd -i "$esp" ::/EFI ::/EFI/debian ::/EFI/BOOT
@@ -260,22 +268,41 @@ if [ "$boot" = uefi ]; then
   mcopy -i "$esp" "$R/usr/lib/shim/mmx64.efi.signed" ::/EFI/debian/mmx64.efi
   mcopy -i "$esp" "$R/usr/lib/shim/BOOTX64.CSV" ::/EFI/debian/BOOTX64.CSV
   mcopy -i "$esp" "$R/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" ::/EFI/debian/grubx64.efi
-  printf "search.fs_uuid %s root hd0,gpt2\nset prefix=(\$root)'/boot/grub'\nconfigfile \$prefix/grub.cfg\n" \
-    "$ROOT_UUID" >"$WORK/grub-stub.cfg"
+  printf "search.fs_uuid %s root hd0,gpt2\nset prefix=(\$root)'%s'\nconfigfile \$prefix/grub.cfg\n" \
+    "$1" "$2" >"$WORK/grub-stub.cfg"
   mcopy -i "$esp" "$WORK/grub-stub.cfg" ::/EFI/debian/grub.cfg
   mcopy -i "$esp" "$R/usr/lib/shim/shimx64.efi.signed" ::/EFI/BOOT/BOOTX64.EFI
   mcopy -i "$esp" "$R/usr/lib/shim/mmx64.efi.signed" ::/EFI/BOOT/mmx64.efi
   mcopy -i "$esp" "$R/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" ::/EFI/BOOT/grubx64.efi
   dd if="$esp" of="$img" bs=1M seek=1 conv=notrunc,sparse status=none
   rm -f "$esp"
-  sgdisk -U "$DISK_GUID" \
-    -n 1:2048:206847 -t 1:EF00 -c 1:"EFI System Partition" -u 1:"${DISK_GUID:0:19}9000-000000000001" \
-    -n 2:$root_start:$((sectors - 2049)) -t 2:8304 -c 2:root -u 2:"${DISK_GUID:0:19}9000-000000000002" "$img" >/dev/null
+}
+
+step "disk image"
+img="$WORK/disk.img"
+sectors=$((SIZE_MIB * 2048))
+rm -f "$img"
+truncate -s "${SIZE_MIB}M" "$img"
+nparts=2
+if [ "$layout" != partitions ]; then
+  lay_disk
 else
-  sgdisk -U "$DISK_GUID" \
-    -n 1:2048:4095 -t 1:EF02 -c 1:"BIOS boot" -u 1:"${DISK_GUID:0:19}9000-000000000001" \
-    -n 2:$root_start:$((sectors - 2049)) -t 2:8304 -c 2:root -u 2:"${DISK_GUID:0:19}9000-000000000002" "$img" >/dev/null
+  if [ "$boot" = uefi ]; then root_start=206848; else root_start=4096; fi
+  root_sectors=$((sectors - 2048 - root_start))
+  # the filesystems first: mke2fs wipes every signature it finds on the file, a GPT's included
+  mkfs.ext4 -q -F -L root -U "$ROOT_UUID" -E "offset=$((root_start * 512)),hash_seed=$ROOT_UUID" \
+    -d "$R" "$img" $((root_sectors / 2))k
+  if [ "$boot" = uefi ]; then
+    make_esp "$ROOT_UUID" /boot/grub
+    sgdisk -U "$DISK_GUID" \
+      -n 1:2048:206847 -t 1:EF00 -c 1:"EFI System Partition" -u 1:"${DISK_GUID:0:19}9000-000000000001" \
+      -n 2:$root_start:$((sectors - 2049)) -t 2:8304 -c 2:root -u 2:"${DISK_GUID:0:19}9000-000000000002" "$img" >/dev/null
+  else
+    sgdisk -U "$DISK_GUID" \
+      -n 1:2048:4095 -t 1:EF02 -c 1:"BIOS boot" -u 1:"${DISK_GUID:0:19}9000-000000000001" \
+      -n 2:$root_start:$((sectors - 2049)) -t 2:8304 -c 2:root -u 2:"${DISK_GUID:0:19}9000-000000000002" "$img" >/dev/null
+  fi
 fi
 sgdisk -v "$img" | grep -q "No problems found" || { sgdisk -v "$img"; exit 1; }
-[ "$(sgdisk -p "$img" | grep -cE "^ +[0-9]+ ")" = 2 ] || { echo "the partition table was not written"; exit 1; }
+[ "$(sgdisk -p "$img" | grep -cE "^ +[0-9]+ ")" = "$nparts" ] || { echo "the partition table was not written"; exit 1; }
 step "image done: $(du -m "$img" | cut -f1) MiB allocated of $SIZE_MIB MiB"

@@ -6,7 +6,10 @@
 //!
 //! 1. `build.sh` (root): debootstrap, the variant's packages, configuration, a GPT disk image
 //!    (FAT32 ESP with Debian's signed shim and GRUB or a BIOS boot partition, ext4 root made with
-//!    `mkfs.ext4 -d`: nothing is loop-mounted).
+//!    `mkfs.ext4 -d`: nothing is loop-mounted). A variant with its own layout brings it in
+//!    `layout-<name>.sh`: RHEL's (`layout-lvm.sh`: `/boot` XFS, root XFS and swap on LVM) is made
+//!    on loop devices over the partitions and the LVs' extents, lvm2 never activating anything,
+//!    so the build host needs no device-mapper.
 //! 2. The *prepare* boot: `realsys-prepare.service` switches the initramfs to what only this
 //!    hardware needs (initramfs-tools `MODULES=dep`, dracut `hostonly="yes"`), installs GRUB on
 //!    BIOS, runs `update-grub`, disables itself and powers off.
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 const BUILD_SH: &str = include_str!("build.sh");
 const PREPARE_SH: &str = include_str!("realsys-prepare");
 const MARKER_SH: &str = include_str!("realsys-marker");
+const LAYOUT_LVM_SH: &str = include_str!("layout-lvm.sh");
 
 /// Bump when the output changes for the same scripts and constants.
 const BUILDER_VERSION: u32 = 1;
@@ -71,13 +75,18 @@ pub enum Variant {
     /// BIOS (GRUB i386-pc on GPT with a BIOS boot partition), initramfs-tools `MODULES=dep`,
     /// netplan (networkd) matching the source MAC with `set-name`.
     BiosNetplan,
+    /// RHEL's default layout (`layout-lvm.sh`): UEFI, `/boot` on XFS, root XFS and swap on LVs of
+    /// VG `rhel`, fstab by `/dev/mapper` names, `rd.lvm.lv=` on the command line; dracut
+    /// hostonly, systemd-networkd matching the source MAC.
+    RhelLvm,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [
+    pub const ALL: [Variant; 4] = [
         Variant::InitramfsTools,
         Variant::Dracut,
         Variant::BiosNetplan,
+        Variant::RhelLvm,
     ];
 
     /// Short name used by the scripts and in file names.
@@ -86,6 +95,7 @@ impl Variant {
             Variant::InitramfsTools => "itools",
             Variant::Dracut => "dracut",
             Variant::BiosNetplan => "bios",
+            Variant::RhelLvm => "rhel",
         }
     }
 
@@ -94,6 +104,7 @@ impl Variant {
             Variant::InitramfsTools => "rs-itools",
             Variant::Dracut => "rs-dracut",
             Variant::BiosNetplan => "rs-bios",
+            Variant::RhelLvm => "rs-rhel",
         }
     }
 
@@ -110,6 +121,7 @@ impl Variant {
             Variant::InitramfsTools => "52:54:00:5e:ed:01",
             Variant::Dracut => "52:54:00:5e:ed:02",
             Variant::BiosNetplan => "52:54:00:5e:ed:03",
+            Variant::RhelLvm => "52:54:00:5e:ed:04",
         }
     }
 
@@ -118,6 +130,23 @@ impl Variant {
             Variant::InitramfsTools => 1,
             Variant::Dracut => 2,
             Variant::BiosNetplan => 3,
+            Variant::RhelLvm => 4,
+        }
+    }
+
+    /// What the root is mounted from on the source hardware (a prefix).
+    pub fn source_root(self) -> &'static str {
+        match self {
+            Variant::RhelLvm => "/dev/mapper/rhel-root",
+            _ => "/dev/vda",
+        }
+    }
+
+    /// The variant's own disk layout script, if any (`layout-<name>.sh`).
+    fn layout(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Variant::RhelLvm => Some(("layout-lvm.sh", LAYOUT_LVM_SH)),
+            _ => None,
         }
     }
 
@@ -129,6 +158,16 @@ impl Variant {
     /// The ESP's FAT volume id (`blkid` UUID), UEFI variants.
     pub fn esp_uuid(self) -> String {
         format!("5EED-{:04X}", self.n())
+    }
+
+    /// UUIDs of the `/boot` filesystem, the swap LV and the PV (RhelLvm).
+    fn lvm_uuids(self) -> (String, String, String) {
+        let n = self.n();
+        (
+            format!("5eed{n:04x}-0000-4000-8000-00000000000b"),
+            format!("5eed{n:04x}-0000-4000-8000-00000000000c"),
+            format!("5eed{n:04x}00004000800000000000000d"),
+        )
     }
 
     fn disk_guid(self) -> String {
@@ -285,6 +324,10 @@ pub fn available(v: Variant) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("building a real server needs root (debootstrap, chroot)");
     }
+    let layout_tools: &[&str] = match v.layout() {
+        Some(_) => &["lvm", "mkfs.xfs", "mkswap", "losetup"],
+        None => &[],
+    };
     for tool in [
         "debootstrap",
         "sgdisk",
@@ -292,7 +335,10 @@ pub fn available(v: Variant) -> Result<()> {
         "mcopy",
         "mmd",
         "mkfs.ext4",
-    ] {
+    ]
+    .iter()
+    .chain(layout_tools)
+    {
         let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
             .iter()
             .any(|d| Path::new(d).join(tool).exists());
@@ -318,6 +364,14 @@ pub fn recipe_hash(v: Variant) -> String {
     );
     for part in [consts.as_str(), BUILD_SH, PREPARE_SH, MARKER_SH] {
         h.update(sha2::Sha256::digest(part.as_bytes()));
+    }
+    // A layout script and its UUIDs count for its own variant only.
+    if let Some((_, script)) = v.layout() {
+        let (boot, swap, pv) = v.lvm_uuids();
+        h.update(sha2::Sha256::digest(
+            format!("{boot} {swap} {pv}\n").as_bytes(),
+        ));
+        h.update(sha2::Sha256::digest(script.as_bytes()));
     }
     hex::encode(h.finalize())[..16].to_string()
 }
@@ -410,6 +464,10 @@ fn build_prepare_prove(v: Variant, work: &Path, logs: &Path) -> Result<Descripti
     fs::write(scripts.join("build.sh"), BUILD_SH)?;
     fs::write(scripts.join("realsys-prepare"), PREPARE_SH)?;
     fs::write(scripts.join("realsys-marker"), MARKER_SH)?;
+    if let Some((name, script)) = v.layout() {
+        fs::write(scripts.join(name), script)?;
+    }
+    let (boot_uuid, swap_uuid, pv_uuid) = v.lvm_uuids();
     let debs = cache_dir().join("debs");
     println!(
         "realsys: building {} ({}): debootstrap {SUITE} from {MIRROR} in {}",
@@ -432,7 +490,10 @@ fn build_prepare_prove(v: Variant, work: &Path, logs: &Path) -> Result<Descripti
         .env("DEBS", &debs)
         .env("MIRROR", MIRROR)
         .env("SUITE", SUITE)
-        .env("SCRIPTS", &scripts);
+        .env("SCRIPTS", &scripts)
+        .env("BOOT_UUID", boot_uuid)
+        .env("SWAP_UUID", swap_uuid)
+        .env("PV_UUID", pv_uuid);
     let out = util::exec(&mut cmd, Duration::from_secs(60 * 60))?;
     fs::write(logs.join("build.log"), out.all())?;
     for f in ["debootstrap.log", "apt.log"] {
@@ -539,10 +600,11 @@ fn build_prepare_prove(v: Variant, work: &Path, logs: &Path) -> Result<Descripti
 
 /// What a boot on the source hardware must show: the host, the root on virtio-blk, the address.
 fn check_source_up(v: Variant, up: &Up) -> Result<()> {
-    if up.host != v.host() || !up.root.starts_with("/dev/vda") || !up.has_static_ip() {
+    if up.host != v.host() || !up.root.starts_with(v.source_root()) || !up.has_static_ip() {
         bail!(
-            "the source boot came up wrong (want host={} root=/dev/vda* ip {SOURCE_NIC}={IP}/24): {}",
+            "the source boot came up wrong (want host={} root={}* ip {SOURCE_NIC}={IP}/24): {}",
             v.host(),
+            v.source_root(),
             up.line
         );
     }
@@ -684,6 +746,7 @@ mod tests {
         let h: Vec<String> = Variant::ALL.iter().map(|v| recipe_hash(*v)).collect();
         assert_ne!(h[0], h[1]);
         assert_ne!(h[1], h[2]);
+        assert_ne!(h[2], h[3]);
         assert_eq!(h[0], recipe_hash(Variant::InitramfsTools));
     }
 
