@@ -4,7 +4,8 @@
 //! listing every change with the original kept.
 //!
 //! The Linux half lives in [`linux`]; the restorer calls [`linux::adapt`] after the data is
-//! written (restore) or on already-restored disks (`restorer adapt`). The Windows half is not
+//! written (restore) or on already-restored disks (`restorer adapt`). The Windows half
+//! ([`windows`]) reads driver packages and chooses them; its offline registry edits are not
 //! built yet.
 
 pub mod changes;
@@ -12,6 +13,7 @@ pub mod initramfs;
 pub mod inventory;
 pub mod linux;
 pub mod volumes;
+pub mod windows;
 
 pub use inventory::Inventory;
 pub use volumes::Volume;

@@ -292,8 +292,8 @@ fn restores_onto_a_smaller_disk_by_shrinking_ext4_and_ntfs() {
         "the ext4 partition keeps its start"
     );
     assert!(
-        parts[1].size < s.ext.1 / 2 && parts[1].size > 2 * GIB,
-        "ext4 shrinks below its files"
+        parts[1].size < 7 * GIB && parts[1].size > 2 * GIB,
+        "ext4 shrinks below its files (which sat from 5 GiB to 7.1 GiB)"
     );
     assert!(
         parts[2].offset < s.ntfs.0 && parts[2].size < 4 * GIB && parts[2].size > GIB,
