@@ -159,9 +159,9 @@ pub fn chroot(ctx: &Ctx, args: &[&str]) -> Result<String> {
 }
 
 /// Makes a new initramfs for `k` with the distribution's tool (adding `c.missing`, and for
-/// dracut the rest of the boot path's modules), keeping the
-/// old one as `.pre-restore`, and checks that it has every module of the boot path
-/// (`c.needed`), and lvm2 when the root is on an LV.
+/// dracut the rest of the boot path's modules), keeping the old one as `.pre-restore`, and
+/// checks that it has every module of the boot path (`c.needed`), and lvm2 when the root is on
+/// an LV.
 pub fn rebuild(
     ctx: &mut Ctx,
     generator: Generator,
@@ -178,6 +178,7 @@ pub fn rebuild(
     if ctx.dry_run {
         return Ok(0.0);
     }
+    let km = KernelModules::open(&ctx.changes.path(&k.modules))?;
     match generator {
         Generator::InitramfsTools => {
             let mode = if k.initramfs.is_some() { "-u" } else { "-c" };
@@ -186,7 +187,6 @@ pub fn rebuild(
         Generator::Dracut => {
             // The whole boot path, not only what was missing: hostonly dracut in a chroot
             // does not see every layer (device-mapper under an LV root).
-            let km = KernelModules::open(&ctx.changes.path(&k.modules))?;
             let drivers: Vec<&str> = c
                 .needed
                 .iter()
@@ -210,7 +210,6 @@ pub fn rebuild(
     }
     let listing = initramfs::read(&ctx.changes.path(&image))?;
     let have = listing.modules();
-    let km = KernelModules::open(&ctx.changes.path(&k.modules))?;
     let mut still: Vec<&str> = c
         .needed
         .iter()

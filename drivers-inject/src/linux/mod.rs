@@ -214,9 +214,6 @@ fn run(
     // device-mapper's for an LV (whose tools the distribution's generator adds itself).
     let mut fstypes = vec![fstype.clone()];
     let mut on_lvm = root_vol.lv.is_some();
-    if on_lvm {
-        fstypes.push("dm_mod".into());
-    }
     for dir in ["/usr", "/var", "/boot", "/boot/efi", "/efi"] {
         let Some(e) = fstab.iter().find(|e| e.dir == dir) else {
             continue;
@@ -244,14 +241,14 @@ fn run(
         if dir == "/boot" {
             boot_vol = v;
             fstypes.push(t.clone());
-            if v.lv.is_some() {
-                fstypes.push("dm_mod".into());
-                on_lvm = true;
-            }
+            on_lvm |= v.lv.is_some();
         }
         if is_esp {
             esp = Some(dir[1..].to_string());
         }
+    }
+    if on_lvm {
+        fstypes.push("dm_mod".into());
     }
     let sys = system::describe(&root);
     report.os = Some(sys.name.clone());
