@@ -1,8 +1,20 @@
-//! The Windows half of the adaptation (issue 9), built bottom-up: driver packages read from
-//! their INF files ([`inf`]), the PnP identifiers Windows gives this machine's devices
-//! ([`hwid`]), and a driver repository that picks the best package for a device and a Windows
-//! version ([`repo`]). The offline registry edits come next.
+//! The Windows half of the adaptation (issue 9): driver packages read from their INF files
+//! ([`inf`]), the PnP identifiers Windows gives this machine's devices ([`hwid`]), a driver
+//! repository that picks the best package for a device and a Windows version ([`repo`]), and
+//! the offline edits of the restored Windows that make it boot on the new hardware:
+//!
+//! - [`hive`]: registry hives read and written through hivex (`hivexregedit --export` parsed,
+//!   `.reg` text generated and applied with `--merge`);
+//! - [`offline`]: the mounted Windows volume: its hives (found case-insensitively), version,
+//!   current control set, and the refusals of dirty hives and hibernated volumes;
+//! - [`inject`]: the plan of every file copy and registry value (with the originals), its
+//!   application (`dry_run` stops at the plan), the record, and the rollback from it.
+//!
+//! Not wired into the restorer's CLI yet.
 
+pub mod hive;
 pub mod hwid;
 pub mod inf;
+pub mod inject;
+pub mod offline;
 pub mod repo;

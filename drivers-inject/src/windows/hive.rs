@@ -1,0 +1,729 @@
+//! Offline registry hives, read and written through hivex's `hivexregedit` (Debian
+//! `libwin-hivex-perl`; `libhivex-bin` has `hivexsh` and `hivexget`). Reading parses
+//! `hivexregedit --export` output, which is the `.reg` text format with every value but a
+//! REG_DWORD as `hex(type):` bytes (strings in UTF-16LE); writing generates `.reg` text the same
+//! way and applies it with `hivexregedit --merge`, so that what is written is byte-exact and can
+//! be compared with a later export.
+//!
+//! `--merge` quirks this module deals with: a key is only created when its parent exists (every
+//! ancestor is emitted, parent first, as an empty section, which leaves an existing key as it
+//! is); a section must end with a blank line; key paths carry the `--prefix` given
+//! (`HKEY_LOCAL_MACHINE\SYSTEM`), stripped case-insensitively by hivexregedit; unmarked `"..."`
+//! strings would be encoded by hivexregedit itself, so strings are always written as
+//! `hex(1):`/`hex(2):`/`hex(7):` UTF-16LE with their terminating zeros; a merge that fails
+//! leaves the file untouched (hivex commits only at the end).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const REG_NONE: u32 = 0;
+pub const REG_SZ: u32 = 1;
+pub const REG_EXPAND_SZ: u32 = 2;
+pub const REG_BINARY: u32 = 3;
+pub const REG_DWORD: u32 = 4;
+pub const REG_MULTI_SZ: u32 = 7;
+
+/// A registry value's data. Strings are only decoded when re-encoding gives the same bytes, so
+/// `from_raw(raw())` is exact; anything else stays [`Data::Raw`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum Data {
+    #[serde(rename = "REG_SZ")]
+    Sz(String),
+    #[serde(rename = "REG_EXPAND_SZ")]
+    ExpandSz(String),
+    #[serde(rename = "REG_MULTI_SZ")]
+    MultiSz(Vec<String>),
+    #[serde(rename = "REG_DWORD")]
+    Dword(u32),
+    #[serde(rename = "REG_BINARY")]
+    Binary(Vec<u8>),
+    /// Any other type, or string types whose bytes are not canonical UTF-16LE.
+    #[serde(rename = "raw")]
+    Raw { kind: u32, bytes: Vec<u8> },
+}
+
+fn utf16z(s: &str) -> Vec<u8> {
+    let mut v: Vec<u8> = s.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    v.extend_from_slice(&[0, 0]);
+    v
+}
+
+fn from_utf16(b: &[u8]) -> Option<String> {
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    String::from_utf16(&units).ok()
+}
+
+impl Data {
+    /// The type and the bytes as the hive stores them.
+    pub fn raw(&self) -> (u32, Vec<u8>) {
+        match self {
+            Data::Sz(s) => (REG_SZ, utf16z(s)),
+            Data::ExpandSz(s) => (REG_EXPAND_SZ, utf16z(s)),
+            Data::MultiSz(list) => {
+                let mut v = Vec::new();
+                for s in list {
+                    v.extend(utf16z(s));
+                }
+                v.extend_from_slice(&[0, 0]);
+                (REG_MULTI_SZ, v)
+            }
+            Data::Dword(d) => (REG_DWORD, d.to_le_bytes().to_vec()),
+            Data::Binary(b) => (REG_BINARY, b.clone()),
+            Data::Raw { kind, bytes } => (*kind, bytes.clone()),
+        }
+    }
+
+    pub fn from_raw(kind: u32, bytes: Vec<u8>) -> Data {
+        let string = |b: &[u8]| {
+            b.strip_suffix(&[0, 0])
+                .and_then(from_utf16)
+                .filter(|s| !s.contains('\0'))
+        };
+        let decoded = match kind {
+            REG_SZ => string(&bytes).map(Data::Sz),
+            REG_EXPAND_SZ => string(&bytes).map(Data::ExpandSz),
+            REG_MULTI_SZ => {
+                let list = bytes.strip_suffix(&[0, 0]).and_then(from_utf16).map(|s| {
+                    if s.is_empty() {
+                        Vec::new()
+                    } else {
+                        s.trim_end_matches('\0')
+                            .split('\0')
+                            .map(str::to_string)
+                            .collect()
+                    }
+                });
+                list.map(Data::MultiSz)
+            }
+            REG_DWORD if bytes.len() == 4 => Some(Data::Dword(u32::from_le_bytes([
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ]))),
+            REG_BINARY => Some(Data::Binary(bytes.clone())),
+            _ => None,
+        };
+        match decoded {
+            Some(d) if d.raw().1 == bytes => d,
+            _ => Data::Raw { kind, bytes },
+        }
+    }
+
+    /// The right-hand side of a `.reg` value line, as `hivexregedit --export` writes it.
+    pub fn reg_text(&self) -> String {
+        match self {
+            Data::Dword(d) => format!("dword:{d:08x}"),
+            other => {
+                let (kind, bytes) = other.raw();
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                format!("hex({kind:x}):{}", hex.join(","))
+            }
+        }
+    }
+
+    /// The string of a REG_SZ or REG_EXPAND_SZ value.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Data::Sz(s) | Data::ExpandSz(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_dword(&self) -> Option<u32> {
+        match self {
+            Data::Dword(d) => Some(*d),
+            _ => None,
+        }
+    }
+
+    /// The strings of a REG_MULTI_SZ value (a REG_SZ counts as a list of one).
+    pub fn as_list(&self) -> Option<Vec<String>> {
+        match self {
+            Data::MultiSz(l) => Some(l.clone()),
+            Data::Sz(s) => Some(vec![s.clone()]),
+            _ => None,
+        }
+    }
+}
+
+/// One key of an export: its path as written (no leading `\`, "" for the root) and its
+/// values by lowercase name (registry names compare case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Key {
+    pub path: String,
+    pub values: BTreeMap<String, (String, Data)>,
+}
+
+impl Key {
+    pub fn get(&self, name: &str) -> Option<&Data> {
+        self.values.get(&name.to_lowercase()).map(|(_, d)| d)
+    }
+}
+
+/// A parsed export: keys by lowercase path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub keys: BTreeMap<String, Key>,
+}
+
+/// What differs between two snapshots of a hive.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Difference {
+    KeyAdded(String),
+    KeyRemoved(String),
+    /// Key path, value name, before (None: added), after (None: removed).
+    Value(String, String, Option<Data>, Option<Data>),
+}
+
+impl Snapshot {
+    pub fn key(&self, path: &str) -> Option<&Key> {
+        self.keys.get(&norm(path).to_lowercase())
+    }
+
+    pub fn value(&self, path: &str, name: &str) -> Option<&Data> {
+        self.key(path)?.get(name)
+    }
+
+    /// Every difference from `self` to `after`, sorted; value differences of added and removed
+    /// keys are listed too.
+    pub fn diff(&self, after: &Snapshot) -> Vec<Difference> {
+        let mut out = Vec::new();
+        let empty = Key::default();
+        for (lk, k) in &self.keys {
+            if !after.keys.contains_key(lk) {
+                out.push(Difference::KeyRemoved(k.path.clone()));
+            }
+        }
+        for (lk, k) in &after.keys {
+            if !self.keys.contains_key(lk) {
+                out.push(Difference::KeyAdded(k.path.clone()));
+            }
+        }
+        let all: std::collections::BTreeSet<&String> =
+            self.keys.keys().chain(after.keys.keys()).collect();
+        for lk in all {
+            let a = self.keys.get(lk).unwrap_or(&empty);
+            let b = after.keys.get(lk).unwrap_or(&empty);
+            let path = if b.path.is_empty() && a.path.is_empty() {
+                String::new()
+            } else if after.keys.contains_key(lk) {
+                b.path.clone()
+            } else {
+                a.path.clone()
+            };
+            let names: std::collections::BTreeSet<&String> =
+                a.values.keys().chain(b.values.keys()).collect();
+            for n in names {
+                let va = a.values.get(n);
+                let vb = b.values.get(n);
+                if va.map(|v| &v.1) != vb.map(|v| &v.1) {
+                    let name = vb.or(va).map(|v| v.0.clone()).unwrap_or_default();
+                    out.push(Difference::Value(
+                        path.clone(),
+                        name,
+                        va.map(|v| v.1.clone()),
+                        vb.map(|v| v.1.clone()),
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// A key path without leading or trailing `\`.
+pub fn norm(path: &str) -> String {
+    path.trim_matches('\\').to_string()
+}
+
+fn parse_quoted(s: &str) -> Option<(String, &str)> {
+    let rest = s.strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = rest.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &rest[i + 1..])),
+            '\\' => out.push(chars.next()?.1),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    let digits: String = s
+        .chars()
+        .filter(|c| *c != ',' && !c.is_whitespace())
+        .collect();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn parse_data(s: &str) -> Option<Data> {
+    let s = s.trim();
+    if let Some(h) = s.strip_prefix("dword:") {
+        return u32::from_str_radix(h.trim(), 16).ok().map(Data::Dword);
+    }
+    if let Some(h) = s.strip_prefix("hex:") {
+        return parse_hex(h).map(|b| Data::from_raw(REG_BINARY, b));
+    }
+    if let Some(rest) = s.strip_prefix("hex(") {
+        let (kind, h) = rest.split_once("):")?;
+        let kind = u32::from_str_radix(kind, 16).ok()?;
+        return parse_hex(h).map(|b| Data::from_raw(kind, b));
+    }
+    if let Some(rest) = s.strip_prefix("str(") {
+        let (kind, q) = rest.split_once("):")?;
+        let kind = u32::from_str_radix(kind, 16).ok()?;
+        let (text, _) = parse_quoted(q)?;
+        return Some(Data::from_raw(kind, utf16z(&text)));
+    }
+    if s.starts_with('"') {
+        let (text, _) = parse_quoted(s)?;
+        return Some(Data::Sz(text));
+    }
+    None
+}
+
+/// Text of a `.reg` file: UTF-16LE (with a BOM, as regedit writes it) or UTF-8.
+pub fn decode_reg(bytes: &[u8]) -> String {
+    match bytes {
+        [0xFF, 0xFE, rest @ ..] => {
+            let units: Vec<u16> = rest
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16_lossy(&units)
+        }
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8_lossy(rest).into_owned(),
+        _ => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// Parses `.reg` export text (`hivexregedit --export`, or regedit's own: CRLF, `\` line
+/// continuations of long hex values, `@=` default values, plain `"..."` strings). Key paths
+/// have `prefix` (`HKEY_LOCAL_MACHINE\SYSTEM`) stripped case-insensitively when they start
+/// with it. Deletions (`[-key]`, `=-`) are not part of an export and are refused.
+pub fn parse_export(text: &str, prefix: &str) -> Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    let mut current: Option<String> = None;
+    let mut lines = text.lines().enumerate();
+    while let Some((n, line)) = lines.next() {
+        let mut line = line.trim_end_matches('\r').to_string();
+        while line.trim_end().ends_with('\\') && !line.starts_with('[') {
+            let t = line.trim_end();
+            line = t[..t.len() - 1].to_string();
+            match lines.next() {
+                Some((_, more)) => line.push_str(more.trim_end_matches('\r').trim_start()),
+                None => break,
+            }
+        }
+        let t = line.trim();
+        if t.is_empty()
+            || t.starts_with(';')
+            || t.starts_with("Windows Registry Editor Version")
+            || t.starts_with("REGEDIT")
+        {
+            continue;
+        }
+        let at = || format!("line {}: {t}", n + 1);
+        if let Some(inner) = t.strip_prefix('[') {
+            let Some(path) = inner.strip_suffix(']') else {
+                bail!("export {}: unterminated key", at());
+            };
+            if path.starts_with('-') {
+                bail!("export {}: a key deletion is not an export", at());
+            }
+            let p = strip_prefix_ci(path, prefix);
+            let p = norm(p);
+            snap.keys.entry(p.to_lowercase()).or_insert_with(|| Key {
+                path: p.clone(),
+                values: BTreeMap::new(),
+            });
+            current = Some(p.to_lowercase());
+            continue;
+        }
+        let Some(key) = current.as_ref().and_then(|k| snap.keys.get_mut(k)) else {
+            bail!("export {}: a value outside any key", at());
+        };
+        let (name, rest) = if let Some(r) = t.strip_prefix('@') {
+            (String::new(), r)
+        } else {
+            parse_quoted(t).with_context(|| format!("export {}: bad value name", at()))?
+        };
+        let Some(rhs) = rest.trim_start().strip_prefix('=') else {
+            bail!("export {}: no '=' after the value name", at());
+        };
+        if rhs.trim() == "-" {
+            bail!("export {}: a value deletion is not an export", at());
+        }
+        let data = parse_data(rhs).with_context(|| format!("export {}: bad data", at()))?;
+        key.values.insert(name.to_lowercase(), (name, data));
+    }
+    Ok(snap)
+}
+
+fn strip_prefix_ci<'a>(path: &'a str, prefix: &str) -> &'a str {
+    if !prefix.is_empty()
+        && path.len() >= prefix.len()
+        && path.is_char_boundary(prefix.len())
+        && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
+        &path[prefix.len()..]
+    } else {
+        path
+    }
+}
+
+/// One change to a hive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edit {
+    /// Create the key (and its ancestors) if missing.
+    Key {
+        key: String,
+    },
+    Set {
+        key: String,
+        name: String,
+        data: Data,
+    },
+    Delete {
+        key: String,
+        name: String,
+    },
+    /// Delete the key and everything below it.
+    DeleteKey {
+        key: String,
+    },
+}
+
+impl Edit {
+    pub fn key(&self) -> &str {
+        match self {
+            Edit::Key { key }
+            | Edit::Set { key, .. }
+            | Edit::Delete { key, .. }
+            | Edit::DeleteKey { key } => key,
+        }
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The `.reg` text `hivexregedit --merge --prefix <prefix>` applies for `edits`, in order.
+pub fn reg_text(prefix: &str, edits: &[Edit]) -> String {
+    let mut out = String::from("Windows Registry Editor Version 5.00\n\n");
+    let full = |k: &str| {
+        let k = norm(k);
+        if k.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}\\{k}")
+        }
+    };
+    let mut i = 0;
+    while i < edits.len() {
+        let key = norm(edits[i].key());
+        if let Edit::DeleteKey { .. } = edits[i] {
+            out.push_str(&format!("[-{}]\n\n", full(&key)));
+            i += 1;
+            continue;
+        }
+        // Every ancestor first: hivexregedit only creates a key whose parent exists.
+        let parts: Vec<&str> = key.split('\\').filter(|p| !p.is_empty()).collect();
+        for n in 1..parts.len() {
+            out.push_str(&format!("[{}]\n\n", full(&parts[..n].join("\\"))));
+        }
+        out.push_str(&format!("[{}]\n", full(&key)));
+        while i < edits.len()
+            && norm(edits[i].key()).eq_ignore_ascii_case(&key)
+            && !matches!(edits[i], Edit::DeleteKey { .. })
+        {
+            match &edits[i] {
+                Edit::Set { name, data, .. } => {
+                    let n = if name.is_empty() {
+                        "@".to_string()
+                    } else {
+                        quote(name)
+                    };
+                    out.push_str(&format!("{n}={}\n", data.reg_text()));
+                }
+                Edit::Delete { name, .. } => {
+                    let n = if name.is_empty() {
+                        "@".to_string()
+                    } else {
+                        quote(name)
+                    };
+                    out.push_str(&format!("{n}=-\n"));
+                }
+                Edit::Key { .. } | Edit::DeleteKey { .. } => {}
+            }
+            i += 1;
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A hive file and the registry prefix its keys live under (`HKEY_LOCAL_MACHINE\SYSTEM`).
+#[derive(Debug, Clone)]
+pub struct Hive {
+    pub path: PathBuf,
+    pub prefix: String,
+}
+
+const TOOL: &str = "hivexregedit";
+
+fn tool_missing(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow::anyhow!(
+            "{TOOL} not found: install hivex's tools (Debian: libhivex-bin libwin-hivex-perl; \
+             scripts/setup does)"
+        )
+    } else {
+        anyhow::Error::new(e).context(format!("running {TOOL}"))
+    }
+}
+
+impl Hive {
+    pub fn new(path: &Path, prefix: &str) -> Hive {
+        Hive {
+            path: path.to_path_buf(),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The export of `key` and (to `depth` levels, all when None) its subkeys; None when the
+    /// key does not exist.
+    pub fn export(&self, key: &str, depth: Option<u32>) -> Result<Option<Snapshot>> {
+        let k = format!("\\{}", norm(key));
+        let mut cmd = Command::new(TOOL);
+        cmd.arg("--export");
+        if let Some(d) = depth {
+            cmd.arg("--max-depth").arg(d.to_string());
+        }
+        let out = cmd
+            .arg(&self.path)
+            .arg(&k)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(tool_missing)?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("path not found") {
+                return Ok(None);
+            }
+            bail!(
+                "{TOOL} --export {} {k}: {}",
+                self.path.display(),
+                err.lines().next().unwrap_or("failed")
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_export(&text, "")
+            .with_context(|| format!("reading the export of {k} from {}", self.path.display()))
+            .map(Some)
+    }
+
+    /// The whole hive.
+    pub fn export_all(&self) -> Result<Snapshot> {
+        self.export("", None)?
+            .with_context(|| format!("{}: no root key", self.path.display()))
+    }
+
+    /// One key with its values (no subkeys), None when it does not exist.
+    pub fn key(&self, key: &str) -> Result<Option<Key>> {
+        Ok(self.export(key, Some(1))?.and_then(|s| s.key(key).cloned()))
+    }
+
+    pub fn value(&self, key: &str, name: &str) -> Result<Option<Data>> {
+        Ok(self.key(key)?.and_then(|k| k.get(name).cloned()))
+    }
+
+    /// Applies `edits` with `hivexregedit --merge`. Nothing is written when a line is refused.
+    pub fn merge(&self, edits: &[Edit]) -> Result<()> {
+        if edits.is_empty() {
+            return Ok(());
+        }
+        let text = reg_text(&self.prefix, edits);
+        let mut child = Command::new(TOOL)
+            .arg("--merge")
+            .arg("--prefix")
+            .arg(&self.prefix)
+            .arg(&self.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(tool_missing)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(text.as_bytes())
+                .with_context(|| format!("feeding {TOOL} --merge"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("running {TOOL} --merge"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "{TOOL} --merge {}: {}",
+                self.path.display(),
+                err.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_round_trips_and_odd_bytes_stay_raw() {
+        for d in [
+            Data::Sz("System32\\drivers\\viostor.sys".into()),
+            Data::ExpandSz("%SystemRoot%\\inf".into()),
+            Data::MultiSz(vec!["a".into(), "bé".into()]),
+            Data::MultiSz(vec![]),
+            Data::Dword(0xdeadbeef),
+            Data::Binary(vec![1, 0xff, 0, 0]),
+        ] {
+            let (k, b) = d.raw();
+            assert_eq!(Data::from_raw(k, b), d);
+            assert_eq!(parse_data(&d.reg_text()), Some(d.clone()));
+        }
+        // A REG_SZ without its terminator, an ASCII "string", a short dword: kept as bytes.
+        assert_eq!(
+            Data::from_raw(REG_SZ, vec![0x41, 0]),
+            Data::Raw {
+                kind: 1,
+                bytes: vec![0x41, 0]
+            }
+        );
+        assert!(matches!(
+            Data::from_raw(REG_SZ, b"abc\0".to_vec()),
+            Data::Raw { .. }
+        ));
+        assert!(matches!(
+            Data::from_raw(REG_DWORD, vec![1, 2]),
+            Data::Raw { .. }
+        ));
+        assert_eq!(Data::MultiSz(vec![]).raw().1, vec![0, 0]);
+    }
+
+    #[test]
+    fn parses_regedit_and_hivex_exports() {
+        // regedit's own shape: UTF-16LE with a BOM, CRLF, a continued hex line, @=, escapes.
+        let text = "Windows Registry Editor Version 5.00\r\n\r\n\
+            [HKEY_LOCAL_MACHINE\\SYSTEM\\ControlSet001\\Services\\viostor]\r\n\
+            @=\"default\"\r\n\
+            \"Start\"=dword:00000000\r\n\
+            \"ImagePath\"=hex(2):53,00,79,00,73,00,\\\r\n  74,00,00,00\r\n\
+            \"Quo\\\"te\\\\d\"=\"a \\\"b\\\" c\"\r\n\
+            \"Bin\"=hex:01,ff,00,00\r\n\
+            \"Printable\"=str(2):\"%SystemRoot%\"\r\n\
+            ; a comment\r\n\r\n\
+            [HKEY_LOCAL_MACHINE\\SYSTEM\\Select]\r\n\
+            \"Current\"=dword:00000002\r\n";
+        let mut bytes = vec![0xFF, 0xFE];
+        bytes.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+        let s = parse_export(&decode_reg(&bytes), "HKEY_LOCAL_MACHINE\\SYSTEM").unwrap();
+        let k = s.key("controlset001\\services\\VIOSTOR").unwrap();
+        assert_eq!(k.path, "ControlSet001\\Services\\viostor");
+        assert_eq!(k.get(""), Some(&Data::Sz("default".into())));
+        assert_eq!(k.get("start"), Some(&Data::Dword(0)));
+        assert_eq!(k.get("ImagePath"), Some(&Data::ExpandSz("Syst".into())));
+        assert_eq!(k.get("Quo\"te\\d"), Some(&Data::Sz("a \"b\" c".into())));
+        assert_eq!(k.get("Bin"), Some(&Data::Binary(vec![1, 0xff, 0, 0])));
+        assert_eq!(
+            k.get("Printable"),
+            Some(&Data::ExpandSz("%SystemRoot%".into()))
+        );
+        assert_eq!(s.value("Select", "Current"), Some(&Data::Dword(2)));
+        // Bad input is an error naming the line, never a panic.
+        for bad in [
+            "[\\A\n\"x\"=dword:1\n",
+            "\"x\"=dword:00000001\n",
+            "[\\A]\n\"x\"=hex:0\n",
+            "[\\A]\n\"x=dword:00000001\n",
+            "[-\\A]\n",
+            "[\\A]\n\"x\"=-\n",
+            "[\\A]\n\"x\"=hex(zz):00\n",
+        ] {
+            assert!(parse_export(bad, "").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn merge_text_creates_ancestors_and_ends_sections() {
+        let t = reg_text(
+            "HKEY_LOCAL_MACHINE\\SYSTEM",
+            &[
+                Edit::Set {
+                    key: "A\\B".into(),
+                    name: "x\"y".into(),
+                    data: Data::Dword(1),
+                },
+                Edit::Delete {
+                    key: "A\\B".into(),
+                    name: String::new(),
+                },
+                Edit::DeleteKey { key: "C".into() },
+            ],
+        );
+        assert_eq!(
+            t,
+            "Windows Registry Editor Version 5.00\n\n\
+             [HKEY_LOCAL_MACHINE\\SYSTEM\\A]\n\n\
+             [HKEY_LOCAL_MACHINE\\SYSTEM\\A\\B]\n\"x\\\"y\"=dword:00000001\n@=-\n\n\
+             [-HKEY_LOCAL_MACHINE\\SYSTEM\\C]\n\n"
+        );
+    }
+
+    #[test]
+    fn diff_lists_keys_and_values() {
+        let a = parse_export("[\\]\n\n[\\A]\n\"x\"=dword:00000001\n", "").unwrap();
+        let b = parse_export(
+            "[\\]\n\n[\\A]\n\"X\"=dword:00000002\n\n[\\A\\B]\n\"y\"=hex:01\n",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            a.diff(&b),
+            [
+                Difference::KeyAdded("A\\B".into()),
+                Difference::Value(
+                    "A".into(),
+                    "X".into(),
+                    Some(Data::Dword(1)),
+                    Some(Data::Dword(2))
+                ),
+                Difference::Value("A\\B".into(), "y".into(), None, Some(Data::Binary(vec![1]))),
+            ]
+        );
+    }
+}
