@@ -20,6 +20,9 @@ pub enum Command {
     Init(InitArgs),
     /// Print the store's public key (the boot image carries it).
     Pubkey(StoreArgs),
+    /// Issue the HTTPS certificate `serve --tls` presents, signed by the store's CA (made at
+    /// `init`); a running server loads it on SIGHUP.
+    Tls(TlsArgs),
     /// Snapshot disks (raw images, qcow2/VMDK or block devices, one per disk, in disk order).
     Ingest(IngestArgs),
     /// List hosts and snapshots.
@@ -103,6 +106,23 @@ pub struct StoreArgs {
 pub struct InitArgs {
     #[arg(long)]
     pub store: PathBuf,
+    /// Host names and addresses the HTTPS certificate is for, besides this machine's own
+    /// (host name, `hostname -I`, loopback); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub tls_name: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct TlsArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Host names and addresses the certificate is for (default: this machine's host name,
+    /// addresses and loopback); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub name: Vec<String>,
+    /// Add this machine's names to the given ones.
+    #[arg(long)]
+    pub with_defaults: bool,
 }
 
 #[derive(clap::Args)]
@@ -184,9 +204,25 @@ pub struct ServeArgs {
     /// Directory of boot files (bootimg's output) served under /boot/.
     #[arg(long)]
     pub boot: Option<PathBuf>,
-    /// Requests handled at once; more wait in the kernel's accept queue.
-    #[arg(long, default_value_t = 32)]
+    /// Open connections at once; more wait in the kernel's accept queue.
+    #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
+    /// Requests handled at once; more wait for a slot (without holding a thread).
+    #[arg(long, default_value_t = 64)]
+    pub max_requests: usize,
+    /// Serve HTTPS here, and on --listen only the boot files (plain HTTP, for PXE firmware).
+    #[arg(long)]
+    pub tls_listen: Option<String>,
+    /// Serve HTTPS with the store's certificate (`appliance tls`).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls: bool,
+    /// Serve HTTPS with this certificate (PEM, the chain from the server's own); reloaded on
+    /// SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// An upload session without a request for this long is aborted (e.g. 1h, 30m).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     pub upload_idle_timeout: std::time::Duration,

@@ -1,25 +1,9 @@
-//! `appliance init`, `pubkey` and `list`.
+//! `appliance list`.
 
-use crate::cli::{InitArgs, ListArgs, StoreArgs};
+use crate::cli::ListArgs;
 use anyhow::Result;
 use snapshot::store::{LocalStore, Store};
 use snapshot::Manifest;
-
-pub fn init(a: &InitArgs) -> Result<()> {
-    let (_, key) = LocalStore::init(&a.store)?;
-    println!("store created at {}", a.store.display());
-    println!(
-        "signing key: {}/private/signing.key (keep it private)",
-        a.store.display()
-    );
-    println!("public key:  {}", key.to_hex());
-    Ok(())
-}
-
-pub fn pubkey(a: &StoreArgs) -> Result<()> {
-    println!("{}", LocalStore::open(&a.store)?.public_key()?.to_hex());
-    Ok(())
-}
 
 pub fn run(a: &ListArgs) -> Result<()> {
     let store = LocalStore::open(&a.store)?;

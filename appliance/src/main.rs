@@ -6,9 +6,11 @@ mod files;
 mod gc;
 mod images;
 mod ingest;
+mod init;
 mod list;
 mod progress;
 mod serve;
+mod tls;
 mod verify;
 
 use clap::Parser;
@@ -18,8 +20,9 @@ fn main() {
     snapshot::stdout::exit_quietly_when_closed();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Init(a) => list::init(&a),
-        Command::Pubkey(a) => list::pubkey(&a),
+        Command::Init(a) => init::init(&a),
+        Command::Pubkey(a) => init::pubkey(&a),
+        Command::Tls(a) => init::tls(&a),
         Command::Ingest(a) => ingest::run(&a),
         Command::List(a) => list::run(&a),
         Command::Verify(a) => verify::run(&a),

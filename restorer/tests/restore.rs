@@ -5,7 +5,7 @@
 mod common;
 
 use bmr_tests::fixtures::{self, FsKind};
-use bmr_tests::util::{Cmd, HttpServer};
+use bmr_tests::util::{Cmd, HttpServer, Workspace};
 use common::*;
 use snapshot::{Digest, Slot};
 use std::collections::HashSet;
@@ -248,9 +248,11 @@ fn https_with_the_stores_ca() {
     let env = Env::new("https");
     let fx = fixtures::gpt_server().unwrap();
     let id = env.ingest("web15", &[&fx.image]);
-    let (ca, cert, key) = make_ca(&env.dir, "ours");
     let (other_ca, _, _) = make_ca(&env.dir, "other");
-    let srv = HttpServer::python_tls(&env.store, &env.logs, &cert, &key).unwrap();
+    // The appliance's own HTTPS: the CA and certificate `appliance init` made.
+    let ca = env.store.join("private/tls/ca.pem");
+    let srv =
+        HttpServer::appliance_tls(&Workspace::bin("appliance"), &env.store, &env.logs).unwrap();
     let t = env.file("target.img", fx.size);
 
     // Not trusted: the server's certificate is refused, before any write.
@@ -279,6 +281,14 @@ fn https_with_the_stores_ca() {
     );
     assert!(out.success(), "{}", out.describe());
     check_snapshot_exact(&env, &fx, "web15", &id, 0, &t);
+
+    // Any other TLS server with a certificate from a private CA works the same way.
+    let (ca, cert, key) = make_ca(&env.dir, "ours");
+    let py = HttpServer::python_tls(&env.store, &env.logs, &cert, &key).unwrap();
+    let t2 = env.file("target2.img", fx.size);
+    let (out, _) = restore(&py.url, "web15", &[&t2], &["--ca", ca.to_str().unwrap()]);
+    assert!(out.success(), "{}", out.describe());
+    check_snapshot_exact(&env, &fx, "web15", &id, 0, &t2);
 }
 
 /// Wait until `pred` or panic after `secs`.

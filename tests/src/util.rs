@@ -430,6 +430,21 @@ impl HttpServer {
         HttpServer::ready(proc, port, format!("http://127.0.0.1:{port}/store"))
     }
 
+    /// `appliance serve --tls` with the store's own certificate (made by `appliance init` for
+    /// this machine's names, 127.0.0.1 among them): `https://127.0.0.1:PORT/store`.
+    pub fn appliance_tls(bin: &Path, store: &Path, logs: &Path) -> Result<HttpServer> {
+        let port = free_port();
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .arg("--tls")
+            .arg("--store")
+            .arg(store)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        let proc = Background::start(&mut cmd, logs, &format!("appliance-serve-tls-{port}"))?;
+        HttpServer::ready(proc, port, format!("https://127.0.0.1:{port}/store"))
+    }
+
     /// Wait until the port accepts connections (10 s), failing early if the process exits.
     fn ready(mut proc: Background, port: u16, url: String) -> Result<HttpServer> {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -3,16 +3,17 @@
 //! `/boot/`, and the JSON API under `/api/v1/` (listings and upload sessions). The HTTP contract
 //! is in `docs/api.md`.
 //!
-//! Threads: `--max-connections` workers each accept a connection and serve its requests until it
-//! closes or idles out; more connections wait in the kernel's accept queue. A signal thread
-//! receives SIGTERM/SIGINT (blocked everywhere else); the main thread then stops the listener,
-//! lets every request in progress finish, aborts the open upload sessions and returns.
+//! The protocol, the connection and request limits, TLS and shutdown are in [`net`]; handlers
+//! here are synchronous and see [`http::Request`] and [`http::Response`]. On SIGTERM/SIGINT the
+//! server stops accepting, lets every request in progress finish, aborts the open upload
+//! sessions and returns.
 
 mod api;
 mod auth;
 mod browse;
 mod files;
 mod http;
+mod net;
 mod progress;
 mod sys;
 mod uploads;
@@ -21,14 +22,12 @@ use crate::cli::ServeArgs;
 use anyhow::{bail, Context, Result};
 use auth::{Auth, Who};
 use files::Tree;
-use http::{Request, Response, Timeouts};
+use http::{Request, Response};
 use snapshot::store::LocalStore;
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Everything a request handler needs.
 pub struct App {
@@ -124,12 +123,12 @@ fn only_get_head(req: &Request) -> Option<Response> {
 }
 
 pub fn run(a: &ServeArgs) -> Result<()> {
-    if a.max_connections == 0 || a.max_connections > 4096 {
-        bail!("--max-connections must be between 1 and 4096");
+    if a.max_connections == 0 || a.max_connections > 65536 {
+        bail!("--max-connections must be between 1 and 65536");
     }
-    // Before any thread exists, so that every thread inherits the blocked mask.
-    let wait_signal =
-        sys::block_termination_signals().context("blocking SIGTERM and SIGINT for sigwait")?;
+    if a.max_requests == 0 || a.max_requests > 4096 {
+        bail!("--max-requests must be between 1 and 4096");
+    }
     let store = LocalStore::open(&a.store)?;
     store
         .public_key()
@@ -139,13 +138,63 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             bail!("--boot {}: not a directory", b.display());
         }
     }
+    let certs = match (&a.tls_cert, &a.tls_key, a.tls) {
+        (Some(c), Some(k), _) => Some(crate::tls::Certs::load(c, k)?),
+        (_, _, true) => {
+            let d = crate::tls::dir(store.root());
+            let (c, k) = (d.join("server.pem"), d.join("server.key"));
+            if !c.exists() {
+                bail!(
+                    "--tls: the store has no certificate ({} is missing); make one with `appliance tls --store {}`",
+                    c.display(),
+                    a.store.display()
+                );
+            }
+            Some(crate::tls::Certs::load(&c, &k)?)
+        }
+        _ => None,
+    };
+    sys::raise_open_files_limit(a.max_connections as u64 * 2 + 256);
     let tokens = store.root().join("private").join("tokens.json");
     let auth = Auth::load(&tokens)?;
-    let listener =
-        TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("reading the listening address")?;
+    let bind = |at: &str| -> Result<(TcpListener, std::net::SocketAddr)> {
+        let l = TcpListener::bind(at).with_context(|| format!("listening on {at}"))?;
+        let addr = l.local_addr().context("reading the listening address")?;
+        Ok((l, addr))
+    };
+    if a.tls_listen.is_some() && certs.is_none() {
+        bail!("--tls-listen needs --tls or --tls-cert/--tls-key");
+    }
+    let (listener, addr) = bind(&a.listen)?;
+    let mut ports = Vec::new();
+    let mut urls = Vec::new();
+    match &a.tls_listen {
+        Some(t) => {
+            let (tl, taddr) = bind(t)?;
+            let https = format!("https://{taddr}");
+            urls.push(format!("{https} (store, API and boot files)"));
+            urls.push(format!("http://{addr} (boot files only, for PXE firmware)"));
+            ports.push(net::Port {
+                listener: tl,
+                tls: true,
+                boot_only: None,
+            });
+            ports.push(net::Port {
+                listener,
+                tls: false,
+                boot_only: Some(https),
+            });
+        }
+        None => {
+            let scheme = if certs.is_some() { "https" } else { "http" };
+            urls.push(format!("{scheme}://{addr}"));
+            ports.push(net::Port {
+                listener,
+                tls: certs.is_some(),
+                boot_only: None,
+            });
+        }
+    }
     let app = Arc::new(App {
         store,
         boot: a.boot.clone(),
@@ -154,7 +203,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         progress: Default::default(),
     });
 
-    println!("appliance serve: listening on http://{addr}");
+    println!("appliance serve: listening on {}", urls.join(", "));
     println!(
         "  store:   {} (files under /store/, API under /api/v1/)",
         app.store.root().display()
@@ -164,9 +213,13 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         None => println!("  boot:    none"),
     }
     println!("  tokens:  {}", app.auth.describe());
+    if let Some(c) = &certs {
+        println!("  tls:     {c:?}, reloaded on SIGHUP");
+    }
     println!(
-        "  workers: {}; upload sessions end after {} idle",
+        "  limits:  {} connections, {} requests at once; upload sessions end after {} idle",
         a.max_connections,
+        a.max_requests,
         humantime::format_duration(a.upload_idle_timeout)
     );
     if app.auth.is_open() {
@@ -174,129 +227,29 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             "WARNING: no {}: anyone who can reach {addr} may read every snapshot and upload new ones; use this only on a trusted network",
             tokens.display()
         );
-    }
-
-    let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(1);
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut first = true;
-            loop {
-                match wait_signal() {
-                    Ok(sig) if first => {
-                        first = false;
-                        let _ = sig_tx.send(sig);
-                    }
-                    Ok(_) => {
-                        eprintln!("appliance serve: second signal: exiting at once");
-                        std::process::exit(1);
-                    }
-                    Err(e) => {
-                        eprintln!("appliance serve: error: waiting for signals: {e}");
-                        return;
-                    }
-                }
-            }
-        })
-        .context("starting the signal thread")?;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let listener = Arc::new(listener);
-    let timeouts = Timeouts::default();
-    let mut workers = Vec::new();
-    for i in 0..a.max_connections {
-        let (app, stop, listener, t) = (
-            app.clone(),
-            stop.clone(),
-            listener.clone(),
-            timeouts.clone(),
+    } else if certs.is_none() {
+        eprintln!(
+            "WARNING: plain HTTP: tokens cross the network in clear; serve with --tls on an untrusted network"
         );
-        let w = std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .spawn(move || worker(&app, &listener, &stop, &t))
-            .context("starting worker threads")?;
-        workers.push(w);
     }
 
-    // Sweep idle upload sessions while waiting for a signal.
-    let tick =
+    let limits = net::Limits {
+        max_connections: a.max_connections,
+        max_requests: a.max_requests,
+        head: Duration::from_secs(20),
+        io: Duration::from_secs(60),
+    };
+    // Sweep idle upload sessions on a tick.
+    let every =
         (a.upload_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
-    let signal = loop {
-        match sig_rx.recv_timeout(tick) {
-            Ok(sig) => break Some(sig),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => app.uploads.expire(),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break None,
-        }
-    };
-    let name = match signal {
-        Some(libc::SIGTERM) => "SIGTERM",
-        Some(libc::SIGINT) => "SIGINT",
-        _ => "signal thread ended",
-    };
-    eprintln!(
-        "appliance serve: {name}: not accepting connections; finishing the requests in progress"
-    );
-    stop.store(true, Ordering::SeqCst);
-    // Shutting the listening socket down wakes every worker blocked in accept() (EINVAL) and
-    // refuses new connections at once. std has no shutdown() for listeners, so this goes
-    // through a TcpStream on a duplicate of the same socket.
-    match listener.try_clone() {
-        Ok(l) => {
-            let _ = TcpStream::from(OwnedFd::from(l)).shutdown(Shutdown::Read);
-        }
-        Err(e) => eprintln!("appliance serve: error: closing the listener: {e}"),
-    }
-    let started = Instant::now();
-    for w in workers {
-        let _ = w.join();
-    }
+    let sweeper = app.clone();
+    let stopped = net::serve(app.clone(), ports, certs, limits, every, move || {
+        sweeper.uploads.expire()
+    })?;
     let aborted = app.uploads.abort_all();
     eprintln!(
-        "appliance serve: stopped after {:.1?} of draining; {aborted} open upload sessions aborted",
-        started.elapsed()
+        "appliance serve: {}: stopped after {:.1?} of draining; {aborted} open upload sessions aborted",
+        stopped.signal, stopped.drained
     );
-    if signal.is_none() {
-        bail!("stopped because the signal thread failed");
-    }
     Ok(())
-}
-
-fn worker(app: &App, listener: &TcpListener, stop: &AtomicBool, t: &Timeouts) {
-    let mut last_error: Option<Instant> = None;
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    http::serve_connection(stream, peer, t, stop, &|req| app.handle(req))
-                }));
-                if served.is_err() {
-                    eprintln!(
-                        "appliance serve: internal error: a handler panicked; the connection from {peer} was closed"
-                    );
-                }
-            }
-            Err(e) => {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
-                ) {
-                    continue;
-                }
-                // E.g. EMFILE: out of file descriptors. Say so at most once a minute, back off
-                // a little and keep serving.
-                let quiet = matches!(last_error, Some(t) if t.elapsed() < Duration::from_secs(60));
-                if !quiet {
-                    eprintln!("appliance serve: error: accepting a connection: {e}");
-                    last_error = Some(Instant::now());
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
 }

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 pub struct Server {
     pub child: Child,
+    /// The first URL it listens on.
     pub base: String,
+    /// The whole `listening on` line.
+    pub listening: String,
     pub log: Arc<Mutex<String>>,
 }
 
@@ -45,12 +48,24 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(200));
                 panic!("server did not start: {}", log.lock().unwrap());
             }
-            if let Some(i) = line.find("listening on http://") {
+            if let Some(i) = line.find("listening on ") {
                 break line[i + "listening on ".len()..].trim().to_string();
             }
         };
+        // `http://A`, or `https://A (...), http://B (boot files only...)` with --tls-listen.
+        let listening = base.clone();
+        let base = base
+            .split([' ', ','])
+            .next()
+            .unwrap_or_default()
+            .to_string();
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        Server { child, base, log }
+        Server {
+            child,
+            base,
+            listening,
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -58,7 +73,8 @@ impl Server {
     }
 
     pub fn addr(&self) -> String {
-        self.base.trim_start_matches("http://").to_string()
+        let b = self.base.trim_start_matches("https://");
+        b.trim_start_matches("http://").to_string()
     }
 
     pub fn log(&self) -> String {
