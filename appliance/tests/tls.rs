@@ -122,7 +122,7 @@ fn https_with_the_stores_ca_boot_port_and_reload() {
     let theirs = client(&other.join("private/tls/ca.pem"));
     let e = get(&theirs, &srv.url("/api/v1/hosts")).unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
-    assert!(srv.log().contains("TLS handshake failed"), "{}", srv.log());
+    srv.wait_log("TLS handshake failed");
 
     // The plain port: boot files only; the store and the API point at HTTPS.
     let agent = ureq::AgentBuilder::new().build();

@@ -102,6 +102,19 @@ fn inject_checked(root: &Path, devices: &[Device]) -> (Plan, Snapshot, Snapshot)
     let plan = inject::inject(&vol, devices, &Options::default()).unwrap();
     let after_sys = export(&hive_path(root, HiveName::System));
     let after_sw = export(&hive_path(root, HiveName::Software));
+    // The library reads hives with its own regf reader: it agrees with hivex's on every key
+    // and every byte of every value, before and after hivexsh's writes.
+    let reread = WindowsVolume::open(root, false).unwrap();
+    assert_eq!(
+        reread.system.export_all().unwrap(),
+        after_sys,
+        "own reader, SYSTEM"
+    );
+    assert_eq!(
+        reread.software.export_all().unwrap(),
+        after_sw,
+        "own reader, SOFTWARE"
+    );
     assert_eq!(
         actual(&before_sys, &after_sys),
         expected(&plan, HiveName::System),

@@ -1,17 +1,13 @@
-//! Offline registry hives, read and written through hivex's `hivexregedit` (Debian
-//! `libwin-hivex-perl`; `libhivex-bin` has `hivexsh` and `hivexget`). Reading parses
-//! `hivexregedit --export` output, which is the `.reg` text format with every value but a
-//! REG_DWORD as `hex(type):` bytes (strings in UTF-16LE); writing generates `.reg` text the same
-//! way and applies it with `hivexregedit --merge`, so that what is written is byte-exact and can
-//! be compared with a later export.
+//! Offline registry hives. Reads are our own: a small regf reader that follows only the cells
+//! of the keys asked for and returns every value byte-exact (types and bytes as stored).
+//! Writes go through hivex's C shell `hivexsh -w` (Debian `libhivex-bin`; no Perl, so it fits
+//! in the boot image): `cd`, `add`, `setval` with every value as `hex:<type>:<bytes>` (so what
+//! is written is exactly our bytes; `setval` replaces all of a key's values, so the key's other
+//! values are read first and written back unchanged), `del`, and `commit` last, which is the
+//! only write: a script that fails at any line leaves the file untouched.
 //!
-//! `--merge` quirks this module deals with: a key is only created when its parent exists (every
-//! ancestor is emitted, parent first, as an empty section, which leaves an existing key as it
-//! is); a section must end with a blank line; key paths carry the `--prefix` given
-//! (`HKEY_LOCAL_MACHINE\SYSTEM`), stripped case-insensitively by hivexregedit; unmarked `"..."`
-//! strings would be encoded by hivexregedit itself, so strings are always written as
-//! `hex(1):`/`hex(2):`/`hex(7):` UTF-16LE with their terminating zeros; a merge that fails
-//! leaves the file untouched (hivex commits only at the end).
+//! The `.reg` text functions ([`parse_export`], [`reg_text`]) stay for tests and tools: the
+//! tests check every edit with an independent reader, `hivexregedit --export`.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -490,16 +486,442 @@ pub struct Hive {
     pub prefix: String,
 }
 
-const TOOL: &str = "hivexregedit";
+/// The writer: hivex's C shell (Debian `libhivex-bin`), small enough for the boot image.
+const WRITER: &str = "hivexsh";
 
-fn tool_missing(e: std::io::Error) -> anyhow::Error {
+fn writer_missing(e: std::io::Error) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::NotFound {
         anyhow::anyhow!(
-            "{TOOL} not found: install hivex's tools (Debian: libhivex-bin libwin-hivex-perl; \
-             scripts/setup does)"
+            "{WRITER} not found: install hivex's tools (Debian: libhivex-bin; scripts/setup does, \
+             the boot image carries it)"
         )
     } else {
-        anyhow::Error::new(e).context(format!("running {TOOL}"))
+        anyhow::Error::new(e).context(format!("running {WRITER}"))
+    }
+}
+
+/// Where the hive bins start: cell offsets are relative to it.
+const BINS: u64 = 0x1000;
+/// The data of one big-data (`db`) segment.
+const SEGMENT: usize = 16344;
+/// The registry's own limit on key depth.
+const MAX_DEPTH: usize = 512;
+
+fn le16(b: &[u8], at: usize) -> Result<u16> {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .context("truncated hive cell")
+}
+
+fn le32(b: &[u8], at: usize) -> Result<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .context("truncated hive cell")
+}
+
+/// A key or value name: Latin-1 when the cell says so (`compressed`), else UTF-16LE.
+fn cell_name(raw: &[u8], compressed: bool) -> String {
+    if compressed {
+        raw.iter().map(|&b| b as char).collect()
+    } else {
+        let units: Vec<u16> = raw
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        String::from_utf16_lossy(&units)
+    }
+}
+
+fn same_name(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b) || a.to_lowercase() == b.to_lowercase()
+}
+
+/// A key cell (`nk`): its name and where its subkeys and values are.
+struct Nk {
+    name: String,
+    subkeys: u32,
+    subkey_list: u32,
+    values: u32,
+    value_list: u32,
+}
+
+/// A read-only view of a regf file, reading only the cells it follows. The reader is ours, not
+/// hivex's: `hivexsh lsval` prints strings decoded (a missing terminator, an odd length or
+/// non-UTF-16 bytes are lost), and `setval` replaces every value of a key, so rewriting a key
+/// needs its other values byte-exact.
+struct Regf {
+    file: std::fs::File,
+    len: u64,
+    root: u32,
+    path: PathBuf,
+}
+
+impl Regf {
+    fn open(path: &Path) -> Result<Regf> {
+        use std::os::unix::fs::FileExt;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        let mut base = [0u8; 0x30];
+        file.read_exact_at(&mut base, 0)
+            .with_context(|| format!("{}: shorter than a hive's base block", path.display()))?;
+        if &base[0..4] != b"regf" {
+            bail!(
+                "{}: not a registry hive (no regf signature)",
+                path.display()
+            );
+        }
+        Ok(Regf {
+            file,
+            len,
+            root: le32(&base, 0x24)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The content of the cell at `off` (after its size field).
+    fn cell(&self, off: u32) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let at = BINS + u64::from(off);
+        let mut size = [0u8; 4];
+        self.file
+            .read_exact_at(&mut size, at)
+            .with_context(|| format!("{}: cell at {off:#x} past the end", self.path.display()))?;
+        let n = u64::from(i32::from_le_bytes(size).unsigned_abs());
+        if n < 4 || at + n > self.len {
+            bail!("{}: cell at {off:#x} has a bad size", self.path.display());
+        }
+        let mut buf = vec![0u8; (n - 4) as usize];
+        self.file
+            .read_exact_at(&mut buf, at + 4)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        Ok(buf)
+    }
+
+    fn nk(&self, off: u32) -> Result<Nk> {
+        let c = self.cell(off)?;
+        if c.get(0..2) != Some(b"nk") {
+            bail!("{}: no key cell at {off:#x}", self.path.display());
+        }
+        let flags = le16(&c, 2)?;
+        let n = usize::from(le16(&c, 72)?);
+        let raw = c
+            .get(76..76 + n)
+            .with_context(|| format!("{}: key name at {off:#x} truncated", self.path.display()))?;
+        Ok(Nk {
+            name: cell_name(raw, flags & 0x20 != 0),
+            subkeys: le32(&c, 20)?,
+            subkey_list: le32(&c, 28)?,
+            values: le32(&c, 36)?,
+            value_list: le32(&c, 40)?,
+        })
+    }
+
+    fn subkeys(&self, nk: &Nk) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        if nk.subkeys != 0 && nk.subkey_list != u32::MAX {
+            self.list(nk.subkey_list, &mut out, 0)?;
+        }
+        Ok(out)
+    }
+
+    fn list(&self, off: u32, out: &mut Vec<u32>, depth: u32) -> Result<()> {
+        let c = self.cell(off)?;
+        let count = usize::from(le16(&c, 2)?);
+        match c.get(0..2) {
+            Some(b"lf") | Some(b"lh") => {
+                for i in 0..count {
+                    out.push(le32(&c, 4 + 8 * i)?);
+                }
+            }
+            Some(b"li") => {
+                for i in 0..count {
+                    out.push(le32(&c, 4 + 4 * i)?);
+                }
+            }
+            Some(b"ri") if depth == 0 => {
+                for i in 0..count {
+                    self.list(le32(&c, 4 + 4 * i)?, out, 1)?;
+                }
+            }
+            _ => bail!("{}: no subkey list at {off:#x}", self.path.display()),
+        }
+        Ok(())
+    }
+
+    /// The values of a key, in the order the hive lists them.
+    fn values(&self, nk: &Nk) -> Result<Vec<(String, Data)>> {
+        let mut out = Vec::new();
+        if nk.values == 0 || nk.value_list == u32::MAX {
+            return Ok(out);
+        }
+        let list = self.cell(nk.value_list)?;
+        for i in 0..nk.values as usize {
+            let off = le32(&list, 4 * i)?;
+            out.push(
+                self.vk(off).with_context(|| {
+                    format!("{}: value of key {}", self.path.display(), nk.name)
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn vk(&self, off: u32) -> Result<(String, Data)> {
+        let c = self.cell(off)?;
+        if c.get(0..2) != Some(b"vk") {
+            bail!("no value cell at {off:#x}");
+        }
+        let n = usize::from(le16(&c, 2)?);
+        let size = le32(&c, 4)?;
+        let data_off = le32(&c, 8)?;
+        let kind = le32(&c, 12)?;
+        let flags = le16(&c, 16)?;
+        let raw = c.get(20..20 + n).context("value name truncated")?;
+        let name = cell_name(raw, flags & 1 != 0);
+        let bytes = if size & 0x8000_0000 != 0 {
+            // Up to 4 bytes kept in the data offset field itself.
+            let n = (size & 0x7fff_ffff) as usize;
+            c.get(8..8 + n)
+                .context("inline value data too long")?
+                .to_vec()
+        } else if size == 0 {
+            Vec::new()
+        } else {
+            let n = size as usize;
+            let d = self.cell(data_off)?;
+            if n > SEGMENT && d.get(0..2) == Some(b"db") {
+                let segments = usize::from(le16(&d, 2)?);
+                let list = self.cell(le32(&d, 4)?)?;
+                let mut out = Vec::with_capacity(n);
+                for i in 0..segments {
+                    let s = self.cell(le32(&list, 4 * i)?)?;
+                    out.extend_from_slice(&s[..s.len().min(SEGMENT)]);
+                }
+                if out.len() < n {
+                    bail!("value {name:?}: big data shorter than its size");
+                }
+                out.truncate(n);
+                out
+            } else {
+                d.get(..n)
+                    .with_context(|| format!("value {name:?}: data cell shorter than its size"))?
+                    .to_vec()
+            }
+        };
+        Ok((name, Data::from_raw(kind, bytes)))
+    }
+
+    /// The key at `path` (components matched case-insensitively): its cell and its path with
+    /// the names as stored.
+    fn find(&self, path: &str) -> Result<Option<(u32, String)>> {
+        let mut at = self.root;
+        let mut names: Vec<String> = Vec::new();
+        for part in norm(path).split('\\').filter(|p| !p.is_empty()) {
+            let nk = self.nk(at)?;
+            let mut found = None;
+            for sk in self.subkeys(&nk)? {
+                let k = self.nk(sk)?;
+                if same_name(&k.name, part) {
+                    found = Some((sk, k.name));
+                    break;
+                }
+            }
+            match found {
+                Some((off, name)) => {
+                    at = off;
+                    names.push(name);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some((at, names.join("\\"))))
+    }
+
+    fn walk(
+        &self,
+        off: u32,
+        path: String,
+        depth: Option<u32>,
+        level: usize,
+        snap: &mut Snapshot,
+    ) -> Result<()> {
+        if level > MAX_DEPTH {
+            bail!(
+                "{}: keys nested deeper than {MAX_DEPTH}",
+                self.path.display()
+            );
+        }
+        let nk = self.nk(off)?;
+        let mut key = Key {
+            path: path.clone(),
+            values: BTreeMap::new(),
+        };
+        for (name, data) in self.values(&nk)? {
+            key.values.insert(name.to_lowercase(), (name, data));
+        }
+        snap.keys.insert(path.to_lowercase(), key);
+        if depth == Some(1) {
+            return Ok(());
+        }
+        for sk in self.subkeys(&nk)? {
+            let name = self.nk(sk)?.name;
+            let child = if path.is_empty() {
+                name
+            } else {
+                format!("{path}\\{name}")
+            };
+            self.walk(sk, child, depth.map(|d| d - 1), level + 1, snap)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `hivexsh` line of a value's data: `hex:<type>:<bytes>`, so that every byte is ours.
+fn setval_data(data: &Data) -> String {
+    let (kind, bytes) = data.raw();
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("hex:{kind}:{}", hex.join(","))
+}
+
+fn check_line(what: &str, s: &str) -> Result<()> {
+    if s.contains(['\n', '\r']) || s.trim() != s {
+        bail!("{what} {s:?}: a line break or surrounding blanks cannot be written with {WRITER}");
+    }
+    Ok(())
+}
+
+/// A key as the script leaves it: its path as stored or created, and all its values.
+type Pending = (String, Vec<(String, Data)>);
+
+/// Builds the `hivexsh -w` script of a list of edits, reading what `setval` needs (it replaces
+/// every value of a key) from the hive as it is.
+struct Script<'r> {
+    hive: &'r Regf,
+    /// Keys the script has touched, by lowercase path; None: deleted.
+    keys: BTreeMap<String, Option<Pending>>,
+    out: String,
+}
+
+impl Script<'_> {
+    fn cd(&mut self, path: &str) {
+        if path.is_empty() {
+            // "cd \" alone would continue onto the next line.
+            self.out.push_str("cd \\ \n");
+        } else {
+            self.out.push_str(&format!("cd \\{path}\n"));
+        }
+    }
+
+    /// The key's path and values, None when it does not exist (as the script leaves it).
+    fn get(&mut self, key: &str) -> Result<Option<Pending>> {
+        let k = norm(key);
+        let lk = k.to_lowercase();
+        if let Some(v) = self.keys.get(&lk) {
+            return Ok(v.clone());
+        }
+        // Below a key the script deleted.
+        let parts: Vec<&str> = lk.split('\\').collect();
+        for n in 1..parts.len() {
+            if let Some(None) = self.keys.get(&parts[..n].join("\\")) {
+                return Ok(None);
+            }
+        }
+        let Some((off, path)) = self.hive.find(&k)? else {
+            return Ok(None);
+        };
+        let values = self.hive.values(&self.hive.nk(off)?)?;
+        let v = Some((path, values));
+        self.keys.insert(lk, v.clone());
+        Ok(v)
+    }
+
+    /// Creates `key` and its missing ancestors; the key's path and values.
+    fn ensure(&mut self, key: &str) -> Result<Pending> {
+        let k = norm(key);
+        let parts: Vec<&str> = k.split('\\').filter(|p| !p.is_empty()).collect();
+        let mut parent = self.get("")?.context("the hive has no root key")?;
+        for n in 1..=parts.len() {
+            let p = parts[..n].join("\\");
+            parent = match self.get(&p)? {
+                Some(found) => found,
+                None => {
+                    let name = parts[n - 1];
+                    check_line("key", name)?;
+                    let path = if parent.0.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{}\\{name}", parent.0)
+                    };
+                    let parent_path = parent.0.clone();
+                    self.cd(&parent_path);
+                    self.out.push_str(&format!("add {name}\n"));
+                    let created = (path, Vec::new());
+                    self.keys.insert(p.to_lowercase(), Some(created.clone()));
+                    created
+                }
+            };
+        }
+        Ok(parent)
+    }
+
+    /// Writes all of a key's values with one `setval`.
+    fn setval(&mut self, key: &str, path: &str, values: Vec<(String, Data)>) -> Result<()> {
+        self.cd(path);
+        self.out.push_str(&format!("setval {}\n", values.len()));
+        for (name, data) in &values {
+            if name == "@" {
+                bail!("a value named \"@\" cannot be written with {WRITER} (it means the default value)");
+            }
+            check_line("value", name)?;
+            let n = if name.is_empty() { "@" } else { name };
+            self.out.push_str(&format!("{n}\n{}\n", setval_data(data)));
+        }
+        self.keys
+            .insert(norm(key).to_lowercase(), Some((path.to_string(), values)));
+        Ok(())
+    }
+
+    fn edit(&mut self, e: &Edit) -> Result<()> {
+        match e {
+            Edit::Key { key } => {
+                self.ensure(key)?;
+            }
+            Edit::Set { key, name, data } => {
+                let (path, mut values) = self.ensure(key)?;
+                match values.iter_mut().find(|(n, _)| same_name(n, name)) {
+                    Some(v) => v.1 = data.clone(),
+                    None => values.push((name.clone(), data.clone())),
+                }
+                self.setval(key, &path, values)?;
+            }
+            Edit::Delete { key, name } => {
+                if let Some((path, mut values)) = self.get(key)? {
+                    let before = values.len();
+                    values.retain(|(n, _)| !same_name(n, name));
+                    if values.len() != before {
+                        self.setval(key, &path, values)?;
+                    }
+                }
+            }
+            Edit::DeleteKey { key } => {
+                if norm(key).is_empty() {
+                    bail!("the root key cannot be deleted");
+                }
+                if let Some((path, _)) = self.get(key)? {
+                    self.cd(&path);
+                    self.out.push_str("del\n");
+                    let lk = norm(key).to_lowercase();
+                    let below = format!("{lk}\\");
+                    self.keys.retain(|k, _| !k.starts_with(&below));
+                    self.keys.insert(lk, None);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -511,36 +933,26 @@ impl Hive {
         }
     }
 
-    /// The export of `key` and (to `depth` levels, all when None) its subkeys; None when the
-    /// key does not exist.
+    /// `key` and (to `depth` levels, all when None; 1 is the key alone) its subkeys, with every
+    /// value byte-exact; None when the key does not exist. Key paths use the names as stored.
     pub fn export(&self, key: &str, depth: Option<u32>) -> Result<Option<Snapshot>> {
-        let k = format!("\\{}", norm(key));
-        let mut cmd = Command::new(TOOL);
-        cmd.arg("--export");
-        if let Some(d) = depth {
-            cmd.arg("--max-depth").arg(d.to_string());
+        if depth == Some(0) {
+            bail!("an export of depth 0 holds nothing");
         }
-        let out = cmd
-            .arg(&self.path)
-            .arg(&k)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(tool_missing)?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("path not found") {
-                return Ok(None);
-            }
-            bail!(
-                "{TOOL} --export {} {k}: {}",
-                self.path.display(),
-                err.lines().next().unwrap_or("failed")
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        parse_export(&text, "")
-            .with_context(|| format!("reading the export of {k} from {}", self.path.display()))
-            .map(Some)
+        let r = Regf::open(&self.path)?;
+        let Some((off, path)) = r.find(key)? else {
+            return Ok(None);
+        };
+        let mut snap = Snapshot::default();
+        r.walk(off, path, depth, 0, &mut snap).with_context(|| {
+            format!(
+                "reading {}\\{} from {}",
+                self.prefix,
+                norm(key),
+                self.path.display()
+            )
+        })?;
+        Ok(Some(snap))
     }
 
     /// The whole hive.
@@ -558,34 +970,51 @@ impl Hive {
         Ok(self.key(key)?.and_then(|k| k.get(name).cloned()))
     }
 
-    /// Applies `edits` with `hivexregedit --merge`. Nothing is written when a line is refused.
+    /// The `hivexsh -w` commands that apply `edits` to this hive as it is now (ending with
+    /// `commit`).
+    pub fn script(&self, edits: &[Edit]) -> Result<String> {
+        let r = Regf::open(&self.path)?;
+        let mut s = Script {
+            hive: &r,
+            keys: BTreeMap::new(),
+            out: String::new(),
+        };
+        for e in edits {
+            s.edit(e).with_context(|| {
+                format!("planning the write of {}\\{}", self.prefix, norm(e.key()))
+            })?;
+        }
+        s.out.push_str("commit\n");
+        Ok(s.out)
+    }
+
+    /// Applies `edits` with `hivexsh -w`. hivexsh stops at the first command that fails and
+    /// writes only at `commit`, the last line: nothing is written when any edit is refused.
     pub fn merge(&self, edits: &[Edit]) -> Result<()> {
         if edits.is_empty() {
             return Ok(());
         }
-        let text = reg_text(&self.prefix, edits);
-        let mut child = Command::new(TOOL)
-            .arg("--merge")
-            .arg("--prefix")
-            .arg(&self.prefix)
+        let script = self.script(edits)?;
+        let mut child = Command::new(WRITER)
+            .arg("-w")
             .arg(&self.path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(tool_missing)?;
+            .map_err(writer_missing)?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
-                .write_all(text.as_bytes())
-                .with_context(|| format!("feeding {TOOL} --merge"))?;
+                .write_all(script.as_bytes())
+                .with_context(|| format!("feeding {WRITER}"))?;
         }
         let out = child
             .wait_with_output()
-            .with_context(|| format!("running {TOOL} --merge"))?;
+            .with_context(|| format!("running {WRITER}"))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             bail!(
-                "{TOOL} --merge {}: {}",
+                "{WRITER} -w {}: {}",
                 self.path.display(),
                 err.lines()
                     .filter(|l| !l.trim().is_empty())

@@ -3,14 +3,15 @@
 //! repository that picks the best package for a device and a Windows version ([`repo`]), and
 //! the offline edits of the restored Windows that make it boot on the new hardware:
 //!
-//! - [`hive`]: registry hives read and written through hivex (`hivexregedit --export` parsed,
-//!   `.reg` text generated and applied with `--merge`);
+//! - [`hive`]: registry hives read byte-exact by our own regf reader and written with hivex's
+//!   C shell `hivexsh -w` (no Perl: it runs in the boot image);
 //! - [`offline`]: the mounted Windows volume: its hives (found case-insensitively), version,
 //!   current control set, and the refusals of dirty hives and hibernated volumes;
 //! - [`inject`]: the plan of every file copy and registry value (with the originals), its
 //!   application (`dry_run` stops at the plan), the record, and the rollback from it.
 //!
-//! Not wired into the restorer's CLI yet.
+//! The restorer runs it after a restore and in `restorer adapt` with `--drivers`
+//! (`restorer/src/windows.rs`).
 
 pub mod hive;
 pub mod hwid;
