@@ -13,6 +13,8 @@ pub struct PciDevice {
     /// `0x010802`
     pub class: String,
     pub modalias: String,
+    /// PCI revision (`0x01`), part of Windows' most specific hardware ID.
+    pub revision: u8,
     /// Driver bound in this kernel (the boot image's), if any.
     pub driver: Option<String>,
 }
@@ -111,6 +113,9 @@ impl Inventory {
                 ),
                 address: a,
                 modalias: read(&d.join("modalias")).unwrap_or_default(),
+                revision: read(&d.join("revision"))
+                    .and_then(|r| u8::from_str_radix(r.trim_start_matches("0x"), 16).ok())
+                    .unwrap_or(0),
                 driver: link_name(&d.join("driver")),
                 class: class.clone(),
             };

@@ -5,13 +5,12 @@
 
 mod fixtures;
 
-use drivers_inject::windows::hive::{Data, Difference, Snapshot};
+use drivers_inject::windows::hive::{Data, Snapshot};
 use drivers_inject::windows::hwid::PciIds;
 use drivers_inject::windows::inject::{self, Device, HiveName, Options, Plan};
 use drivers_inject::windows::offline::WindowsVolume;
 use drivers_inject::windows::repo::{Repo, WindowsTarget};
 use fixtures::*;
-use std::collections::BTreeSet;
 use std::path::Path;
 
 const VIRTIO_BLK: &str = "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00";
@@ -53,44 +52,6 @@ fn package<'r>(
 
 fn hive_path(root: &Path, h: HiveName) -> std::path::PathBuf {
     root.join("Windows/System32/config").join(h.file())
-}
-
-/// What the plan says must differ in a hive's export, as the diff reports it.
-fn expected(plan: &Plan, h: HiveName) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for k in plan.keys_created.iter().filter(|k| k.hive == h) {
-        out.insert(format!("{:?}", Difference::KeyAdded(k.key.to_lowercase())));
-    }
-    for w in plan.registry.iter().filter(|w| w.hive == h) {
-        out.insert(format!(
-            "{:?}",
-            Difference::Value(
-                w.key.to_lowercase(),
-                w.name.to_lowercase(),
-                w.original.clone(),
-                Some(w.data.clone())
-            )
-        ));
-    }
-    out
-}
-
-fn actual(before: &Snapshot, after: &Snapshot) -> BTreeSet<String> {
-    before
-        .diff(after)
-        .into_iter()
-        .map(|d| {
-            format!(
-                "{:?}",
-                match d {
-                    Difference::KeyAdded(k) => Difference::KeyAdded(k.to_lowercase()),
-                    Difference::KeyRemoved(k) => Difference::KeyRemoved(k.to_lowercase()),
-                    Difference::Value(k, n, a, b) =>
-                        Difference::Value(k.to_lowercase(), n.to_lowercase(), a, b),
-                }
-            )
-        })
-        .collect()
 }
 
 /// Runs the injection and checks both hives with full exports: the expected changes are
@@ -694,67 +655,22 @@ fn ntfs_volume_end_to_end() {
     );
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("ntfs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let run = |cmd: &mut std::process::Command| {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
-    run(std::process::Command::new("mkntfs")
-        .args(["-F", "-Q", "-L", "Windows"])
-        .arg(&img));
-    let mnt = t.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    // no_detach: ntfs-3g stays our child, so waiting for it means everything is flushed.
-    let mut fuse = std::process::Command::new("ntfs-3g")
-        .args(["-o", "no_detach"])
-        .arg(&img)
-        .arg(&mnt)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut mounted = false;
-    for _ in 0..100 {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-        if mounts.contains(mnt.to_str().unwrap()) {
-            mounted = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(mounted, "ntfs-3g did not mount {}", img.display());
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        make_volume(&mnt, &SystemHive::default(), 17763);
+    ntfs_windows(&img, 64 << 20, &SystemHive::default(), 17763);
+    let plan = with_ntfs(&img, &t.path().join("mnt"), |mnt| {
         assert!(
             !mnt.join("windows").exists(),
             "ntfs-3g lookups are case-sensitive"
         );
         let repo = Repo::scan(&make_repo(&t.path().join("repo"))).unwrap();
-        let vol = WindowsVolume::open(&mnt, false).unwrap();
+        let vol = WindowsVolume::open(mnt, false).unwrap();
         let dev = package(&repo, &vol.target, VIRTIO_BLK, 0, true);
         inject::inject(&vol, &[dev], &Options::default()).unwrap()
-    }));
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
-    let _ = fuse.wait();
-    let plan = result.unwrap();
-    let sys = run(std::process::Command::new("ntfscat")
-        .arg(&img)
-        .arg("/Windows/System32/drivers/viostor.sys"));
-    assert_eq!(sys, b"MZ viostor.sys for 2k19");
-    let hive = run(std::process::Command::new("ntfscat")
-        .arg(&img)
-        .arg("/Windows/System32/config/SYSTEM"));
-    let copy = t.path().join("SYSTEM");
-    std::fs::write(&copy, hive).unwrap();
-    let s = export(&copy);
+    });
+    assert_eq!(
+        ntfscat(&img, "/Windows/System32/drivers/viostor.sys"),
+        b"MZ viostor.sys for 2k19"
+    );
+    let s = ntfs_hive_export(&img, HiveName::System);
     assert_eq!(
         s.value("ControlSet001\\Services\\viostor", "Start"),
         dword(0)
@@ -768,9 +684,7 @@ fn ntfs_volume_end_to_end() {
             w.name
         );
     }
-    let record = run(std::process::Command::new("ntfscat")
-        .arg(&img)
-        .arg("/Windows/bmr-drivers/record.json"));
+    let record = ntfscat(&img, "/Windows/bmr-drivers/record.json");
     assert_eq!(
         serde_json::from_slice::<Vec<Plan>>(&record).unwrap(),
         [plan]

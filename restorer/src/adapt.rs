@@ -6,6 +6,7 @@ use crate::cli::{AdaptArgs, AdaptOptions};
 use anyhow::{bail, Context, Result};
 use drivers_inject::linux::{self, network::OldNic, Options, Report};
 use drivers_inject::{Inventory, Volume};
+use serde::Serialize;
 use std::path::Path;
 use std::process::Command;
 
@@ -52,6 +53,12 @@ fn attach(file: &Path, loops: &mut Loops) -> Result<String> {
     Ok(dev)
 }
 
+/// Where this machine's hardware is read: `/sys`, or `$BMR_SYSFS` (a test seam: a tree shaped
+/// like sysfs that describes another machine).
+fn sysfs() -> std::path::PathBuf {
+    std::env::var_os("BMR_SYSFS").map_or_else(|| "/sys".into(), Into::into)
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -74,17 +81,26 @@ fn parse_map(o: &AdaptOptions) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// What the adaptation did: the Linux half's report and each Windows found.
+#[derive(Debug, Serialize, Default)]
+pub struct Adapted {
+    #[serde(flatten)]
+    pub linux: Report,
+    pub windows: Vec<crate::windows::Outcome>,
+}
+
 /// Adapts the system on `targets` (in disk order) to this machine; prints the report unless
-/// `json`.
+/// `json`. `net` is how a `--drivers` URL is fetched.
 pub fn adapt(
     targets: &[&Path],
     old_nics: Vec<OldNic>,
     o: &AdaptOptions,
+    net: snapshot::store::http::Options,
     dry_run: bool,
     json: bool,
-) -> Result<Report> {
+) -> Result<Adapted> {
     let t0 = std::time::Instant::now();
-    let inventory = Inventory::scan(Path::new("/sys"));
+    let inventory = Inventory::scan(&sysfs());
     let inventory_secs = t0.elapsed().as_secs_f64();
     let mut loops = Loops::default();
     let mut disks = Vec::new();
@@ -108,7 +124,10 @@ pub fn adapt(
                     if !json {
                         print(&r);
                     }
-                    return Ok(r);
+                    return Ok(Adapted {
+                        linux: r,
+                        ..Default::default()
+                    });
                 }
                 Err(e) => return Err(e),
             }
@@ -141,6 +160,16 @@ pub fn adapt(
     };
     let work = base.join(format!("adapt-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // The controllers the restored disks hang off: a restored Windows must boot from them.
+    // Image files may go onto any of this machine's: all of them.
+    let boot: Vec<String> = if hardware {
+        disks
+            .iter()
+            .filter_map(|d| inventory.disk(d).and_then(|d| d.controller.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let opts = Options {
         dry_run,
         nic_map: parse_map(o)?,
@@ -155,11 +184,36 @@ pub fn adapt(
         }
     }
     let r = linux::adapt(&volumes, &inventory, &opts);
+    let t1 = std::time::Instant::now();
+    let mut win_warnings = Vec::new();
+    let win = r.as_ref().ok().map(|_| {
+        let req = crate::windows::Request {
+            inventory: &inventory,
+            boot,
+            options: o,
+            net,
+            dry_run,
+            work: &work,
+        };
+        crate::windows::adapt(&volumes, &req, &mut win_warnings)
+    });
     let _ = std::fs::remove_dir_all(&work);
     let lvm_warnings = std::mem::take(&mut active.warnings);
     drop(active);
     let mut r = r?;
+    let windows = win.transpose()?.unwrap_or_default();
     r.warnings.splice(0..0, lvm_warnings);
+    r.warnings.extend(win_warnings);
+    for w in &windows {
+        r.warnings
+            .extend(w.missing.iter().map(|m| format!("windows: {m}")));
+    }
+    if !windows.is_empty() {
+        r.steps.push(linux::Step {
+            step: "windows",
+            seconds: t1.elapsed().as_secs_f64(),
+        });
+    }
     r.steps.insert(
         0,
         linux::Step {
@@ -171,10 +225,16 @@ pub fn adapt(
         step: "total",
         seconds: t0.elapsed().as_secs_f64(),
     });
+    let a = Adapted { linux: r, windows };
     if !json {
-        print(&r);
+        for w in &a.windows {
+            for l in crate::windows::lines(w, dry_run) {
+                println!("adapt: {l}");
+            }
+        }
+        print(&a.linux);
     }
-    Ok(r)
+    Ok(a)
 }
 
 pub fn print(r: &Report) {
@@ -230,7 +290,7 @@ pub fn old_nics(m: &snapshot::Manifest) -> Vec<OldNic> {
 
 /// What the plan says about the adaptation before anything is written.
 pub fn plan_lines(m: &snapshot::Manifest) -> Vec<String> {
-    let inv = Inventory::scan(Path::new("/sys"));
+    let inv = Inventory::scan(&sysfs());
     let mut v: Vec<String> = inv
         .lines()
         .into_iter()
@@ -252,18 +312,28 @@ pub fn plan_lines(m: &snapshot::Manifest) -> Vec<String> {
             here.join(" ")
         ));
     }
-    v.push("after the write the restored OS is adapted to this machine (drivers in its initramfs, device names, NIC configs, UEFI fallback loader; --no-adapt skips it)".into());
+    v.push("after the write the restored OS is adapted to this machine (Linux: drivers in its initramfs, device names, NIC configs, UEFI fallback loader; Windows: boot-start drivers for the storage controllers, NIC packages staged for the first boot; --no-adapt skips it)".into());
     v
 }
 
 pub fn run(a: &AdaptArgs) -> Result<()> {
     let targets: Vec<&Path> = a.target.iter().map(Path::new).collect();
-    let r = adapt(&targets, Vec::new(), &a.adapt, a.dry_run, a.json)?;
+    let r = adapt(
+        &targets,
+        Vec::new(),
+        &a.adapt,
+        a.net.http_options(),
+        a.dry_run,
+        a.json,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     }
-    if r.os.is_none() {
-        bail!("no Linux system found on {}", a.target.join(", "));
+    if r.linux.os.is_none() && r.windows.is_empty() {
+        bail!(
+            "no Linux or Windows system found on {}",
+            a.target.join(", ")
+        );
     }
     Ok(())
 }

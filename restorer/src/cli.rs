@@ -139,6 +139,15 @@ pub struct AdaptOptions {
     /// (MAC, kernel name here, or PCI address); repeatable. Default: by PCI order.
     #[arg(long = "nic-map", value_name = "OLD=NEW")]
     pub nic_map: Vec<String>,
+    /// Windows driver packages (.inf, .sys, .cat) for this machine's storage controllers and
+    /// NICs: a folder, a tarball (plain, gzip, zstd) or its http(s) URL. Without it a restored
+    /// Windows gets only its in-box drivers made boot-start (storahci, stornvme).
+    #[arg(long, value_name = "DIR|TAR|URL")]
+    pub drivers: Option<String>,
+    /// Edit a restored Windows although it was hibernated (Fast Startup; the hibernated
+    /// session is lost) or its hives have unreplayed transaction logs.
+    #[arg(long)]
+    pub windows_force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,6 +158,9 @@ pub struct AdaptArgs {
     pub target: Vec<String>,
     #[command(flatten)]
     pub adapt: AdaptOptions,
+    /// Token and CA for a --drivers URL.
+    #[command(flatten)]
+    pub net: NetArgs,
     /// Show what would change; write nothing (filesystems mounted read-only).
     #[arg(long)]
     pub dry_run: bool,

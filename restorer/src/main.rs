@@ -18,6 +18,7 @@ mod shrink;
 mod table;
 mod target;
 mod verify;
+mod windows;
 
 use clap::Parser;
 use cli::{Cli, Command};

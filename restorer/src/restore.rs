@@ -106,7 +106,15 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
                     plan.disks.iter().map(|d| d.target.path.as_path()).collect();
                 let old = adapt::old_nics(&src.snapshot.manifest);
                 Some(
-                    adapt::adapt(&paths, old, &a.adapt, false, a.json).with_context(|| {
+                    adapt::adapt(
+                        &paths,
+                        old,
+                        &a.adapt,
+                        a.source.net.http_options(),
+                        false,
+                        a.json,
+                    )
+                    .with_context(|| {
                         format!(
                             "{}/{} is restored, but adapting it to this machine failed",
                             plan.host, plan.snapshot

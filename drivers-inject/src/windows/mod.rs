@@ -13,6 +13,7 @@
 //! The restorer runs it after a restore and in `restorer adapt` with `--drivers`
 //! (`restorer/src/windows.rs`).
 
+pub mod choose;
 pub mod hive;
 pub mod hwid;
 pub mod inf;

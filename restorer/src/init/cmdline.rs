@@ -19,6 +19,10 @@ pub struct Params {
     pub no_adapt: bool,
     /// `restorer.nicmap=OLD=NEW,...`: NIC pairs for the adaptation.
     pub nic_map: Vec<String>,
+    /// `restorer.drivers=DIR|TAR|URL` (`--drivers`): Windows driver packages.
+    pub drivers: Option<String>,
+    /// `restorer.windowsforce=1` (`--windows-force`).
+    pub windows_force: bool,
     /// `ip=` values, in order.
     pub ip: Vec<String>,
     /// `restorer.grow=last|none` (`--grow`).
@@ -139,6 +143,14 @@ pub fn parse(cmdline: &str) -> Result<Params> {
                     .map(String::from)
                     .collect()
             }
+            "restorer.drivers" => p.drivers = Some(v),
+            "restorer.windowsforce" => {
+                p.windows_force = match v.as_str() {
+                    "0" => false,
+                    "1" => true,
+                    _ => bail!("restorer.windowsforce={v}: expected 0 or 1"),
+                }
+            }
             "ip" => p.ip.push(v),
             k if k.starts_with("restorer.") => bail!("unknown kernel parameter {k}="),
             _ => {}
@@ -180,6 +192,11 @@ mod tests {
         assert_eq!(p.grow.as_deref(), Some("none"));
         assert_eq!(p.grow_lv.as_deref(), Some("rhel/home"));
         assert!(parse("restorer.grow=all").is_err());
+        let p =
+            parse("restorer.drivers=http://10.0.2.2/boot/win.tar restorer.windowsforce=1").unwrap();
+        assert_eq!(p.drivers.as_deref(), Some("http://10.0.2.2/boot/win.tar"));
+        assert!(p.windows_force);
+        assert!(parse("restorer.windowsforce=yes").is_err());
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub fn args(p: &Params, disks: &[String]) -> Result<Vec<String>> {
             for m in &p.nic_map {
                 a.extend(["--nic-map".into(), m.clone()]);
             }
+            if let Some(d) = &p.drivers {
+                a.extend(["--drivers".into(), d.clone()]);
+            }
+            if p.windows_force {
+                a.push("--windows-force".into());
+            }
         }
         Mode::Failback => {
             a.extend([
