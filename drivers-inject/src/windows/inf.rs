@@ -61,7 +61,7 @@ pub fn decode(bytes: &[u8]) -> String {
     }
 }
 
-/// A raw field: its text with quoted parts marked, so that substitution skips them.
+/// A raw field: its text with quoted parts marked, so that trimming spares them.
 type RawField = Vec<(bool, String)>;
 
 /// Splits a logical line into (key, fields) at the first unquoted `=` and at unquoted commas,
@@ -114,20 +114,18 @@ fn split(line: &str) -> (Option<RawField>, Vec<RawField>) {
     (key, fields)
 }
 
-/// `%token%` substitution outside quotes; then the field is trimmed (unquoted ends only).
+/// `%token%` substitution, inside quotes too (as setupapi does: Wine's own `wine.inf` writes
+/// `"\Registry\Machine\%CurrentVersionNT%\Time Zones"`); then the field is trimmed (unquoted
+/// ends only).
 fn substitute(f: &RawField, strings: &HashMap<String, String>) -> String {
     let mut out = String::new();
     let n = f.len();
     for (i, (quoted, text)) in f.iter().enumerate() {
-        if *quoted {
-            out.push_str(text);
-            continue;
-        }
         let mut t: &str = text;
-        if i == 0 {
+        if !quoted && i == 0 {
             t = t.trim_start();
         }
-        if i + 1 == n {
+        if !quoted && i + 1 == n {
             t = t.trim_end();
         }
         let mut rest = t;
@@ -361,10 +359,10 @@ Desc = \"Red Hat VirtIO SCSI controller; 100%%\"\r\n";
             "continuation joined"
         );
         let l = &inf.section("models.ntamd64.10.0...14393").unwrap()[0];
-        // The localized string wins; quotes protect `;` and `%%` stays literal inside quotes.
+        // The localized string wins; quotes protect `;`; `%%` is a percent sign.
         assert_eq!(
             l.key.as_deref(),
-            Some("Red Hat VirtIO SCSI controller; 100%%")
+            Some("Red Hat VirtIO SCSI controller; 100%")
         );
         assert_eq!(l.value(1), "PCI\\VEN_1AF4&DEV_1001&SUBSYS_00021AF4&REV_00");
         assert!(inf.has("empty") && inf.section("empty").unwrap().is_empty());
