@@ -5,8 +5,9 @@
 //!
 //! The Linux half lives in [`linux`]; the restorer calls [`linux::adapt`] after the data is
 //! written (restore) or on already-restored disks (`restorer adapt`). The Windows half
-//! ([`windows`]) reads driver packages and chooses them; its offline registry edits are not
-//! built yet.
+//! ([`windows`]) reads driver packages, chooses them for this machine's devices
+//! ([`windows::choose`]) and injects them offline into a mounted Windows volume
+//! ([`windows::inject`]); the restorer mounts the volumes and reports.
 
 pub mod changes;
 pub mod initramfs;

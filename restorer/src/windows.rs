@@ -115,8 +115,17 @@ pub fn adapt(volumes: &[Volume], r: &Request, warnings: &mut Vec<String>) -> Res
     let mut repo: Option<Repo> = None;
     let force = r.options.windows_force;
     for (i, v) in volumes.iter().enumerate() {
-        if v.fstype.as_deref() != Some("ntfs") {
-            continue;
+        match v.fstype.as_deref() {
+            Some("ntfs") => {}
+            Some("BitLocker") => {
+                warnings.push(format!(
+                    "{}: BitLocker-encrypted, not looked into: a Windows on it keeps its old \
+                     drivers (suspend BitLocker on the source before the backup to adapt it)",
+                    v.device
+                ));
+                continue;
+            }
+            _ => continue,
         }
         let dir = r.work.join(format!("ntfs-{i}"));
         // Look and plan on a read-only mount: most NTFS volumes (data, recovery) hold no
