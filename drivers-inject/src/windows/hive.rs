@@ -11,7 +11,8 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -506,6 +507,9 @@ const BINS: u64 = 0x1000;
 const SEGMENT: usize = 16344;
 /// The registry's own limit on key depth.
 const MAX_DEPTH: usize = 512;
+/// The smallest key cell (size field and the fixed part of an `nk`): a hive of `len` bytes
+/// holds at most `len / NK_MIN` keys, so no subkey list is longer.
+const NK_MIN: u64 = 80;
 
 fn le16(b: &[u8], at: usize) -> Result<u16> {
     b.get(at..at + 2)
@@ -554,6 +558,9 @@ struct Regf {
     len: u64,
     root: u32,
     path: PathBuf,
+    /// Bytes of value names and data read so far: each lives in its own cells, so more than
+    /// the file's size means cells listed twice (forged lists that would multiply memory).
+    value_bytes: Cell<u64>,
 }
 
 impl Regf {
@@ -579,6 +586,7 @@ impl Regf {
             len,
             root: le32(&base, 0x24)?,
             path: path.to_path_buf(),
+            value_bytes: Cell::new(0),
         })
     }
 
@@ -631,6 +639,12 @@ impl Regf {
     fn list(&self, off: u32, out: &mut Vec<u32>, depth: u32) -> Result<()> {
         let c = self.cell(off)?;
         let count = usize::from(le16(&c, 2)?);
+        if (out.len() + count) as u64 > self.len / NK_MIN {
+            bail!(
+                "{}: subkey list at {off:#x} longer than the hive can hold",
+                self.path.display()
+            );
+        }
         match c.get(0..2) {
             Some(b"lf") | Some(b"lh") => {
                 for i in 0..count {
@@ -694,10 +708,16 @@ impl Regf {
             let n = size as usize;
             let d = self.cell(data_off)?;
             if n > SEGMENT && d.get(0..2) == Some(b"db") {
+                if size as u64 > self.len {
+                    bail!("value {name:?}: {n} bytes of big data, more than the hive holds");
+                }
                 let segments = usize::from(le16(&d, 2)?);
                 let list = self.cell(le32(&d, 4)?)?;
                 let mut out = Vec::with_capacity(n);
                 for i in 0..segments {
+                    if out.len() >= n {
+                        break;
+                    }
                     let s = self.cell(le32(&list, 4 * i)?)?;
                     out.extend_from_slice(&s[..s.len().min(SEGMENT)]);
                 }
@@ -712,6 +732,11 @@ impl Regf {
                     .to_vec()
             }
         };
+        let used = self.value_bytes.get() + (raw.len() + bytes.len()) as u64;
+        if used > self.len {
+            bail!("value {name:?} at {off:#x}: value data adds up to more than the hive holds");
+        }
+        self.value_bytes.set(used);
         Ok((name, Data::from_raw(kind, bytes)))
     }
 
@@ -747,11 +772,19 @@ impl Regf {
         path: String,
         depth: Option<u32>,
         level: usize,
+        seen: &mut HashSet<u32>,
         snap: &mut Snapshot,
     ) -> Result<()> {
         if level > MAX_DEPTH {
             bail!(
                 "{}: keys nested deeper than {MAX_DEPTH}",
+                self.path.display()
+            );
+        }
+        // A key cell reached twice: a loop back to an ancestor, or a list shared by two keys.
+        if !seen.insert(off) {
+            bail!(
+                "{}: key cell at {off:#x} listed twice (a loop in the key tree)",
                 self.path.display()
             );
         }
@@ -774,7 +807,7 @@ impl Regf {
             } else {
                 format!("{path}\\{name}")
             };
-            self.walk(sk, child, depth.map(|d| d - 1), level + 1, snap)?;
+            self.walk(sk, child, depth.map(|d| d - 1), level + 1, seen, snap)?;
         }
         Ok(())
     }
@@ -944,14 +977,15 @@ impl Hive {
             return Ok(None);
         };
         let mut snap = Snapshot::default();
-        r.walk(off, path, depth, 0, &mut snap).with_context(|| {
-            format!(
-                "reading {}\\{} from {}",
-                self.prefix,
-                norm(key),
-                self.path.display()
-            )
-        })?;
+        r.walk(off, path, depth, 0, &mut HashSet::new(), &mut snap)
+            .with_context(|| {
+                format!(
+                    "reading {}\\{} from {}",
+                    self.prefix,
+                    norm(key),
+                    self.path.display()
+                )
+            })?;
         Ok(Some(snap))
     }
 
