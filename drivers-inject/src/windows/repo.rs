@@ -146,7 +146,7 @@ fn driver_ver(s: &str) -> ((u32, u32, u32), [u32; 4]) {
 
 /// How well a models-section decoration fits `os`: `None` when it does not apply, else a key
 /// that orders better fits higher. `NT[arch][.major[.minor[.type[.suite[.build]]]]]`.
-pub fn decoration_fit(dec: &str, os: &WindowsTarget) -> Option<(bool, u32, u32, bool)> {
+pub fn decoration_fit(dec: &str, os: &WindowsTarget) -> Option<(bool, u64, u32, bool)> {
     let d = dec.to_ascii_lowercase();
     let rest = d.strip_prefix("nt")?;
     let mut parts = rest.split('.');
@@ -160,12 +160,15 @@ pub fn decoration_fit(dec: &str, os: &WindowsTarget) -> Option<(bool, u32, u32, 
     let ptype = field(parts.next());
     let _suite = parts.next();
     let build = field(parts.next());
-    let (major, minor, ptype, build) = (
-        major.map(|v| v.unwrap_or(u32::MAX)),
-        minor.map(|v| v.unwrap_or(u32::MAX)),
-        ptype.map(|v| v.unwrap_or(u32::MAX)),
-        build.map(|v| v.unwrap_or(u32::MAX)),
-    );
+    // A field that is not a number (`NTamd64.6.3x`): the decoration applies to no Windows.
+    let (Some(major), Some(minor), Some(ptype), Some(build)) = (
+        major.map_or(Some(None), |v| v.map(Some)),
+        minor.map_or(Some(None), |v| v.map(Some)),
+        ptype.map_or(Some(None), |v| v.map(Some)),
+        build.map_or(Some(None), |v| v.map(Some)),
+    ) else {
+        return None;
+    };
     let (maj, min) = (major.unwrap_or(0), minor.unwrap_or(0));
     if (maj, min) > (os.major, os.minor) {
         return None;
@@ -178,7 +181,7 @@ pub fn decoration_fit(dec: &str, os: &WindowsTarget) -> Option<(bool, u32, u32, 
     }
     Some((
         !arch.is_empty(),
-        maj * 1000 + min,
+        u64::from(maj) * 1000 + u64::from(min),
         build.unwrap_or(0),
         ptype.is_some(),
     ))
@@ -817,5 +820,8 @@ ESRAID_9400.DeviceDesc = "ES RAID 9400-16i Adapter"
         assert!(decoration_fit("NTamd64.10.0.3", &os).is_some());
         assert!(decoration_fit("NTamd64.10.0...17763", &os) > decoration_fit("NTamd64.6.3", &os));
         assert!(decoration_fit("NTamd64", &os) > decoration_fit("NT", &os));
+        // Not a number: fits no Windows (and never overflows the key; a fuzz finding).
+        assert!(decoration_fit("NTamd64.6.3x", &os).is_none());
+        assert!(decoration_fit("NTamd64.6.99999999999", &os).is_none());
     }
 }

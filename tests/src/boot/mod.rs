@@ -390,6 +390,17 @@ impl BootImage {
 /// `bootimg build` with the workspace's restorer, cached by its inputs under
 /// `target/fixtures/bootimg-<hash>/`.
 pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> Result<BootImage> {
+    boot_image_with_ca(appliance_url, cmdline, formats, None)
+}
+
+/// [`boot_image`] carrying the HTTPS appliance's CA certificate `ca` (`bootimg build --ca`),
+/// whose bytes are part of the cache key.
+pub fn boot_image_with_ca(
+    appliance_url: Option<&str>,
+    cmdline: &str,
+    formats: &str,
+    ca: Option<&Path>,
+) -> Result<BootImage> {
     let bootimg = bin("bootimg")?;
     let restorer = std::env::var_os("BMR_RESTORER")
         .map(PathBuf::from)
@@ -399,6 +410,11 @@ pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> 
         h.update(std::fs::read(f)?);
     }
     h.update(format!("{appliance_url:?}|{cmdline}|{formats}"));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        h.update(b"|ca=");
+        h.update(pem);
+    }
     hash_tree(&Workspace::root().join("buildroot"), &mut h)?;
     let key = hex::encode(&h.finalize()[..8]);
     let cache = fixtures::cache_dir();
@@ -429,6 +445,9 @@ pub fn boot_image(appliance_url: Option<&str>, cmdline: &str, formats: &str) -> 
         .arg(&restorer);
     if let Some(u) = appliance_url {
         cmd.args(["--appliance-url", u]);
+    }
+    if let Some(ca) = ca {
+        cmd.arg("--ca").arg(ca);
     }
     cmd.args(["--cmdline", cmdline, "--format", formats]);
     let out = cmd.output().context("running bootimg build")?;
