@@ -59,7 +59,6 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let digests: Vec<Digest> = users.keys().copied().collect();
     let bad = Mutex::new(Vec::new());
     let bytes = std::sync::atomic::AtomicU64::new(0);
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let pb = crate::progress::bar(digests.len() as u64, "verify");
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -70,31 +69,33 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(d) = digests.get(i) else { return };
-                let path = store.chunk_file(d);
-                let verdict = match std::fs::read(&path) {
-                    Ok(blob) => {
-                        bytes.fetch_add(blob.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        snapshot::decode_chunk(&blob, d)
-                            .err()
-                            .map(|e| format!("corrupt {e}"))
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        Some(format!("missing chunk {d}"))
-                    }
-                    Err(e) => Some(format!("unreadable chunk {d}: {}: {e}", path.display())),
-                };
-                if let Some(v) = verdict {
-                    bad.lock().expect("lock").push((*d, v));
+    snapshot::threads::par_each(
+        threads,
+        "verify",
+        digests.len(),
+        || (),
+        |_, i| {
+            let d = &digests[i];
+            let path = store.chunk_file(d);
+            let verdict = match std::fs::read(&path) {
+                Ok(blob) => {
+                    bytes.fetch_add(blob.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    snapshot::decode_chunk(&blob, d)
+                        .err()
+                        .map(|e| format!("corrupt {e}"))
                 }
-                pb.inc(1);
-            });
-        }
-    });
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Some(format!("missing chunk {d}"))
+                }
+                Err(e) => Some(format!("unreadable chunk {d}: {}: {e}", path.display())),
+            };
+            if let Some(v) = verdict {
+                bad.lock().expect("lock").push((*d, v));
+            }
+            pb.inc(1);
+            Ok(())
+        },
+    )?;
     pb.finish_and_clear();
     let mut bad = bad.into_inner().expect("lock");
     bad.sort();

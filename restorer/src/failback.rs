@@ -3,9 +3,10 @@
 //!
 //! Each round is asked of the appliance (`POST /api/v1/failover/<vm>/rounds`) and read like a
 //! snapshot from the store (`failover/<vm>/rounds/<n>/`: `round.json`, its signature, one full
-//! chunk index per disk). The first round compares the target with the index: reader threads
-//! hash the target's slots and feed the slots that differ to fetch workers as they are found, so
-//! hashing and fetching overlap and a drifted (or blank) target ends exact. Later rounds apply
+//! chunk index per disk). The first round compares the target with the index: each thread
+//! hashes a slot of the target and fetches it at once when it differs, while the others go on
+//! reading ([`crate::slots`]), so hashing and fetching overlap and a drifted (or blank) target
+//! ends exact. Later rounds apply
 //! only the slots whose digest changed since the round applied before. When a round fetched less
 //! than `--threshold` (or after `--max-rounds`), the final round is requested: the appliance
 //! stops the VM and publishes its last state; it is applied, read back and verified. The cutover
@@ -20,8 +21,8 @@
 
 use crate::cli::FailbackArgs;
 use crate::dio::{AlignedBuf, Disk};
-use crate::pipeline::fetch_chunk;
 use crate::report;
+use crate::slots::{read_back, read_back_each, read_slot, slot_buf};
 use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
@@ -30,11 +31,11 @@ use snapshot::ptable::PartitionTable;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::{Attempt, HttpStore};
-use snapshot::store::{check_name, FetchError, Store};
-use snapshot::threads::{start_one_scoped, start_scoped};
-use snapshot::{ChunkIndex, Digest, ReadAt, Slot, CHUNK_SIZE};
+use snapshot::store::{check_name, fetch_chunk, FetchError, Store};
+use snapshot::threads::par_each;
+use snapshot::{ChunkIndex, Digest, ReadAt, Slot};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -540,18 +541,6 @@ fn apply(
     Ok((stats, written))
 }
 
-/// Read slot `i` of `disk` into `buf` (aligned, at least a chunk plus one alignment unit) and
-/// return the slot's bytes within it.
-fn read_slot<'b>(
-    disk: &Disk,
-    idx: &ChunkIndex,
-    i: usize,
-    buf: &'b mut AlignedBuf,
-) -> Result<&'b [u8]> {
-    let (off, len) = idx.span(i);
-    disk.read_span(off, len, buf)
-}
-
 /// Write `data` (or zeros) as slot `i`; through an aligned copy for O_DIRECT.
 fn write_slot(
     disk: &Disk,
@@ -580,9 +569,9 @@ fn write_slot(
     }
 }
 
-/// The slots of one disk: in a comparison, reader threads hash each slot on the target and pass
-/// the ones that differ to the fetch workers through a bounded channel, so both run at once;
-/// otherwise every slot goes straight to the workers. Identical chunks are fetched once (later
+/// The slots of one disk: in a comparison, each thread hashes a slot on the target and, when it
+/// differs, fetches and writes it at once while the other threads go on reading, so hashing and
+/// fetching overlap; otherwise every slot is written. Identical chunks are fetched once (later
 /// slots copy from the first slot written). Slot 0 (the partition table) is written last.
 fn apply_disk(
     store: &dyn Store,
@@ -593,21 +582,11 @@ fn apply_disk(
     threads: usize,
     c: &Counters,
 ) -> Result<Vec<usize>> {
-    // Four readers, so that one thread's read overlaps another's hashing.
-    let readers = if compare { 4 } else { 0 };
-    let (tx, rx) = crossbeam_channel::bounded::<usize>(threads * 4 + 8);
-    let next = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let fail = |e: anyhow::Error| {
-        stop.store(true, Ordering::Relaxed);
-        failed.lock().expect("lock").get_or_insert(e);
-    };
     // Digest -> a slot already holding it on the target (copied from instead of fetched).
     let written: Mutex<HashMap<Digest, usize>> = Mutex::new(HashMap::new());
     let deferred: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     let wrote: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    let work = |i: usize, scratch: &mut AlignedBuf, copy: &mut AlignedBuf| -> Result<()> {
+    let work = |i: usize, (scratch, copy): &mut (AlignedBuf, AlignedBuf)| -> Result<()> {
         let len = idx.span(i).1;
         match idx.slot(i) {
             Slot::Unused => return Ok(()),
@@ -644,80 +623,38 @@ fn apply_disk(
         wrote.lock().expect("lock").push(i);
         Ok(())
     };
-    std::thread::scope(|s| {
-        let (next, stop, fail) = (&next, &stop, &fail);
-        let readers = start_scoped(s, readers, "reader", |_| {
-            let tx = tx.clone();
-            move || {
-                let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if k >= slots.len() || stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let i = slots[k];
-                    let same = match read_slot(disk, idx, i, &mut buf) {
-                        Ok(b) => idx.holds(i, b),
-                        Err(e) => return fail(e),
-                    };
-                    c.hashed_slots.fetch_add(1, Ordering::Relaxed);
-                    c.hashed_bytes.fetch_add(idx.span(i).1, Ordering::Relaxed);
-                    if !same && tx.send(i).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        let feeder = if compare {
-            Ok(Vec::new())
-        } else {
-            let tx = tx.clone();
-            start_one_scoped(s, "feeder", move || {
-                for &i in slots {
-                    if tx.send(i).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map(|h| vec![h])
-        };
-        drop(tx);
-        let (work, deferred) = (&work, &deferred);
-        let workers = start_scoped(s, threads.max(1), "worker", |_| {
-            let rx = rx.clone();
-            move || {
-                let mut scratch = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
-                let mut copy = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
-                for i in rx {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if i == 0 {
-                        deferred.lock().expect("lock").push(i);
-                        continue;
-                    }
-                    if let Err(e) = work(i, &mut scratch, &mut copy) {
-                        return fail(e);
-                    }
-                }
-            }
-        });
-        // Once every worker has gone, the readers' and the feeder's sends fail and they stop.
-        drop(rx);
-        if let Err(e) = readers.and(feeder).and(workers) {
-            fail(e);
+    // Slot 0 waits until everything else is on the disk.
+    let step = |i: usize, b: &mut (AlignedBuf, AlignedBuf)| match i {
+        0 => {
+            deferred.lock().expect("lock").push(0);
+            Ok(())
         }
-    });
-    if let Some(e) = failed.into_inner().expect("lock") {
-        return Err(e.context("the target is partly updated: run failback again to finish it"));
-    }
+        _ => work(i, b),
+    };
+    let bufs = || (slot_buf(), slot_buf());
+    let r = if compare {
+        // At least four threads, so that one thread's read overlaps another's hashing.
+        read_back_each(disk, idx, slots, threads.max(4), bufs, |b, i, same| {
+            c.hashed_slots.fetch_add(1, Ordering::Relaxed);
+            c.hashed_bytes.fetch_add(idx.span(i).1, Ordering::Relaxed);
+            if same {
+                Ok(())
+            } else {
+                step(i, b)
+            }
+        })
+    } else {
+        par_each(threads, "worker", slots.len(), bufs, |b, k| {
+            step(slots[k], b)
+        })
+    };
+    r.context("the target is partly updated: run failback again to finish it")?;
     disk.sync()?;
     let deferred = deferred.into_inner().expect("lock");
     if !deferred.is_empty() {
-        let mut scratch = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
-        let mut copy = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
+        let mut b = bufs();
         for i in deferred {
-            work(i, &mut scratch, &mut copy)?;
+            work(i, &mut b)?;
         }
         disk.sync()?;
     }
@@ -733,42 +670,9 @@ fn verify(
 ) -> Result<u64> {
     let mut total = 0;
     for ((disk, idx), slots) in disks.iter().zip(indexes).zip(slots) {
-        let next = AtomicU64::new(0);
-        let bad: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            let (next, bad, failed) = (&next, &bad, &failed);
-            let started = start_scoped(s, threads.clamp(1, 4), "reader", |_| {
-                move || {
-                    let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        if k >= slots.len() || failed.lock().expect("lock").is_some() {
-                            return;
-                        }
-                        let i = slots[k];
-                        match read_slot(disk, idx, i, &mut buf) {
-                            Ok(b) if idx.holds(i, b) => {}
-                            Ok(_) => bad.lock().expect("lock").push(i),
-                            Err(e) => {
-                                failed.lock().expect("lock").get_or_insert(e);
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-            // The readers already started see the error and stop.
-            if let Err(e) = started {
-                failed.lock().expect("lock").get_or_insert(e);
-            }
-        });
-        if let Some(e) = failed.into_inner().expect("lock") {
-            return Err(e.context(format!("verifying {}", disk.name)));
-        }
-        let mut bad = bad.into_inner().expect("lock");
+        let (_, bad) = read_back(disk, idx, slots, threads.clamp(1, 4))
+            .with_context(|| format!("verifying {}", disk.name))?;
         if !bad.is_empty() {
-            bad.sort_unstable();
             bail!(
                 "verifying {}: {} slots differ from the final round (first at offset {}): \
                  something else wrote to the target; run failback again",

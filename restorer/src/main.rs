@@ -15,6 +15,7 @@ mod report;
 mod resize;
 mod restore;
 mod shrink;
+mod slots;
 mod table;
 mod target;
 mod verify;

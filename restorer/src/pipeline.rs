@@ -16,13 +16,14 @@
 use crate::dio::{AlignedBuf, Disk};
 use crate::marker::{self, Marker};
 use crate::plan::DiskPlan;
+use crate::slots::read_back_each;
 use anyhow::{anyhow, Context, Result};
 use indicatif::ProgressBar;
-use snapshot::store::{FetchError, Store};
-use snapshot::threads::start_scoped;
+use snapshot::store::{fetch_chunk, Store};
+use snapshot::threads::par_each;
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Zero slots are merged into runs of at most this many bytes per job.
@@ -60,17 +61,6 @@ impl Job {
             Job::ZeroRun(f, _) | Job::ZeroMasked(f) => *f,
         }
     }
-}
-
-/// Fetch one chunk blob and decode it; no unverified byte is returned. Also returns the blob's
-/// size (bytes over the network).
-pub fn fetch_chunk(store: &dyn Store, d: &Digest) -> Result<(Vec<u8>, u64)> {
-    let blob = store.get(&d.chunk_path()).map_err(|e| match e {
-        FetchError::NotFound(_) => anyhow!("missing from the store"),
-        FetchError::Other(e) => e,
-    })?;
-    let data = snapshot::decode_chunk(&blob, d)?;
-    Ok((data, blob.len() as u64))
 }
 
 /// Writes one planned disk.
@@ -166,46 +156,27 @@ impl<'a> DiskWriter<'a> {
                 self.masked.within(off, off + len).next().is_none()
             })
             .collect();
-        let next = AtomicUsize::new(0);
         let ok = Mutex::new(HashSet::new());
-        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            let (next, ok, failed, todo) = (&next, &ok, &failed, &todo);
-            let started = start_scoped(s, threads.clamp(1, 4), "reader", |_| {
-                move || {
-                    let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 8192);
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= todo.len() || failed.lock().expect("lock").is_some() {
-                            return;
-                        }
-                        let i = todo[k];
-                        let (off, len) = self.index.span(i);
-                        let good = match self.disk.read_span(off, len, &mut buf) {
-                            Ok(data) => self.index.holds(i, data),
-                            Err(e) => {
-                                failed.lock().expect("lock").get_or_insert(e);
-                                return;
-                            }
-                        };
-                        bump(&self.counters.hashed_bytes, len);
-                        if good {
-                            ok.lock().expect("lock").insert(i);
-                            bump(&self.counters.verified_bytes, len);
-                            bump(&self.counters.verified_slots, 1);
-                            pb.inc(len);
-                        }
-                    }
+        let c = &self.counters;
+        read_back_each(
+            &self.disk,
+            self.index,
+            &todo,
+            threads.clamp(1, 4),
+            || (),
+            |_, i, same| {
+                let len = self.index.span(i).1;
+                bump(&c.hashed_bytes, len);
+                if same {
+                    ok.lock().expect("lock").insert(i);
+                    bump(&c.verified_bytes, len);
+                    bump(&c.verified_slots, 1);
+                    pb.inc(len);
                 }
-            });
-            // The readers already started see the error and stop.
-            if let Err(e) = started {
-                failed.lock().expect("lock").get_or_insert(e);
-            }
-        });
-        if let Some(e) = failed.into_inner().expect("lock") {
-            return Err(e.context(format!("{}: reading back the target", self.what())));
-        }
+                Ok(())
+            },
+        )
+        .map_err(|e| e.context(format!("{}: reading back the target", self.what())))?;
         Ok(ok.into_inner().expect("lock"))
     }
 
@@ -272,40 +243,13 @@ impl<'a> DiskWriter<'a> {
         pb: &ProgressBar,
     ) -> Result<()> {
         let jobs = self.jobs(skip);
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            let (next, stop, failed, jobs) = (&next, &stop, &failed, &jobs);
-            let started = start_scoped(s, threads.max(1), "worker", |_| {
-                move || {
-                    let mut scratch: Option<AlignedBuf> = None;
-                    loop {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= jobs.len() {
-                            return;
-                        }
-                        if let Err(e) = self.run_job(store, &jobs[k], &mut scratch, pb) {
-                            stop.store(true, Ordering::Relaxed);
-                            failed.lock().expect("lock").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
-            // The workers already started stop before their next job.
-            if let Err(e) = started {
-                stop.store(true, Ordering::Relaxed);
-                failed.lock().expect("lock").get_or_insert(e);
-            }
-        });
-        match failed.into_inner().expect("lock") {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        par_each(
+            threads,
+            "worker",
+            jobs.len(),
+            || None,
+            |scratch, k| self.run_job(store, &jobs[k], scratch, pb),
+        )
     }
 
     fn run_job(

@@ -6,19 +6,18 @@
 
 use crate::cli::VerifyArgs;
 use crate::dio::{AlignedBuf, Disk};
-use crate::pipeline::fetch_chunk;
 use crate::plan::{self, DiskPlan, Source};
 use crate::report::bytes;
+use crate::slots::slot_buf;
 use crate::table;
 use crate::target::{Kind, Safety};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use snapshot::chunker::is_zero;
 use snapshot::ptable::PartitionTable;
-use snapshot::store::Store;
-use snapshot::threads::start_scoped;
+use snapshot::store::{fetch_chunk, Store};
+use snapshot::threads::par_each;
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -173,56 +172,26 @@ fn verify_disk(
         .filter(|&(i, s)| s != Slot::Unused && kept(i))
         .map(|(i, _)| i)
         .collect();
-    let next = AtomicUsize::new(0);
     let diffs = Mutex::new(Vec::new());
-    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        let (next, diffs, failed, slots) = (&next, &diffs, &failed, &slots);
-        let (disk, special, patches, grown, part_of) =
-            (&disk, &special, &patches, &grown, &part_of);
-        let started = start_scoped(s, threads.max(1), "reader", |_| {
-            move || {
-                let mut buf = AlignedBuf::new(CHUNK_SIZE as usize + 4096);
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    if k >= slots.len() || failed.lock().expect("lock").is_some() {
-                        return;
-                    }
-                    let i = slots[k];
-                    let (off, len) = index.span(i);
-                    let r = compare_slot(store, disk, index, i, &mut buf, special, d, patches);
-                    match r {
-                        Ok(None) => {}
-                        Ok(Some((kind, expected, found))) => {
-                            let expected_change =
-                                grown.iter().any(|&(s, e)| off < e && s < off + len);
-                            diffs.lock().expect("lock").push(SlotDiff {
-                                slot: i,
-                                offset: off,
-                                len,
-                                partition: part_of(off),
-                                kind,
-                                expected,
-                                found,
-                                expected_change,
-                            });
-                        }
-                        Err(e) => {
-                            failed.lock().expect("lock").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        // The readers already started see the error and stop.
-        if let Err(e) = started {
-            failed.lock().expect("lock").get_or_insert(e);
+    par_each(threads, "reader", slots.len(), slot_buf, |buf, k| {
+        let i = slots[k];
+        let (off, len) = index.span(i);
+        let found = compare_slot(store, &disk, index, i, buf, &special, d, &patches)?;
+        if let Some((kind, expected, found)) = found {
+            let expected_change = grown.iter().any(|&(s, e)| off < e && s < off + len);
+            diffs.lock().expect("lock").push(SlotDiff {
+                slot: i,
+                offset: off,
+                len,
+                partition: part_of(off),
+                kind,
+                expected,
+                found,
+                expected_change,
+            });
         }
-    });
-    if let Some(e) = failed.into_inner().expect("lock") {
-        return Err(e);
-    }
+        Ok(())
+    })?;
     // Table bytes past the snapshot's disk (the backup GPT of a bigger target).
     let mut diffs = diffs.into_inner().expect("lock");
     for (at, b) in &patches {
@@ -318,11 +287,7 @@ fn compare_slot(
     }
     // The table touches this slot: build the expected bytes as the restore writes them.
     let mut want = match slot {
-        Slot::Data(dg) => {
-            fetch_chunk(store, &dg)
-                .map_err(|e| e.context(format!("chunk {dg} from {}", store.location())))?
-                .0
-        }
+        Slot::Data(dg) => fetch_chunk(store, &dg)?.0,
         _ => vec![0u8; len as usize],
     };
     for (s, e) in d.source_table.within(off, off + len) {

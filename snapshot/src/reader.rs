@@ -1,6 +1,8 @@
 //! Reproduce a disk's bytes from a snapshot: fetch the chunks of its slots with many requests in
 //! flight, verify each, and hand the bytes to a writer. Identical chunks are fetched once; zero
-//! and unused slots are never fetched. The restorer's write pipeline is built on [`fetch_chunks`].
+//! and unused slots are never fetched. The failover VM's disk and the restorer's shrink path read
+//! through [`fetch_chunks`]; the restorer's write pipeline has its own jobs (zero runs, masks) over
+//! the same [`fetch_chunk`] and [`crate::threads::par_each`].
 
 use crate::format::index::{ChunkIndex, Slot};
 use crate::format::Digest;
@@ -9,7 +11,6 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
 
 /// The distinct chunks of `index` (restricted to `wanted` slots), each with every slot that holds it,
 /// in disk order of first appearance.
@@ -47,37 +48,17 @@ pub fn fetch_chunks(
     threads: usize,
     on_chunk: &OnChunk,
 ) -> Result<()> {
-    let next = Mutex::new(0usize);
-    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        let (next, failed) = (&next, &failed);
-        let started = crate::threads::start_scoped(s, threads.max(1), "fetch", |_| {
-            move || loop {
-                let k = {
-                    let mut n = next.lock().expect("lock");
-                    if *n >= jobs.len() || failed.lock().expect("lock").is_some() {
-                        return;
-                    }
-                    *n += 1;
-                    *n - 1
-                };
-                let (d, slots) = &jobs[k];
-                let r = fetch_chunk(store, d).and_then(|bytes| on_chunk(slots, &bytes));
-                if let Err(e) = r {
-                    failed.lock().expect("lock").get_or_insert(e);
-                    return;
-                }
-            }
-        });
-        // The threads already started see the error and stop.
-        if let Err(e) = started {
-            failed.lock().expect("lock").get_or_insert(e);
-        }
-    });
-    match failed.into_inner().expect("lock") {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    crate::threads::par_each(
+        threads,
+        "fetch",
+        jobs.len(),
+        || (),
+        |_, k| {
+            let (d, slots) = &jobs[k];
+            let (bytes, _) = fetch_chunk(store, d)?;
+            on_chunk(slots, &bytes)
+        },
+    )
 }
 
 /// Write the disk of `index` into `out` (a file or device of at least the disk's size): data

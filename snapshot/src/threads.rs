@@ -1,10 +1,61 @@
-//! Starting threads without panicking. `std::thread::spawn` and `Scope::spawn` panic when the
-//! system refuses a thread (`RLIMIT_NPROC`, the pid or thread limit, memory); these return the
-//! error instead, as one line naming the threads: `starting 8 worker threads: Resource
-//! temporarily unavailable (os error 11)`.
+//! Threads without panics, and the one parallel map every slot and chunk loop uses.
+//!
+//! `std::thread::spawn` and `Scope::spawn` panic when the system refuses a thread
+//! (`RLIMIT_NPROC`, the pid or thread limit, memory); these return the error instead, as one line
+//! naming the threads: `starting 8 worker threads: Resource temporarily unavailable (os error 11)`.
+//!
+//! [`par_each`] is the work loop of restore, failback, verify and the local reader: items taken
+//! in order from a shared counter, a stop flag, the first error returned. The chunker and the
+//! capture keep their channels: there one reader streams the disk in order to many workers.
 
 use anyhow::{anyhow, Result};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::thread::{Scope, ScopedJoinHandle};
+
+/// Run `work(&mut state, k)` for every `k` in `0..n` on up to `threads` threads (never more than
+/// `n`), each thread with its own `state` from `init()` (a buffer, a connection). Items are taken
+/// in order. The first error stops the other threads before their next item and is returned; a
+/// refused thread is such an error (the threads already started stop the same way).
+pub fn par_each<S>(
+    threads: usize,
+    what: &str,
+    n: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let fail = |e: anyhow::Error| {
+        stop.store(true, Ordering::Relaxed);
+        failed.lock().expect("lock").get_or_insert(e);
+    };
+    let run = || {
+        let mut state = init();
+        while !stop.load(Ordering::Relaxed) {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            if k >= n {
+                return;
+            }
+            if let Err(e) = work(&mut state, k) {
+                return fail(e);
+            }
+        }
+    };
+    match threads.clamp(1, n.max(1)) {
+        1 => run(),
+        t => std::thread::scope(|s| {
+            if let Err(e) = start_scoped(s, t, what, |_| &run) {
+                fail(e);
+            }
+        }),
+    }
+    match failed.into_inner().expect("lock") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
 
 /// Start `n` threads in scope `s`, the k-th running the closure `make(k)` returns.
 ///
@@ -89,5 +140,50 @@ mod tests {
             e.to_string(),
             "starting 8 worker threads: Resource temporarily unavailable (os error 11)"
         );
+    }
+
+    #[test]
+    fn par_each_visits_every_item_once() {
+        for threads in [1, 3, 64] {
+            let seen: Vec<_> = (0..1000)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect();
+            par_each(
+                threads,
+                "t",
+                seen.len(),
+                || 0usize,
+                |mine, k| {
+                    *mine += 1;
+                    seen[k].fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        }
+        par_each(4, "t", 0, || (), |_, _| unreachable!()).unwrap();
+    }
+
+    #[test]
+    fn par_each_stops_at_the_first_error() {
+        let done = AtomicUsize::new(0);
+        let e = par_each(
+            4,
+            "t",
+            100_000,
+            || (),
+            |_, k| {
+                if k == 10 {
+                    anyhow::bail!("item {k} failed");
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_micros(50));
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "item 10 failed");
+        assert!(done.into_inner() < 1000, "the other threads went on");
     }
 }

@@ -43,7 +43,8 @@ impl<'a> SnapshotView<'a> {
         drop(cache);
         let data = Arc::new(
             fetch_chunk(self.store, &d)
-                .map_err(|e| io::Error::other(format!("slot {i}: {e:#}")))?,
+                .map_err(|e| io::Error::other(format!("slot {i}: {e:#}")))?
+                .0,
         );
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.push_front((i, data.clone()));

@@ -303,8 +303,9 @@ fn read_manifest(
     Ok(manifest)
 }
 
-/// Fetch a chunk and return its verified bytes.
-pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<Vec<u8>> {
+/// Fetch a chunk and return its verified bytes and the size of its blob (the bytes that crossed
+/// the network). The one chunk fetch: restore, failback, verify and the readers use it.
+pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<(Vec<u8>, u64)> {
     let path = digest.chunk_path();
     let blob = store.get(&path).map_err(|e| match e {
         FetchError::NotFound(_) => {
@@ -312,7 +313,7 @@ pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<Vec<u8>> {
         }
         FetchError::Other(e) => e,
     })?;
-    Ok(crate::decode_chunk(&blob, digest)?)
+    Ok((crate::decode_chunk(&blob, digest)?, blob.len() as u64))
 }
 
 /// Words a snapshot may not be named: readers give them a meaning (`--snapshot latest`).
