@@ -1,6 +1,9 @@
 //! Positional I/O on a target: O_DIRECT with aligned buffers on block devices, the page cache on
 //! files, and zeroing that lets the device do the work where it guarantees zeros.
 //!
+//! [`Disk`] does the alignment and the error context; the bytes go through a [`Medium`], a file
+//! or block device here and a fault-injecting one in the writers' unit tests.
+//!
 //! The one `unsafe` call of the restorer (`fallocate`) is here: it passes a live file descriptor
 //! and plain integers, and keeps no pointer.
 
@@ -50,9 +53,53 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
-/// An open target: the file, whether it is O_DIRECT, and the I/O granularity.
+/// How a range is made to read back as zeros without writing it.
+#[derive(Clone, Copy, Debug)]
+pub enum Discard {
+    /// Deallocate (a hole in a file; a discard that guarantees zeros on a device).
+    Punch,
+    /// The device's own write-zeroes.
+    ZeroRange,
+}
+
+/// What the writers need of a target: positional reads and writes of whole buffers, discards,
+/// and a flush to stable storage.
+pub trait Medium: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()>;
+    fn discard(&self, how: Discard, off: u64, len: u64) -> std::io::Result<()>;
+    fn flush(&self) -> std::io::Result<()>;
+    /// The open file, for ioctls (re-reading a partition table); `None` for other media.
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+impl Medium for File {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.write_all_at(buf, off)
+    }
+    fn discard(&self, how: Discard, off: u64, len: u64) -> std::io::Result<()> {
+        let mode = match how {
+            Discard::Punch => libc::FALLOC_FL_PUNCH_HOLE,
+            Discard::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+        };
+        fallocate(self, mode | libc::FALLOC_FL_KEEP_SIZE, off, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.sync_all()
+    }
+    fn file(&self) -> Option<&File> {
+        Some(self)
+    }
+}
+
+/// An open target: the medium, whether it is O_DIRECT, and the I/O granularity.
 pub struct Disk {
-    pub file: File,
+    io: Box<dyn Medium>,
     pub direct: bool,
     /// Offsets and lengths of direct I/O are multiples of this (the logical sector size).
     pub align: u64,
@@ -75,7 +122,7 @@ impl Disk {
                 .open(path);
             if let Ok(file) = direct {
                 return Ok(Disk {
-                    file,
+                    io: Box::new(file),
                     direct: true,
                     align: FILE_ALIGN,
                     size,
@@ -97,7 +144,7 @@ impl Disk {
             anyhow::Error::new(e).context(format!("opening {} for writing{hint}", path.display()))
         })?;
         Ok(Disk {
-            file,
+            io: Box::new(file),
             direct: block,
             align: if block { align as u64 } else { 1 },
             size,
@@ -117,12 +164,29 @@ impl Disk {
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(Disk {
-            file,
+            io: Box::new(file),
             direct: block,
             align: if block { align as u64 } else { 1 },
             size,
             name: path.display().to_string(),
         })
+    }
+
+    /// A buffered target on any medium (the writers' tests use a fault-injecting one).
+    #[cfg(test)]
+    pub fn on(io: Box<dyn Medium>, size: u64, name: &str) -> Disk {
+        Disk {
+            io,
+            direct: false,
+            align: 1,
+            size,
+            name: name.to_string(),
+        }
+    }
+
+    /// The open file or device, when the medium is one.
+    pub fn file(&self) -> Option<&File> {
+        self.io.file()
     }
 
     /// `[off, off + len)` widened to the I/O granularity and clipped to the disk.
@@ -145,14 +209,14 @@ impl Disk {
     /// Write `buf` at `off`. For direct I/O, `buf` must come from an [`AlignedBuf`] and `off` and
     /// the length must be multiples of `align` (callers widen with [`Disk::widen`]).
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, off)
+        self.io
+            .write_at(buf, off)
             .with_context(|| format!("{}: writing {} bytes at offset {off}", self.name, buf.len()))
     }
 
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, off)
+        self.io
+            .read_at(buf, off)
             .with_context(|| format!("{}: reading {} bytes at offset {off}", self.name, buf.len()))
     }
 
@@ -164,11 +228,8 @@ impl Disk {
         }
         let aligned = off.is_multiple_of(self.align) && len.is_multiple_of(self.align);
         if aligned {
-            for mode in [
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            ] {
-                if fallocate(&self.file, mode, off, len).is_ok() {
+            for how in [Discard::Punch, Discard::ZeroRange] {
+                if self.io.discard(how, off, len).is_ok() {
                     return Ok(());
                 }
             }
@@ -192,8 +253,8 @@ impl Disk {
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_all()
+        self.io
+            .flush()
             .with_context(|| format!("{}: fsync", self.name))
     }
 }

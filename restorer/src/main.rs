@@ -6,6 +6,8 @@ mod capture;
 mod cli;
 mod dio;
 mod failback;
+#[cfg(test)]
+mod faulty;
 mod init;
 mod lvm;
 mod marker;

@@ -420,7 +420,7 @@ impl<'a> DiskWriter<'a> {
 mod tests {
     use super::*;
     use crate::cli::{NetArgs, SourceArgs};
-    use crate::plan::{self, Source};
+    use crate::plan::{self, Plan, Source};
     use crate::target::Target;
     use snapshot::chunker::{chunk_disk, ChunkOptions};
     use snapshot::manifest::{Disk as MDisk, DiskTotals, Firmware, Manifest, MANIFEST_VERSION};
@@ -475,12 +475,9 @@ mod tests {
         disk
     }
 
-    #[test]
-    fn writes_held_back_last_dedupes_and_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = snapshot(dir.path());
-        let src = Source::open(&SourceArgs {
-            from: dir.path().join("store").display().to_string(),
+    fn source(dir: &std::path::Path) -> Source {
+        Source::open(&SourceArgs {
+            from: dir.join("store").display().to_string(),
             host: "t".into(),
             snapshot: "latest".into(),
             pubkey: None,
@@ -491,16 +488,29 @@ mod tests {
                 timeout: std::time::Duration::from_secs(1),
             },
         })
-        .unwrap();
-        let path = dir.path().join("target.img");
-        std::fs::write(&path, vec![0xeeu8; disk.len()]).unwrap();
+        .unwrap()
+    }
+
+    /// A target file of `len` bytes of 0xee, and the plan to restore onto it.
+    fn target(src: &Source, dir: &std::path::Path, len: usize) -> (std::path::PathBuf, Plan) {
+        let path = dir.join("target.img");
+        std::fs::write(&path, vec![0xeeu8; len]).unwrap();
         let t = Target::from_path(path.to_str().unwrap()).unwrap();
         let layout = crate::cli::LayoutArgs {
             target: vec![path.to_string_lossy().into_owned()],
             grow: "last".into(),
             grow_lv: None,
         };
-        let plan = plan::build(&src, vec![t], None, &layout, &Default::default()).unwrap();
+        let plan = plan::build(src, vec![t], None, &layout, &Default::default()).unwrap();
+        (path, plan)
+    }
+
+    #[test]
+    fn writes_held_back_last_dedupes_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = snapshot(dir.path());
+        let src = source(dir.path());
+        let (path, plan) = target(&src, dir.path(), disk.len());
         let d = &plan.disks[0];
         assert_eq!(d.held.ranges(), &[(0, 4096)]);
         let index = &src.snapshot.indexes[0];
@@ -549,5 +559,65 @@ mod tests {
         let back = std::fs::read(&path).unwrap();
         assert_eq!(&back[..3 * C], &disk[..3 * C]);
         assert_eq!(&back[4 * C..], &disk[4 * C..]);
+    }
+
+    /// Each fault of the target, met where a restore runs (data, flush after data, the table):
+    /// the restore stops with an error naming the target, the operation and the offset, and the
+    /// wipe that follows (as in `restore::run`) leaves no table: zeros and the marker.
+    #[test]
+    fn every_target_fault_ends_in_a_clear_error_and_a_wiped_table() {
+        use crate::faulty::{Fault, Faulty};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = snapshot(dir.path());
+        let src = source(dir.path());
+        let index = &src.snapshot.indexes[0];
+        let m = Marker::new("t", "s1", 0);
+        let c = CHUNK_SIZE;
+        let cases = [
+            (Fault::WriteAt(4 * c + 100), format!("writing 8192 bytes at offset {}", 4 * c)),
+            (Fault::WriteAt(c), format!("zeroing slots 1..: target.img: writing 1048576 bytes at offset {c}: Input/output error")),
+            (Fault::ShortWriteAt(2 * c), format!("bytes at offset {}: failed to write whole buffer", 2 * c)),
+            (Fault::Flush(2), "fsync: Input/output error".to_string()),
+            (Fault::Flush(3), "fsync: Input/output error".to_string()),
+            (Fault::Flush(4), "fsync: Input/output error".to_string()),
+        ];
+        for (fault, expect) in cases {
+            let (path, plan) = target(&src, dir.path(), disk.len());
+            let d = &plan.disks[0];
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let faulty = std::sync::Arc::new(Faulty::new(file, fault));
+            let medium = Disk::on(Box::new(faulty.clone()), disk.len() as u64, "target.img");
+            let w = DiskWriter::new(d, index, medium, &m);
+            let pb = ProgressBar::hidden();
+            let restore = || -> Result<()> {
+                w.wipe_table()?;
+                w.write_data(src.store.as_ref(), &HashSet::new(), 2, &pb)?;
+                w.disk.sync()?;
+                w.write_table(&[])
+            };
+            let e = restore().expect_err(&format!("{fault:?}: the restore went through"));
+            assert!(faulty.fired(), "{fault:?} never fired");
+            let msg = format!("{e:#}");
+            assert!(msg.contains(&expect), "{fault:?}: {msg}");
+            assert!(
+                msg.contains("target.img"),
+                "{fault:?}: the target is not named: {msg}"
+            );
+            w.wipe_table().unwrap();
+            let back = std::fs::read(&path).unwrap();
+            let at = d.marker_at.unwrap() as usize;
+            let mut want = vec![0u8; 4096];
+            want[at..at + marker::LEN].copy_from_slice(&m.to_bytes());
+            assert_eq!(
+                &back[..4096],
+                &want[..],
+                "{fault:?}: the table area is not wiped"
+            );
+            assert_eq!(w.read_marker().unwrap(), Some(m.clone()));
+        }
     }
 }

@@ -282,8 +282,9 @@ fn execute(
         w.write_table(p)
             .with_context(|| format!("disk {}: writing the partition table", d.disk))?;
         s.written_bytes = w.counters.written_bytes.load(Ordering::Relaxed);
-        if d.target.kind == Kind::Block && d.new_table != snapshot::ptable::PartitionTable::None {
-            let r = snapshot::sys::reread_partitions(&w.disk.file);
+        let file = w.disk.file().filter(|_| d.target.kind == Kind::Block);
+        if let (Some(file), true) = (file, d.new_table != snapshot::ptable::PartitionTable::None) {
+            let r = snapshot::sys::reread_partitions(file);
             // A loop device without partition scanning answers EINVAL: nothing to re-read.
             let loop_no_scan = d.target.transport == "loop"
                 && matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EINVAL));
