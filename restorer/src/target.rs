@@ -9,6 +9,24 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+/// Where the kernel's view of the machine is read: `/sys` and `/proc`, or a fake tree of the same
+/// shape in tests (the wrong-disk checks run on made-up machines there).
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub sys: PathBuf,
+    pub proc: PathBuf,
+}
+
+impl Kernel {
+    /// This machine.
+    pub fn host() -> Kernel {
+        Kernel {
+            sys: "/sys".into(),
+            proc: "/proc".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -83,10 +101,10 @@ pub struct Backing {
     pub ids: Vec<Identity>,
 }
 
-/// The backing file of loop device `name` (sysfs name), asked through the device node `node`.
-/// `None` when no file is bound.
-fn loop_backing(name: &str, node: &Path) -> Option<Backing> {
-    let path = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+/// The backing file of loop device `name` (sysfs name, under `sys`), asked through the device
+/// node `node`. `None` when no file is bound.
+fn loop_backing(sys: &Path, name: &str, node: &Path) -> Option<Backing> {
+    let path = fs::read_to_string(sys.join(format!("block/{name}/loop/backing_file"))).ok()?;
     let path = path.trim_end_matches('\n').to_string();
     let mut ids = Vec::new();
     let status = fs::File::open(node)
@@ -118,6 +136,11 @@ fn loop_backing(name: &str, node: &Path) -> Option<Backing> {
 impl Target {
     /// Open the description of `spec`: a block device node or a regular file.
     pub fn from_path(spec: &str) -> Result<Target> {
+        Target::from_path_in(spec, &Kernel::host())
+    }
+
+    /// [`Target::from_path`], a block device described from `k`'s sysfs.
+    pub fn from_path_in(spec: &str, k: &Kernel) -> Result<Target> {
         let path = PathBuf::from(spec);
         let meta = fs::metadata(&path).with_context(|| {
             format!("target {spec}: cannot stat it (create a file target with `truncate -s SIZE {spec}`)")
@@ -125,7 +148,7 @@ impl Target {
         if meta.file_type().is_block_device() {
             let rdev = meta.rdev();
             let devno = (libc::major(rdev), libc::minor(rdev));
-            let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", devno.0, devno.1));
+            let sys = k.sys.join(format!("dev/block/{}:{}", devno.0, devno.1));
             let sys = fs::canonicalize(&sys)
                 .with_context(|| format!("target {spec}: no sysfs entry {}", sys.display()))?;
             if sys.join("partition").exists() {
@@ -138,7 +161,7 @@ impl Target {
             }
             let mut t = from_sysfs(&sys)?;
             if t.name.as_deref().is_some_and(|n| n.starts_with("loop")) {
-                t.backing = loop_backing(t.name.as_deref().unwrap_or_default(), &path);
+                t.backing = loop_backing(&k.sys, t.name.as_deref().unwrap_or_default(), &path);
             }
             t.path = path;
             Ok(t)
@@ -328,15 +351,22 @@ fn transport(sys: &Path, name: &str) -> String {
 /// Every whole disk the kernel knows, except the kinds that are never restore targets
 /// (RAM disks, zram, device-mapper, md, optical, floppy, network block devices, unbound loops).
 pub fn discover() -> Result<Vec<Target>> {
+    discover_in(&Kernel::host())
+}
+
+/// [`discover`] on `k`.
+pub fn discover_in(k: &Kernel) -> Result<Vec<Target>> {
     let mut out = Vec::new();
-    for e in fs::read_dir("/sys/block").context("listing /sys/block")? {
-        let e = e.context("listing /sys/block")?;
+    let block = k.sys.join("block");
+    let what = || format!("listing {}", block.display());
+    for e in fs::read_dir(&block).with_context(what)? {
+        let e = e.with_context(what)?;
         let name = e.file_name().to_string_lossy().into_owned();
         let skip = ["ram", "zram", "dm-", "md", "sr", "fd", "nbd", "loop"];
         if skip.iter().any(|p| name.starts_with(p)) {
             continue;
         }
-        let sys = fs::canonicalize(e.path()).with_context(|| format!("/sys/block/{name}"))?;
+        let sys = fs::canonicalize(e.path()).with_context(|| e.path().display().to_string())?;
         let t = from_sysfs(&sys)?;
         if t.size > 0 {
             out.push(t);
@@ -430,6 +460,8 @@ pub struct Safety {
     disks: Vec<((u32, u32), String)>,
     /// Every loop device bound to a file.
     loops: Vec<LoopDev>,
+    /// The sysfs they were read from (holders are read when checked).
+    sys: PathBuf,
     /// Active swap files, with their path.
     swap_files: Vec<(Identity, String)>,
 }
@@ -445,9 +477,16 @@ struct LoopDev {
 
 impl Safety {
     pub fn scan() -> Result<Safety> {
+        Safety::scan_in(&Kernel::host())
+    }
+
+    /// [`Safety::scan`] on `k`.
+    pub fn scan_in(k: &Kernel) -> Result<Safety> {
+        let sys = k.sys.as_path();
         let mut disks = Vec::new();
-        let info =
-            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+        let mountinfo = k.proc.join("self/mountinfo");
+        let info = fs::read_to_string(&mountinfo)
+            .with_context(|| format!("reading {}", mountinfo.display()))?;
         for line in info.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             if f.len() < 5 {
@@ -480,13 +519,13 @@ impl Safety {
                 }
             }
             for dev in devs {
-                for d in whole_disks(dev) {
+                for d in whole_disks(sys, dev) {
                     disks.push((d, why.clone()));
                 }
             }
         }
         let mut swap_files = Vec::new();
-        if let Ok(swaps) = fs::read_to_string("/proc/swaps") {
+        if let Ok(swaps) = fs::read_to_string(k.proc.join("swaps")) {
             for line in swaps.lines().skip(1) {
                 let Some(dev) = line.split_whitespace().next() else {
                     continue;
@@ -495,7 +534,7 @@ impl Safety {
                 if let Ok(m) = fs::metadata(&dev) {
                     if m.file_type().is_block_device() {
                         let r = m.rdev();
-                        for d in whole_disks((libc::major(r), libc::minor(r))) {
+                        for d in whole_disks(sys, (libc::major(r), libc::minor(r))) {
                             disks.push((d, format!("is in use as swap ({dev})")));
                         }
                     } else {
@@ -510,7 +549,7 @@ impl Safety {
                 if let Ok(m) = fs::metadata(dev) {
                     if m.file_type().is_block_device() {
                         let r = m.rdev();
-                        for d in whole_disks((libc::major(r), libc::minor(r))) {
+                        for d in whole_disks(sys, (libc::major(r), libc::minor(r))) {
                             disks.push((d, format!("is the boot medium ({dev})")));
                         }
                     }
@@ -518,21 +557,21 @@ impl Safety {
             }
         }
         // The medium this program runs from.
-        if let Ok(m) = fs::metadata("/proc/self/exe") {
+        if let Ok(m) = fs::metadata(k.proc.join("self/exe")) {
             let d = m.dev();
             let (maj, min) = (libc::major(d), libc::minor(d));
             if maj != 0 {
-                for d in whole_disks((maj, min)) {
+                for d in whole_disks(sys, (maj, min)) {
                     disks.push((d, "is the medium this program runs from".into()));
                 }
             }
         }
         let mut loops = Vec::new();
-        if let Ok(rd) = fs::read_dir("/sys/block") {
+        if let Ok(rd) = fs::read_dir(sys.join("block")) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let node = PathBuf::from(format!("/dev/{name}"));
-                if let Some(backing) = loop_backing(&name, &node) {
+                if let Some(backing) = loop_backing(sys, &name, &node) {
                     loops.push(LoopDev {
                         path: node.display().to_string(),
                         devno: read_devno(&e.path()),
@@ -546,6 +585,7 @@ impl Safety {
             disks,
             loops,
             swap_files,
+            sys: sys.to_path_buf(),
         })
     }
 
@@ -554,7 +594,7 @@ impl Safety {
         if let Some((_, why)) = self.disks.iter().find(|(d, _)| *d == devno) {
             return Some(why.clone());
         }
-        let held = name.map(holders).unwrap_or_default();
+        let held = name.map(|n| holders(&self.sys, n)).unwrap_or_default();
         (!held.is_empty()).then(|| {
             format!(
                 "is held by {} (device-mapper, md or LVM on top of it)",
@@ -644,8 +684,8 @@ impl Safety {
 }
 
 /// Holders of a disk and of its partitions (`dm-0`, `md127`), as sysfs lists them.
-fn holders(name: &str) -> Vec<String> {
-    let base = PathBuf::from(format!("/sys/block/{name}"));
+fn holders(sys: &Path, name: &str) -> Vec<String> {
+    let base = sys.join("block").join(name);
     let mut dirs = vec![base.join("holders")];
     if let Ok(rd) = fs::read_dir(&base) {
         for e in rd.flatten() {
@@ -668,7 +708,7 @@ fn holders(name: &str) -> Vec<String> {
 /// The whole disks under a block device: itself, its parent when it is a partition, the disks
 /// beneath device-mapper or md devices (their `slaves`) and beneath a loop device over a block
 /// device, recursively.
-fn whole_disks(devno: (u32, u32)) -> Vec<(u32, u32)> {
+fn whole_disks(sys_root: &Path, devno: (u32, u32)) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut todo = vec![devno];
     let mut seen = BTreeSet::new();
@@ -676,7 +716,7 @@ fn whole_disks(devno: (u32, u32)) -> Vec<(u32, u32)> {
         if !seen.insert(d) {
             continue;
         }
-        let Ok(sys) = fs::canonicalize(format!("/sys/dev/block/{}:{}", d.0, d.1)) else {
+        let Ok(sys) = fs::canonicalize(sys_root.join(format!("dev/block/{}:{}", d.0, d.1))) else {
             out.push(d);
             continue;
         };
@@ -699,7 +739,7 @@ fn whole_disks(devno: (u32, u32)) -> Vec<(u32, u32)> {
         }
         let name = disk.file_name().map(|n| n.to_string_lossy().into_owned());
         if let Some(name) = name.filter(|n| n.starts_with("loop")) {
-            if let Some(b) = loop_backing(&name, Path::new(&format!("/dev/{name}"))) {
+            if let Some(b) = loop_backing(sys_root, &name, Path::new(&format!("/dev/{name}"))) {
                 for id in b.ids {
                     if let Identity::Block(bd) = id {
                         todo.push(bd);
@@ -766,6 +806,7 @@ mod tests {
             disks: vec![],
             loops: vec![],
             swap_files: vec![],
+            sys: "/nonexistent".into(),
         };
         let got = auto_assign(
             &[100, 500],
@@ -813,5 +854,171 @@ mod tests {
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/end\\"), "/end\\");
+    }
+
+    /// A made-up machine: sysfs and procfs as the kernel lays them out.
+    struct FakeMachine {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeMachine {
+        fn new() -> FakeMachine {
+            let m = FakeMachine {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            for d in ["sys/block", "sys/dev/block", "proc/self"] {
+                fs::create_dir_all(m.dir.path().join(d)).unwrap();
+            }
+            m
+        }
+
+        fn kernel(&self) -> Kernel {
+            Kernel {
+                sys: self.dir.path().join("sys"),
+                proc: self.dir.path().join("proc"),
+            }
+        }
+
+        fn write(&self, rel: &Path, text: &str) {
+            let p = self.dir.path().join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, format!("{text}\n")).unwrap();
+        }
+
+        fn link(&self, from: &str, to: &Path) {
+            std::os::unix::fs::symlink(self.dir.path().join(to), self.dir.path().join(from))
+                .unwrap();
+        }
+
+        /// A whole disk at `devpath` (below `sys/devices`) with its partitions, each
+        /// `(name, minor, holders)`.
+        fn disk(
+            &self,
+            devpath: &str,
+            name: &str,
+            dev: (u32, u32),
+            gib: u64,
+            parts: &[(&str, u32, &[&str])],
+        ) {
+            let d = Path::new("sys/devices")
+                .join(devpath)
+                .join("block")
+                .join(name);
+            self.write(&d.join("dev"), &format!("{}:{}", dev.0, dev.1));
+            self.write(&d.join("size"), &(gib << 21).to_string());
+            self.write(
+                &d.join("removable"),
+                if devpath.contains("usb") { "1" } else { "0" },
+            );
+            self.write(&d.join("ro"), "0");
+            self.write(&d.join("queue/logical_block_size"), "512");
+            self.write(&d.join("device/model"), "FAKE DISK");
+            fs::create_dir_all(self.dir.path().join(d.join("holders"))).unwrap();
+            self.link(&format!("sys/block/{name}"), &d);
+            self.link(&format!("sys/dev/block/{}:{}", dev.0, dev.1), &d);
+            for (part, minor, holders) in parts {
+                let p = d.join(part);
+                self.write(&p.join("partition"), "1");
+                self.write(&p.join("dev"), &format!("{}:{minor}", dev.0));
+                fs::create_dir_all(self.dir.path().join(p.join("holders"))).unwrap();
+                for h in *holders {
+                    fs::create_dir_all(self.dir.path().join(p.join("holders").join(h))).unwrap();
+                }
+                self.link(&format!("sys/dev/block/{}:{minor}", dev.0), &p);
+            }
+        }
+
+        /// A device-mapper device over `slaves` (sysfs paths of partitions).
+        fn dm(&self, name: &str, dev: (u32, u32), slaves: &[&Path]) {
+            let d = Path::new("sys/devices/virtual/block").join(name);
+            self.write(&d.join("dev"), &format!("{}:{}", dev.0, dev.1));
+            self.write(&d.join("size"), "2048");
+            for s in slaves {
+                fs::create_dir_all(self.dir.path().join(d.join("slaves"))).unwrap();
+                let n = s.file_name().unwrap().to_string_lossy().into_owned();
+                self.link(&d.join("slaves").join(n).to_string_lossy(), s);
+            }
+            self.link(&format!("sys/block/{name}"), &d);
+            self.link(&format!("sys/dev/block/{}:{}", dev.0, dev.1), &d);
+        }
+    }
+
+    /// The wrong-disk rules on a machine with its root on sda, a dm device over sdb mounted,
+    /// an md array holding sdd, a USB stick and one free NVMe disk: discovery finds the disks
+    /// (not dm, loop), the safety scan names why each busy disk is refused, and `--target auto`
+    /// picks the only free one.
+    #[test]
+    fn wrong_disk_rules_on_a_fake_machine() {
+        let m = FakeMachine::new();
+        let ata = "pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0";
+        m.disk(
+            ata,
+            "sda",
+            (8, 0),
+            100,
+            &[("sda1", 1, &[]), ("sda2", 2, &[])],
+        );
+        let ata2 = "pci0000:00/0000:00:1f.2/ata2/host1/target1:0:0/1:0:0:0";
+        m.disk(ata2, "sdb", (8, 16), 100, &[("sdb1", 17, &["dm-0"])]);
+        let ata3 = "pci0000:00/0000:00:1f.2/ata3/host2/target2:0:0/2:0:0:0";
+        m.disk(ata3, "sdd", (8, 48), 100, &[("sdd1", 49, &["md127"])]);
+        let usb = "pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0";
+        m.disk(usb, "sdc", (8, 32), 200, &[]);
+        let nvme = "pci0000:00/0000:00:04.0/nvme/nvme0";
+        m.disk(nvme, "nvme0n1", (259, 0), 100, &[]);
+        let sdb1 = Path::new("sys/devices").join(ata2).join("block/sdb/sdb1");
+        m.dm("dm-0", (253, 0), &[&sdb1]);
+        m.write(
+            Path::new("proc/self/mountinfo"),
+            "22 1 8:2 / / rw,relatime shared:1 - ext4 /dev/sda2 rw\n\
+             30 22 253:0 / /srv\\040data rw shared:2 - xfs /dev/mapper/vg-srv rw\n\
+             31 22 0:25 / /proc rw - proc proc rw",
+        );
+        let k = m.kernel();
+        let disks = discover_in(&k).unwrap();
+        let names: Vec<String> = disks.iter().map(|t| t.describe()).collect();
+        assert_eq!(
+            names,
+            [
+                "/dev/nvme0n1 (nvme, FAKE DISK, 100 GiB, 512-byte sectors)",
+                "/dev/sda (sata, FAKE DISK, 100 GiB, 512-byte sectors)",
+                "/dev/sdb (sata, FAKE DISK, 100 GiB, 512-byte sectors)",
+                "/dev/sdc (usb, FAKE DISK, 200 GiB, 512-byte sectors, removable)",
+                "/dev/sdd (sata, FAKE DISK, 100 GiB, 512-byte sectors)",
+            ]
+        );
+        let safety = Safety::scan_in(&k).unwrap();
+        let why = |name: &str| {
+            let t = disks
+                .iter()
+                .find(|t| t.name.as_deref() == Some(name))
+                .unwrap();
+            safety.check(t).err().map(|e| e.to_string())
+        };
+        assert_eq!(
+            why("sda").as_deref(),
+            Some("/dev/sda holds the running system's root filesystem (mounted on /)")
+        );
+        assert_eq!(
+            why("sdb").as_deref(),
+            Some("/dev/sdb is mounted (on /srv data)")
+        );
+        assert_eq!(
+            why("sdd").as_deref(),
+            Some("/dev/sdd is held by md127 (device-mapper, md or LVM on top of it)")
+        );
+        assert_eq!(why("nvme0n1"), None);
+        assert_eq!(why("sdc"), None, "removable is auto's rule, not a refusal");
+        let got = auto_assign(&[50 << 30], disks.clone(), &safety).unwrap();
+        assert_eq!(got[0].path, PathBuf::from("/dev/nvme0n1"));
+        let e = auto_assign(&[50 << 30, 50 << 30], disks, &safety)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 source disk(s) but 1 candidate disk(s)"),
+            "{e}"
+        );
+        assert!(e.contains("/dev/sdc: removable"), "{e}");
+        assert!(e.contains("/dev/sdb: is mounted (on /srv data)"), "{e}");
     }
 }
