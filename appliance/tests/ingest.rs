@@ -217,6 +217,7 @@ fn check_manifest_table(
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn gpt_server_roundtrip_local_and_http() {
     let fx = fixtures::gpt_server().unwrap();
     let env = Env::new("gpt_server_roundtrip");
@@ -251,6 +252,7 @@ fn gpt_server_roundtrip_local_and_http() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn mbr_mixed_roundtrip_local_and_http() {
     let fx = fixtures::mbr_mixed().unwrap();
     let env = Env::new("mbr_mixed_roundtrip");
@@ -263,6 +265,7 @@ fn mbr_mixed_roundtrip_local_and_http() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn gpt_4k_roundtrip_and_sector_size() {
     let fx = fixtures::gpt_4k().unwrap();
     let env = Env::new("gpt_4k_roundtrip");
@@ -338,6 +341,7 @@ fn partclone_zstd_bytes(fx: &Fixture, scratch: &Path) -> u64 {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn stored_bytes_below_partclone_zstd() {
     for fx in [
         fixtures::gpt_server().unwrap(),
@@ -374,6 +378,7 @@ fn ext_file_blocks(part: &Path, path: &str) -> Vec<u64> {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn reingest_after_1mb_change_and_dedupe_across_hosts() {
     let fx = fixtures::gpt_server().unwrap();
     let env = Env::new("reingest_1mb");
@@ -495,6 +500,7 @@ fn assert_names(out: &Output, what: &[&str]) {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn verify_names_corrupt_and_missing_chunks() {
     let gpt = fixtures::gpt_server().unwrap();
     let mbr = fixtures::mbr_mixed().unwrap();
@@ -558,6 +564,7 @@ fn verify_names_corrupt_and_missing_chunks() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn tampered_manifest_fails_signature_check() {
     let fx = fixtures::mbr_mixed().unwrap();
     let env = Env::new("tampered_manifest");
@@ -615,6 +622,7 @@ fn tampered_manifest_fails_signature_check() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn killed_ingest_leaves_a_verifiable_store_and_gc_cleans_up() {
     let small = fixtures::gpt_4k().unwrap();
     let big = fixtures::big_mixed(1 << 30, 0.45).unwrap();
@@ -727,6 +735,7 @@ fn killed_ingest_leaves_a_verifiable_store_and_gc_cleans_up() {
 /// gc while an ingest is writing: gc refuses (the writer holds the store) or removes nothing the
 /// ingest goes on to reference; either way the committed snapshot verifies afterwards.
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn gc_during_ingest_never_removes_what_the_ingest_references() {
     let big = fixtures::big_mixed(1 << 30, 0.45).unwrap();
     let env = Env::new("gc_during_ingest");
@@ -768,6 +777,7 @@ fn gc_during_ingest_never_removes_what_the_ingest_references() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn concurrent_ingests_are_safe() {
     let a = fixtures::gpt_server().unwrap();
     let b = fixtures::mbr_mixed().unwrap();
@@ -908,6 +918,7 @@ fn assert_fallback_said(out: &Output, what: &str) {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_truncated_gpt_image() {
     let fx = fixtures::gpt_server().unwrap();
     let env = Env::new("bad_truncated");
@@ -926,6 +937,7 @@ fn bad_input_truncated_gpt_image() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_garbage_mbr_entries() {
     let fx = fixtures::mbr_mixed().unwrap();
     let env = Env::new("bad_garbage_mbr");
@@ -945,6 +957,7 @@ fn bad_input_garbage_mbr_entries() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_garbage_gpt_sector() {
     // both GPT headers destroyed, the protective MBR left: no table can be trusted
     let fx = fixtures::gpt_server().unwrap();
@@ -966,6 +979,7 @@ fn bad_input_garbage_gpt_sector() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_primary_gpt_header_corrupt_uses_backup_or_refuses() {
     let fx = fixtures::gpt_server().unwrap();
     let env = Env::new("bad_primary_gpt");
@@ -982,6 +996,7 @@ fn bad_input_primary_gpt_header_corrupt_uses_backup_or_refuses() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_overlapping_gpt_partitions() {
     let fx = fixtures::gpt_server().unwrap();
     let env = Env::new("bad_overlap_gpt");
@@ -1007,6 +1022,7 @@ fn bad_input_overlapping_gpt_partitions() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_overlapping_mbr_partitions() {
     let fx = fixtures::mbr_mixed().unwrap();
     let env = Env::new("bad_overlap_mbr");
@@ -1021,6 +1037,7 @@ fn bad_input_overlapping_mbr_partitions() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bad_input_ext4_broken_superblock() {
     let fx = fixtures::gpt_server().unwrap();
     let root = fx.partition(2);
@@ -1051,6 +1068,7 @@ fn bad_input_ext4_broken_superblock() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn ingest_refuses_missing_source_and_bad_names() {
     let env = Env::new("bad_args");
     for (host, src) in [
@@ -1074,6 +1092,7 @@ fn ingest_refuses_missing_source_and_bad_names() {
 /// Output into a reader that is gone (`appliance pubkey | true`): the program ends quietly with
 /// 141, as a SIGPIPE death would, instead of panicking (which it did before).
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn a_closed_stdout_ends_quietly() {
     let env = Env::new("closed_stdout");
     let store = &env.store;

@@ -262,6 +262,7 @@ fn assert_same(target: &Path, want: &[u8]) {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn drifted_target_ends_exact_over_several_rounds() {
     if !have_qemu() {
         return eprintln!("QEMU missing: skipped");
@@ -323,6 +324,7 @@ fn drifted_target_ends_exact_over_several_rounds() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn blank_target_gets_a_full_restore() {
     if !have_qemu() {
         return eprintln!("QEMU missing: skipped");
@@ -356,6 +358,7 @@ fn blank_target_gets_a_full_restore() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn appliance_killed_during_a_round() {
     if !have_qemu() {
         return eprintln!("QEMU missing: skipped");
@@ -416,6 +419,7 @@ fn appliance_killed_during_a_round() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn network_cut_resumes_or_stops_with_a_reason() {
     if !have_qemu() {
         return eprintln!("QEMU missing: skipped");
@@ -481,6 +485,7 @@ fn sgdisk(args: &[&str], disk: &Path) -> (bool, String) {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bigger_target_gets_a_valid_gpt() {
     if !have_qemu() {
         return eprintln!("QEMU missing: skipped");

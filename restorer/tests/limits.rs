@@ -65,6 +65,7 @@ fn chown(p: &Path) {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn restore_verify_and_capture_without_threads_fail_in_one_line() {
     let env = Env::new("no-threads");
     let fx = bmr_tests::fixtures::gpt_server().unwrap();
@@ -96,6 +97,7 @@ fn restore_verify_and_capture_without_threads_fail_in_one_line() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn ingest_without_threads_fails_in_one_line() {
     // The chunker is shared by ingest and capture: an ingest into a store of that user's.
     let dir = bmr_tests::util::Workspace::artifacts("restorer-no-threads-ingest");

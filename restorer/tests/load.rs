@@ -92,6 +92,7 @@ fn peak_kib(pid: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn sixty_four_restores_beside_idle_and_slow_clients() {
     let env = Env::new("load");
     // A small disk: 24 MiB of mixed data (no table: the restore copies it whole).

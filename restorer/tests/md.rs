@@ -206,6 +206,7 @@ const IDENTITY: &[&str] = &[
 ];
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn raid1_members_are_stored_once_and_restored_exact() {
     let env = Env::new("md");
     let m = build(&env);

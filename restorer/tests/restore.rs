@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn same_size_gpt_exact_then_verify() {
     let env = Env::new("same-size-gpt");
     let fx = fixtures::gpt_server().unwrap();
@@ -55,6 +56,7 @@ fn ext_last_fixture() -> fixtures::Fixture {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bigger_target_grows_ext4() {
     let env = Env::new("bigger-ext4");
     let fx = ext_last_fixture();
@@ -94,6 +96,7 @@ fn bigger_target_grows_ext4() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn mbr_fat16_ntfs_logical_same_size() {
     let env = Env::new("mbr-mixed");
     let fx = fixtures::mbr_mixed().unwrap();
@@ -108,6 +111,7 @@ fn mbr_fat16_ntfs_logical_same_size() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn mbr_bigger_grows_the_logical_ext2() {
     let env = Env::new("mbr-bigger");
     let fx = fixtures::mbr_mixed().unwrap();
@@ -128,6 +132,7 @@ fn mbr_bigger_grows_the_logical_ext2() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn two_disk_host() {
     let env = Env::new("two-disks");
     let a = fixtures::gpt_server().unwrap();
@@ -151,6 +156,7 @@ fn two_disk_host() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn sector_size_conversion_512_to_4kn_and_back() {
     let env = Env::new("4kn");
     let fx = fixtures::gpt_server().unwrap();
@@ -180,6 +186,7 @@ fn sector_size_conversion_512_to_4kn_and_back() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn plain_static_http_server() {
     let env = Env::new("static-http");
     let fx = fixtures::gpt_server().unwrap();
@@ -244,6 +251,7 @@ fn make_ca(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, s
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn https_with_the_stores_ca() {
     let env = Env::new("https");
     let fx = fixtures::gpt_server().unwrap();
@@ -307,6 +315,7 @@ fn allocated(p: &Path) -> u64 {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn appliance_stopped_and_restarted_mid_restore() {
     let env = Env::new("appliance-restart");
     let fx = fixtures::gpt_server().unwrap();
@@ -343,6 +352,7 @@ fn appliance_stopped_and_restarted_mid_restore() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn killed_and_rerun_fetches_only_what_is_missing() {
     let env = Env::new("kill-rerun");
     let fx = fixtures::gpt_server().unwrap();
@@ -406,6 +416,7 @@ fn killed_and_rerun_fetches_only_what_is_missing() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn corrupted_chunk_fails_and_leaves_no_table() {
     let env = Env::new("corrupt-chunk");
     let fx = fixtures::gpt_server().unwrap();
@@ -457,6 +468,7 @@ fn corrupted_chunk_fails_and_leaves_no_table() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn tampered_manifest_refused_before_any_write() {
     let env = Env::new("tampered");
     let fx = fixtures::gpt_server().unwrap();
@@ -482,6 +494,7 @@ fn tampered_manifest_refused_before_any_write() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn too_small_mounted_and_root_targets_refused() {
     let env = Env::new("refusals");
     let fx = fixtures::gpt_server().unwrap();
@@ -552,6 +565,7 @@ fn too_small_mounted_and_root_targets_refused() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn dry_run_shows_the_plan_and_writes_nothing() {
     let env = Env::new("dry-run");
     let fx = ext_last_fixture();
@@ -586,6 +600,7 @@ fn dry_run_shows_the_plan_and_writes_nothing() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn verify_lists_differing_slots() {
     let env = Env::new("verify-diff");
     let fx = fixtures::gpt_server().unwrap();
@@ -627,6 +642,7 @@ fn verify_lists_differing_slots() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn capture_through_the_api_then_restore() {
     let env = Env::new("capture");
     let fx = fixtures::gpt_server().unwrap();
@@ -663,6 +679,7 @@ fn capture_through_the_api_then_restore() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bigger_target_recreates_swap_with_its_uuid_and_label() {
     let env = Env::new("bigger-swap");
     let fx = fixtures::gpt_server().unwrap();
@@ -698,6 +715,7 @@ fn bigger_target_recreates_swap_with_its_uuid_and_label() {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bearer_token_is_sent() {
     let env = Env::new("token");
     let fx = fixtures::mbr_mixed().unwrap();
@@ -747,6 +765,7 @@ fn windows_fixture() -> fixtures::Fixture {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn bigger_target_grows_ntfs() {
     let env = Env::new("bigger-ntfs");
     let fx = windows_fixture();

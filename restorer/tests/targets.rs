@@ -86,6 +86,7 @@ fn refused_naming(out: &bmr_tests::util::Output, a: &Path, b: &Path) {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn hard_link_to_a_mounted_loops_backing_file_refused() {
     let env = Env::new("alias-hardlink-mounted");
     raw_snapshot(&env, "al1", 1, 8 * MIB);
@@ -105,6 +106,7 @@ fn hard_link_to_a_mounted_loops_backing_file_refused() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn second_loop_over_a_mounted_loops_file_refused() {
     let env = Env::new("alias-second-loop");
     raw_snapshot(&env, "al2", 1, 8 * MIB);
@@ -131,6 +133,7 @@ fn same_file_twice_through_a_hard_link_refused() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn two_loop_devices_over_one_file_refused() {
     let env = Env::new("alias-two-loops");
     raw_snapshot(&env, "al4", 2, 8 * MIB);
@@ -144,6 +147,7 @@ fn two_loop_devices_over_one_file_refused() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn hard_link_to_a_deleted_backing_file_refused() {
     // The backing file's own name removed: sysfs then shows "NAME (deleted)", which names nothing.
     // The kernel's loop status still gives its device and inode, which the hard link shares.
@@ -161,6 +165,7 @@ fn hard_link_to_a_deleted_backing_file_refused() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn loop_over_a_mounted_loop_device_refused() {
     // A loop device over a block device (here a mounted loop device) writes that device.
     let env = Env::new("alias-loop-over-device");

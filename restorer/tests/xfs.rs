@@ -69,6 +69,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn xfs_restored_onto_a_bigger_disk_is_grown_and_exact() {
     let env = Env::new("xfs");
     let part = (MIB, 400 * MIB);

@@ -100,17 +100,20 @@ fn ext_case(mkfs: &str, args: &[&str], swap_size: u64, fstab_swap_size: u64) {
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn ext4_swap_files_are_not_kept() {
     ext_case("mkfs.ext4", &["-q", "-F"], 512 * MIB, 32 * MIB);
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn ext2_block_map_swap_files_are_not_kept() {
     // 1 KiB blocks: a 20 MiB file needs the double-indirect block.
     ext_case("mkfs.ext2", &["-q", "-F", "-b", "1024"], 20 * MIB, 3 * MIB);
 }
 
 #[test]
+#[ignore = "system test (root or GiB fixtures): scripts/test runs it"]
 fn ntfs_pagefile_is_not_kept() {
     let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("ntfs.img");

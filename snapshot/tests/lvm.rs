@@ -255,6 +255,7 @@ fn check_kept(d: &Disk, l: &DiskLayout, work: &Path) {
 /// GPT: ESP-sized first partition, /boot ext4, then a PV with VG `rhel` (`swap`, `root` ext4
 /// of 4 GiB holding about 200 MiB of files) and 1 GiB of unallocated extents.
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn rhel_like_gpt_keeps_only_used_blocks_of_the_lvs() {
     let t = tmp();
     let table = "label: gpt\n\
@@ -303,6 +304,7 @@ fn rhel_like_gpt_keeps_only_used_blocks_of_the_lvs() {
 
 /// The PV in an MBR partition (type 0x8e) after a /boot partition.
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn lvm_on_mbr() {
     let t = tmp();
     let table = "label: dos\nsize=128MiB, type=83\ntype=8e\n";
@@ -328,6 +330,7 @@ fn current_text(img: &Path, pv: u64, mda: u64) -> (u64, u64) {
 /// A bad checksum on one metadata copy: the other copy is used (and said so); on every copy:
 /// the PV partition is copied whole with the reason.
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn damaged_metadata_uses_the_other_copy_or_keeps_the_pv_whole() {
     let t = tmp();
     let table = "label: gpt\nsize=64MiB\ntype=E6D6D379-F507-44C2-A23C-238F2A3DF928\n";

@@ -199,6 +199,7 @@ fn gpt_smaller_target_is_refused_with_size() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn gpt_512_to_4kn_and_back() {
     let d = tmp();
     let img = gpt_sfdisk_image(d.path(), 64 * MIB);
@@ -246,6 +247,7 @@ fn gpt_512_to_4kn_and_back() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn gpt_made_on_4kn_roundtrips_exactly() {
     let d = tmp();
     let img = d.path().join("k.img");
@@ -491,6 +493,7 @@ fn mbr_exact_roundtrip_with_logicals() {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn mbr_grow_logical_and_container_and_4kn() {
     let d = tmp();
     let img = d.path().join("m.img");

@@ -150,6 +150,7 @@ fn check(img: &Path, tree: Option<&Path>, work: &Path, label: Option<&str>, heig
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn v5_filled_and_fragmented() {
     let (d, tree) = tmp_with_tree(6);
     let img = d.path().join("xfs.img");
@@ -161,6 +162,7 @@ fn v5_filled_and_fragmented() {
 /// Enough small files with every other deleted that AG 0's bnobt has more than one level (a 1 KiB
 /// block holds at most 121 records in a v5 bnobt leaf).
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn v5_multilevel_bnobt() {
     let d = tmp();
     let tree = d.path().join("tree");
@@ -185,6 +187,7 @@ fn v5_multilevel_bnobt() {
 /// V4 (no CRCs): kernels built without `CONFIG_XFS_SUPPORT_V4` (this host's) cannot mount it,
 /// so the image is checked empty, against xfs_db and xfs_repair only.
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn v4_empty() {
     let d = tmp();
     let img = d.path().join("xfs.img");
@@ -198,6 +201,7 @@ fn agf_offset(img: &Path, ag: u64) -> u64 {
 }
 
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn damaged_freeblks_and_bnobt_block() {
     let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("xfs.img");
@@ -265,6 +269,7 @@ fn bit_flips_never_panic() {
 /// a running system leaves it) is copied whole, naming the log; once mounted and unmounted again
 /// (the kernel replays the log) it is mapped.
 #[test]
+#[ignore = "system test (root: loop devices, mounts): scripts/test runs it"]
 fn dirty_log_is_copied_whole() {
     let (d, tree) = tmp_with_tree(1);
     let img = d.path().join("xfs.img");

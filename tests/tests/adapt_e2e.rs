@@ -205,6 +205,7 @@ fn migrate(
 /// e1000e NIC in another slot with another MAC: adapted, it comes up; the control, restored
 /// with `restorer.adapt=0`, stops without its root device.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn debian_dep_initramfs_onto_nvme_and_e1000e() {
     let Some(s) = server(Variant::InitramfsTools) else {
         return;
@@ -244,6 +245,7 @@ fn debian_dep_initramfs_onto_nvme_and_e1000e() {
 /// and an e1000e: dracut rebuilds its image in the chroot, fstab gets UUIDs, the MAC binding
 /// follows the new NIC.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn dracut_hostonly_onto_nvme_and_e1000e() {
     let Some(s) = server(Variant::Dracut) else {
         return;
@@ -271,6 +273,7 @@ fn dracut_hostonly_onto_nvme_and_e1000e() {
 /// the root LV and its XFS grow in the boot image, the adaptation activates the restored VG to
 /// find the root on it, and dracut rebuilds the image in a chroot with the LV mounted.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn rhel_lvm_xfs_onto_nvme_and_e1000e() {
     let Some(s) = server(Variant::RhelLvm) else {
         return;
@@ -296,6 +299,7 @@ fn rhel_lvm_xfs_onto_nvme_and_e1000e() {
 /// BIOS Debian (GRUB i386-pc, initramfs-tools `MODULES=dep`, netplan matching the source MAC
 /// with `set-name`) restored onto an AHCI disk and an e1000e.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn bios_netplan_onto_ahci_and_e1000e() {
     let Some(s) = server(Variant::BiosNetplan) else {
         return;
@@ -322,6 +326,7 @@ fn bios_netplan_onto_ahci_and_e1000e() {
 
 /// The same snapshot restored onto the source's own hardware: nothing to adapt, it comes up.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn debian_onto_the_same_hardware_changes_nothing() {
     let Some(s) = server(Variant::InitramfsTools) else {
         return;

@@ -76,6 +76,7 @@ fn boot_to_ok(
 }
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn sample_server_boots_uefi() {
     if skip_without(Firmware::Uefi) {
         return;
@@ -97,6 +98,7 @@ fn sample_server_boots_uefi() {
 }
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn sample_server_boots_bios() {
     if skip_without(Firmware::Bios) {
         return;
@@ -298,6 +300,7 @@ fn restore_flow(dir: &Path, flow: &Flow, app: &Appliance, host: &str, source_siz
 /// the USB image (OVMF with Secure Boot enforced and Microsoft keys; SeaBIOS), the ISO (SeaBIOS
 /// and OVMF). One appliance, one image, flows in sequence (2 cores). `BMR_E2E_FLOWS=a,b` picks.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn restore_boot_paths() {
     if skip_without(Firmware::UefiSecureBoot) {
         return;
@@ -433,6 +436,7 @@ fn restore_boot_paths() {
 /// An unknown host on the kernel command line: one clear line on the serial console, a shell,
 /// no reboot, and not a byte written to the disk.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn unknown_host_fails_cleanly() {
     if skip_without(Firmware::Bios) {
         return;
@@ -493,6 +497,7 @@ fn unknown_host_fails_cleanly() {
 /// The media pass their own tools' checks: the USB image's GPT (`sgdisk -v`) and FAT
 /// (`fsck.fat -n`), the ISO's El Torito catalogue (BIOS and UEFI entries), and the size budget.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn boot_media_are_clean() {
     let tools = ["sgdisk", "fsck.fat", "xorriso"];
     if tools

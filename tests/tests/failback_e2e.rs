@@ -41,6 +41,7 @@ fn wait_in_file(path: &Path, pattern: &str, timeout: Duration) -> Duration {
 }
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn failover_then_pxe_failback_boots_with_the_vms_data() {
     if !qemu::available(Firmware::Bios) {
         eprintln!("SKIPPED: qemu-system-x86_64 or SeaBIOS missing (scripts/setup installs them)");

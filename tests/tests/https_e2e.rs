@@ -152,6 +152,7 @@ fn console_line(vm: &Vm, prefix: &str) -> String {
 /// `restorer.adapt=0`) has the source's tables and every used byte, its filesystems are clean
 /// and hold every file (`oracle::compare_disk`), and it boots.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn restore_over_https() {
     require_qemu();
     let t_all = Instant::now();
@@ -270,6 +271,7 @@ fn pattern_file(p: &Path, size: u64) {
 /// target disk (pre-filled with a pattern) is byte for byte unchanged; no store request was
 /// ever served.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn wrong_ca_is_refused_before_any_write() {
     require_qemu();
     let t_all = Instant::now();
@@ -380,6 +382,7 @@ fn wait_in_file(path: &Path, pattern: &str, timeout: Duration) -> Duration {
 /// the marker, and the bytes on the wire (TLS included) stay within 1.5x the changed chunks
 /// plus indexes, headers and handshakes.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn failback_over_https() {
     require_qemu();
     let t_all = Instant::now();

@@ -84,22 +84,26 @@ fn boots_on_source(v: Variant) {
 }
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn initramfs_tools_server_boots_on_its_source_hardware() {
     boots_on_source(Variant::InitramfsTools);
 }
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn dracut_server_boots_on_its_source_hardware() {
     boots_on_source(Variant::Dracut);
 }
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn bios_netplan_server_boots_on_its_source_hardware() {
     boots_on_source(Variant::BiosNetplan);
 }
 
 /// RHEL's default layout: `/boot` XFS, root XFS and swap on LVM, dracut hostonly.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn rhel_lvm_xfs_server_boots_on_its_source_hardware() {
     boots_on_source(Variant::RhelLvm);
 }
@@ -107,6 +111,7 @@ fn rhel_lvm_xfs_server_boots_on_its_source_hardware() {
 /// The control: the same disk on an NVMe controller with an e1000e NIC (another slot, another
 /// MAC), no adaptation. MODULES=dep left nvme out of the initramfs: it must stop there.
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn initramfs_tools_server_does_not_come_up_on_other_hardware_unadapted() {
     let v = Variant::InitramfsTools;
     if skip(v) {

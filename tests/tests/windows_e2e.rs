@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 const PORT: u16 = 47861;
 
 #[test]
+#[ignore = "system test (QEMU): scripts/test runs it"]
 fn windows_restored_onto_nvme_gets_its_drivers_in_the_boot_image() {
     for tool in ["mkntfs", "ntfs-3g", "ntfscat", "hivexregedit", "sfdisk"] {
         winfix::require(tool);
