@@ -60,8 +60,7 @@ fn sysfs() -> std::path::PathBuf {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 fn is_block(p: &Path) -> bool {

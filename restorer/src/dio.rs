@@ -3,13 +3,9 @@
 //!
 //! [`Disk`] does the alignment and the error context; the bytes go through a [`Medium`], a file
 //! or block device here and a fault-injecting one in the writers' unit tests.
-//!
-//! The one `unsafe` call of the restorer (`fallocate`) is here: it passes a live file descriptor
-//! and plain integers, and keeps no pointer.
 
 use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -83,11 +79,12 @@ impl Medium for File {
         self.write_all_at(buf, off)
     }
     fn discard(&self, how: Discard, off: u64, len: u64) -> std::io::Result<()> {
+        use rustix::fs::FallocateFlags as F;
         let mode = match how {
-            Discard::Punch => libc::FALLOC_FL_PUNCH_HOLE,
-            Discard::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+            Discard::Punch => F::PUNCH_HOLE,
+            Discard::ZeroRange => F::ZERO_RANGE,
         };
-        fallocate(self, mode | libc::FALLOC_FL_KEEP_SIZE, off, len)
+        Ok(rustix::fs::fallocate(self, mode | F::KEEP_SIZE, off, len)?)
     }
     fn flush(&self) -> std::io::Result<()> {
         self.sync_all()
@@ -256,17 +253,6 @@ impl Disk {
         self.io
             .flush()
             .with_context(|| format!("{}: fsync", self.name))
-    }
-}
-
-fn fallocate(f: &File, mode: libc::c_int, off: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate takes a file descriptor borrowed from a live File and integers.
-    let rc =
-        unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -216,15 +216,10 @@ impl Drop for Rebuilt {
 
 /// Bytes the scratch directory can still take.
 pub fn scratch_free(dir: &Path) -> Result<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .context("scratch directory path")?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs to fill.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statvfs {}", dir.display()));
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(dir)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("statvfs {}", dir.display()))?;
+    Ok(st.f_bavail * st.f_frsize)
 }
 
 /// Bytes of `index`'s data inside `[off, off + len)`: what rebuilding that range stores.

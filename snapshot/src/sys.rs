@@ -1,7 +1,10 @@
-//! The only unsafe code of the toolkit: block- and loop-device ioctls and `flock`.
+//! System calls of the store and the readers: block- and loop-device ioctls, `flock`, `syncfs`.
+//! Through `rustix` where it covers them; the three ioctls it has no wrapper for are the only
+//! unsafe code of the crate.
 //!
-//! Invariants: every call passes a valid open file descriptor borrowed from a live `File`, and
-//! out-pointers to properly sized, initialised locals. Nothing here keeps a pointer past the call.
+//! Invariants of those: every call passes a valid open file descriptor borrowed from a live
+//! `File`, and out-pointers to properly sized, initialised locals. Nothing here keeps a pointer
+//! past the call.
 
 use std::fs::File;
 use std::io;
@@ -9,9 +12,7 @@ use std::os::fd::AsRawFd;
 
 // `libc::Ioctl` is the request type of ioctl(2): unsigned long on glibc, int on musl (the
 // static restorer of the boot image); the casts keep the bit patterns.
-const BLKSSZGET: libc::Ioctl = 0x1268;
 const BLKRRPART: libc::Ioctl = 0x125f;
-const BLKPBSZGET: libc::Ioctl = 0x127b;
 const BLKGETSIZE64: libc::Ioctl = 0x80081272_u32 as libc::Ioctl;
 const LOOP_GET_STATUS64: libc::Ioctl = 0x4c05;
 
@@ -62,18 +63,10 @@ pub fn device_size(f: &File) -> io::Result<u64> {
 
 /// Logical and physical sector sizes of a block device.
 pub fn sector_sizes(f: &File) -> io::Result<(u32, u32)> {
-    let mut logical: libc::c_int = 0;
-    let mut physical: libc::c_uint = 0;
-    // SAFETY: BLKSSZGET writes one int, BLKPBSZGET one unsigned int.
-    check(unsafe { libc::ioctl(f.as_raw_fd(), BLKSSZGET, &mut logical as *mut libc::c_int) })?;
-    check(unsafe {
-        libc::ioctl(
-            f.as_raw_fd(),
-            BLKPBSZGET,
-            &mut physical as *mut libc::c_uint,
-        )
-    })?;
-    Ok((logical as u32, physical as u32))
+    Ok((
+        rustix::fs::ioctl_blksszget(f)?,
+        rustix::fs::ioctl_blkpbszget(f)?,
+    ))
 }
 
 /// Ask the kernel to re-read the partition table of a whole-disk block device.
@@ -113,29 +106,21 @@ pub fn loop_backing(f: &File) -> io::Result<Option<LoopBacking>> {
 /// Take an advisory lock on `f`: shared or exclusive, waiting or not.
 /// Returns `Ok(false)` when `wait` is false and someone else holds a conflicting lock.
 pub fn flock(f: &File, exclusive: bool, wait: bool) -> io::Result<bool> {
-    let mut op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
+    use rustix::fs::FlockOperation as Op;
+    let op = match (exclusive, wait) {
+        (true, true) => Op::LockExclusive,
+        (true, false) => Op::NonBlockingLockExclusive,
+        (false, true) => Op::LockShared,
+        (false, false) => Op::NonBlockingLockShared,
     };
-    if !wait {
-        op |= libc::LOCK_NB;
-    }
-    // SAFETY: flock takes an fd and flags.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
+    match rustix::fs::flock(f, op) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Flush every dirty page and directory entry of the filesystem holding `f`.
 pub fn syncfs(f: &File) -> io::Result<()> {
-    // SAFETY: syncfs takes an fd.
-    check(unsafe { libc::syncfs(f.as_raw_fd()) })
+    Ok(rustix::fs::syncfs(f)?)
 }

@@ -366,6 +366,18 @@ pub fn stop(st: &VmState, timeout: Duration, hard: bool) -> Result<bool> {
     let Some(pid) = st.pid.filter(|&p| alive(p, &st.qmp)) else {
         return Ok(false);
     };
+    // A pidfd taken now names this QEMU for good: a signal through it cannot reach a process
+    // that reuses the pid after QEMU exits (kernels before 5.3 fall back to the pid).
+    let proc = rustix::process::Pid::from_raw(pid as i32);
+    let pidfd = proc
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let signal = |sig: rustix::process::Signal| {
+        let _ = match (&pidfd, proc) {
+            (Some(fd), _) => rustix::process::pidfd_send_signal(fd, sig),
+            (None, Some(p)) => rustix::process::kill_process(p, sig),
+            (None, None) => Ok(()),
+        };
+    };
     let mut clean = false;
     if let Ok(mut q) = Qmp::connect(&st.qmp, Duration::from_secs(10)) {
         if !hard {
@@ -390,10 +402,9 @@ pub fn stop(st: &VmState, timeout: Duration, hard: bool) -> Result<bool> {
         let _ = q.execute("quit", serde_json::json!({}));
     }
     if !wait_gone(pid, &st.qmp, Duration::from_secs(10)) {
-        // SAFETY: plain signal to a pid we verified is our QEMU.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        signal(rustix::process::Signal::TERM);
         if !wait_gone(pid, &st.qmp, Duration::from_secs(5)) {
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            signal(rustix::process::Signal::KILL);
             if !wait_gone(pid, &st.qmp, Duration::from_secs(5)) {
                 bail!("QEMU (pid {pid}) does not exit");
             }

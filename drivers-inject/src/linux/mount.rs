@@ -1,19 +1,15 @@
-//! Mounting the restored system (mount(2), umount2(2)): the only unsafe code of the crate.
+//! Mounting the restored system (mount(2), umount2(2), through `rustix`).
 //! A [`Mounts`] stack unmounts everything it mounted, innermost first, when dropped, so an
 //! error anywhere in the adaptation never leaves the restored disks mounted.
 
 use anyhow::{bail, Result};
+use rustix::mount::MountFlags;
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Default)]
 pub struct Mounts {
     stack: Vec<PathBuf>,
-}
-
-fn cstr(p: &Path) -> Result<CString> {
-    Ok(CString::new(p.as_os_str().as_bytes())?)
 }
 
 /// Whether a mount failed because this kernel has no driver for the filesystem type.
@@ -27,7 +23,11 @@ impl Mounts {
     /// Mounts `dev` (a filesystem of type `fstype`) on `dir`, read-only when `ro`.
     pub fn mount(&mut self, dev: &str, dir: &Path, fstype: &str, ro: bool) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        let flags = if ro { libc::MS_RDONLY } else { 0 };
+        let flags = if ro {
+            MountFlags::RDONLY
+        } else {
+            MountFlags::empty()
+        };
         // ext3/ext4 journals are replayed by a read-write mount; a read-only probe of a
         // filesystem that needs recovery must not write: `noload` skips the journal.
         let data = if ro && fstype.starts_with("ext") && fstype != "ext2" {
@@ -49,7 +49,7 @@ impl Mounts {
             &src.to_string_lossy(),
             dir,
             "",
-            libc::MS_BIND | libc::MS_REC,
+            MountFlags::BIND | MountFlags::REC,
             "",
         )
         .map_err(|e| anyhow::anyhow!("binding {} on {}: {e}", src.display(), dir.display()))
@@ -60,37 +60,12 @@ impl Mounts {
         src: &str,
         dir: &Path,
         fstype: &str,
-        flags: libc::c_ulong,
+        flags: MountFlags,
         data: &str,
     ) -> std::io::Result<()> {
-        let to_c = |s: &str| CString::new(s).map_err(|_| std::io::ErrorKind::InvalidInput);
-        let (src_c, dir_c, ty_c, data_c) = (
-            to_c(src)?,
-            cstr(dir).map_err(|_| std::io::ErrorKind::InvalidInput)?,
-            to_c(fstype)?,
-            to_c(data)?,
-        );
-        // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-        let r = unsafe {
-            libc::mount(
-                src_c.as_ptr(),
-                dir_c.as_ptr(),
-                if fstype.is_empty() {
-                    std::ptr::null()
-                } else {
-                    ty_c.as_ptr()
-                },
-                flags,
-                if data.is_empty() {
-                    std::ptr::null()
-                } else {
-                    data_c.as_ptr().cast()
-                },
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let data = CString::new(data).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let data = (!data.is_empty()).then_some(data.as_c_str());
+        rustix::mount::mount(src, dir, fstype, flags, data)?;
         self.stack.push(dir.to_path_buf());
         Ok(())
     }
@@ -111,18 +86,15 @@ impl Mounts {
 }
 
 fn umount(dir: &Path) -> Result<()> {
-    let c = cstr(dir)?;
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+    use rustix::mount::{unmount, UnmountFlags};
+    let Err(e) = unmount(dir, UnmountFlags::empty()) else {
         return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
+    };
     // Recursive binds (/dev/pts under /dev, ...) go with a lazy detach.
-    // SAFETY: as above.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unmount(dir, UnmountFlags::DETACH).is_ok() {
         return Ok(());
     }
-    bail!("unmounting {}: {e}", dir.display())
+    bail!("unmounting {}: {}", dir.display(), std::io::Error::from(e))
 }
 
 impl Drop for Mounts {

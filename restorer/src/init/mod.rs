@@ -208,20 +208,16 @@ fn power(after: After) {
             "rebooting"
         }
     );
-    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
-    unsafe {
-        libc::sync();
-        let cmd = if after == After::Poweroff {
-            libc::RB_POWER_OFF
-        } else {
-            libc::RB_AUTOBOOT
-        };
-        libc::reboot(cmd);
+    rustix::fs::sync();
+    let cmd = if after == After::Poweroff {
+        rustix::system::RebootCommand::PowerOff
+    } else {
+        rustix::system::RebootCommand::Restart
+    };
+    // Returns only on failure.
+    if let Err(e) = rustix::system::reboot(cmd) {
+        say!("restorer: FAILED: reboot: {}", std::io::Error::from(e));
     }
-    say!(
-        "restorer: FAILED: reboot: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// A shell on every console, respawned when it exits; PID 1 also reaps orphans. Never returns.
@@ -243,13 +239,11 @@ fn shells() -> ! {
                 }
             }
         }
-        let mut status = 0;
-        // SAFETY: waitpid writes the status through a valid pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid > 0 {
-            running.remove(&(pid as u32));
-        } else {
-            std::thread::sleep(Duration::from_secs(1));
+        match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+            Ok(Some((pid, _))) => {
+                running.remove(&(pid.as_raw_nonzero().get() as u32));
+            }
+            _ => std::thread::sleep(Duration::from_secs(1)),
         }
     }
 }
@@ -277,10 +271,14 @@ fn spawn_shell(tty: &str) -> Result<u32> {
         .stdin(open()?)
         .stdout(open()?)
         .stderr(open()?);
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: between fork and exec only two raw system calls run (setsid and the TIOCSCTTY
+    // ioctl), both async-signal-safe; nothing allocates or takes a lock. This is the restorer's
+    // only unsafe block: `pre_exec` itself is unsafe.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            let _ = rustix::process::setsid();
+            // Steal the terminal (arg 1) should an old session still hold it; rustix's
+            // wrapper passes 0.
             libc::ioctl(0, libc::TIOCSCTTY, 1);
             Ok(())
         });

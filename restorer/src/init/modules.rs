@@ -5,7 +5,6 @@
 
 use anyhow::{Context, Result};
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -141,16 +140,11 @@ fn finit_module(path: &Path) -> std::io::Result<()> {
         .extension()
         .is_some_and(|e| e == "xz" || e == "zst" || e == "gz");
     // MODULE_INIT_COMPRESSED_FILE: let the kernel decompress.
-    let flags: libc::c_int = if compressed { 4 } else { 0 };
-    // SAFETY: the fd is open for the duration of the call; the parameter string is empty.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), flags) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(e);
-        }
+    let flags = if compressed { 4 } else { 0 };
+    match rustix::system::finit_module(&f, c"", flags) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Every modalias under /sys/devices (not following symlinks: the tree has none that matter).
