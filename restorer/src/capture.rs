@@ -150,18 +150,10 @@ impl UploadSink<'_> {
     }
 
     fn send_batch(&self, batch: Vec<Item>) -> Result<()> {
-        #[derive(Serialize)]
-        struct Ask {
-            digests: Vec<String>,
-        }
-        #[derive(Deserialize)]
-        struct Missing {
-            missing: Vec<String>,
-        }
-        let ask = Ask {
+        let ask = snapshot::api::MissingAsk {
             digests: batch.iter().map(|(d, _)| d.hex()).collect(),
         };
-        let m: Missing =
+        let m: snapshot::api::Missing =
             self.api
                 .json("POST", &format!("uploads/{}/missing", self.upload), &ask)?;
         self.missing_requests.fetch_add(1, Ordering::Relaxed);
@@ -228,17 +220,14 @@ pub fn run(a: &CaptureArgs) -> Result<()> {
     for w in &in_use {
         eprintln!("restorer: warning: {w}");
     }
-    #[derive(Serialize)]
-    struct Open<'a> {
-        host: &'a str,
-    }
-    #[derive(Deserialize)]
-    struct Opened {
-        upload: String,
-        snapshot: String,
-    }
-    let opened: Opened = api
-        .json("POST", "uploads", &Open { host: &a.host })
+    let opened: snapshot::api::UploadOpened = api
+        .json(
+            "POST",
+            "uploads",
+            &snapshot::api::OpenUpload {
+                host: a.host.clone(),
+            },
+        )
         .context("opening an upload session")?;
     let (tx, rx) = crossbeam_channel::bounded(BATCH);
     let sink = UploadSink {

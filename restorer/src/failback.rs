@@ -27,6 +27,7 @@ use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
+use snapshot::api;
 use snapshot::ptable::PartitionTable;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
@@ -365,12 +366,15 @@ fn api_from_store(from: &str) -> Result<String> {
 /// Ask the appliance for a round (the final one: cutover) and return its number.
 fn request_round(api: &HttpStore, vm: &str, cutover: bool, stop_timeout: Duration) -> Result<u32> {
     let url = api.url(&format!("failover/{vm}/rounds"));
-    let body = serde_json::json!({
-        "final": cutover,
-        // Whole seconds on the wire: a part of a second still gives the VM that second.
-        "timeout_seconds": stop_timeout.as_secs_f64().ceil() as u64,
-    })
-    .to_string();
+    let ask = |is_final: bool, timeout_seconds: Option<u64>| {
+        serde_json::to_string(&api::RoundAsk {
+            is_final,
+            timeout_seconds,
+        })
+        .unwrap_or_default()
+    };
+    // Whole seconds on the wire: a part of a second still gives the VM that second.
+    let body = ask(cutover, Some(stop_timeout.as_secs_f64().ceil() as u64));
     let post = |cutover_body: &str| {
         api.with_retry(&url, |agent, token| {
             let mut req = agent.post(&url).set("Content-Type", "application/json");
@@ -385,20 +389,16 @@ fn request_round(api: &HttpStore, vm: &str, cutover: bool, stop_timeout: Duratio
         Ok(t) => t,
         // The VM is failed back already (a failback run again after cutover): its final round.
         Err(FetchError::Other(e)) if !cutover && format!("{e:#}").contains("HTTP 409") => {
-            let body = serde_json::json!({ "final": true }).to_string();
-            post(&body).map_err(|e| anyhow!("{e:#}"))?
+            post(&ask(true, None)).map_err(|e| anyhow!("{e:#}"))?
         }
         Err(FetchError::NotFound(_)) => bail!(
             "{url}: not found: no failover VM named {vm} on this appliance (or no failover API)"
         ),
         Err(FetchError::Other(e)) => return Err(e.context("asking the appliance for a round")),
     };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{url}: malformed answer"))?;
-    v.get("round")
-        .and_then(|n| n.as_u64())
-        .map(|n| n as u32)
-        .ok_or_else(|| anyhow!("{url}: answer without a round number"))
+    let made: api::RoundMade = serde_json::from_str(&text)
+        .with_context(|| format!("{url}: malformed answer (no round number)"))?;
+    Ok(made.round)
 }
 
 fn get(store: &dyn Store, path: &str) -> Result<Vec<u8>> {

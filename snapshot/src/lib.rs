@@ -25,6 +25,7 @@
 //!   `latest` always names the snapshot committed last, whatever its id.
 //! - `private/` (signing key, tokens) and `tmp/` are never served.
 
+pub mod api;
 pub mod browse;
 pub mod chunker;
 pub mod extents;

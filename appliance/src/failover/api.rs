@@ -78,7 +78,11 @@ pub fn handle(
         ("GET", [vm]) => super::status(store, vm).map(|v| json(&v)),
         ("GET", [vm, "rounds"]) => super::status(store, vm).map(|s| json(&s.rounds)),
         ("POST", [vm, "rounds"]) => {
-            super::round::run(store, vm, flag("final"), timeout).map(|r| json(&r))
+            let ask: snapshot::api::RoundAsk = match serde_json::from_value(params.clone()) {
+                Ok(a) => a,
+                Err(e) => return Some(error(400, &format!("malformed round request: {e}"))),
+            };
+            super::round::run(store, vm, ask.is_final, timeout).map(|r| json(&r))
         }
         ("POST", [vm, "stop"]) => super::stop(store, vm, timeout, flag("hard"))
             .map(|how| json(&serde_json::json!({ "vm": vm, "stopped": how }))),
@@ -112,7 +116,7 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn error(code: u16, msg: &str) -> (u16, Vec<u8>) {
-    (code, json(&serde_json::json!({ "error": msg })))
+    (code, json(&snapshot::api::ApiError::new(msg)))
 }
 
 #[cfg(test)]

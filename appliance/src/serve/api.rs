@@ -8,6 +8,7 @@ use super::uploads::{load_index, IndexError, OpenError, Session};
 use super::{progress, App};
 use serde::Deserialize;
 use serde_json::json;
+use snapshot::api;
 use snapshot::chunker::Held;
 use snapshot::format::index::{ChunkIndex, Slot};
 use snapshot::format::Digest;
@@ -38,7 +39,7 @@ fn err(status: u16, msg: impl AsRef<str>) -> Response {
     Response::error(status, msg.as_ref())
 }
 
-fn ok_json(status: u16, v: &serde_json::Value) -> Answer {
+fn ok_json<T: serde::Serialize + ?Sized>(status: u16, v: &T) -> Answer {
     Ok(Response::new(status)
         .bytes("application/json", json_bytes(v))
         .header("Cache-Control", "no-store"))
@@ -314,11 +315,7 @@ fn list_progress(app: &App, who: &Who) -> Answer {
 }
 
 fn open_upload(app: &App, req: &mut Request, who: &Who) -> Answer {
-    #[derive(Deserialize)]
-    struct Open {
-        host: String,
-    }
-    let o: Open = json_body(req, SMALL_BODY_LIMIT)?;
+    let o: api::OpenUpload = json_body(req, SMALL_BODY_LIMIT)?;
     name(&o.host, "host")?;
     if !who.may_upload(&o.host) {
         return Err(err(
@@ -335,7 +332,13 @@ fn open_upload(app: &App, req: &mut Request, who: &Who) -> Answer {
                 s.snapshot,
                 who.label()
             );
-            ok_json(201, &json!({ "upload": s.id, "snapshot": s.snapshot }))
+            ok_json(
+                201,
+                &api::UploadOpened {
+                    upload: s.id.clone(),
+                    snapshot: s.snapshot.clone(),
+                },
+            )
         }
         Err(OpenError::GcRunning) => Err(err(
             503,
@@ -381,12 +384,8 @@ fn session(app: &App, who: &Who, u: &str) -> Result<Arc<Session>, Response> {
 }
 
 fn missing(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
-    #[derive(Deserialize)]
-    struct Ask {
-        digests: Vec<String>,
-    }
     let _s = session(app, who, u)?;
-    let ask: Ask = json_body(req, MISSING_BODY_LIMIT)?;
+    let ask: api::MissingAsk = json_body(req, MISSING_BODY_LIMIT)?;
     if ask.digests.len() > MAX_DIGESTS {
         return Err(err(
             400,
@@ -406,7 +405,7 @@ fn missing(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
             out.push(h.clone());
         }
     }
-    ok_json(200, &json!({ "missing": out }))
+    ok_json(200, &api::Missing { missing: out })
 }
 
 fn parse_digest(h: &str) -> Result<Digest, Response> {
@@ -444,7 +443,10 @@ fn put_chunk(app: &App, req: &mut Request, who: &Who, u: &str, hex: &str) -> Ans
     };
     ok_json(
         if new { 201 } else { 200 },
-        &json!({ "chunk": d.hex(), "stored": new }),
+        &api::ChunkStored {
+            chunk: d.hex(),
+            stored: new,
+        },
     )
 }
 
@@ -476,7 +478,7 @@ fn put_index(app: &App, req: &mut Request, who: &Who, u: &str, n: &str) -> Answe
             IndexError::Invalid(m) => err(400, m),
             IndexError::Store(e) => internal(&format!("storing the index of disk {disk}"), e),
         })?;
-    ok_json(201, &json!({ "disk": disk, "sha256": sha }))
+    ok_json(201, &api::IndexStored { disk, sha256: sha })
 }
 
 /// Clears the session's `committing` flag however the commit ends.
@@ -567,20 +569,26 @@ fn commit(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
         }
     }
     if absent_count > 0 {
-        let body = json!({
-            "error": format!(
+        let body = api::ApiError {
+            error: format!(
                 "{absent_count} chunks the indexes reference are not in the store (upload them, then commit again)"
             ),
-            "missing": absent,
-            "missing_count": absent_count,
-        });
+            missing: Some(absent),
+            missing_count: Some(absent_count),
+        };
         return Err(Response::new(409).bytes("application/json", json_bytes(&body)));
     }
     app.store
         .commit_reserved(&s.reservation, &m, &indexes)
         .map_err(|e| internal(&format!("committing {}/{}", m.host, m.snapshot), e))?;
     app.uploads.remove(&s.id, "committed");
-    ok_json(201, &json!({ "host": m.host, "snapshot": m.snapshot }))
+    ok_json(
+        201,
+        &api::Committed {
+            host: m.host,
+            snapshot: m.snapshot,
+        },
+    )
 }
 
 fn abort(app: &App, who: &Who, u: &str) -> Answer {
