@@ -9,16 +9,15 @@
 use crate::cli::CaptureArgs;
 use crate::report::{self, bytes};
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use snapshot::chunker::{chunk_disk, ChunkOptions, ChunkSink};
+use snapshot::client::ApplianceClient;
 use snapshot::fs::exclude::Exclusions;
 use snapshot::layout::{analyze_with, firmware_of};
 use snapshot::manifest::{Disk, Firmware, Hardware, Manifest, Nic, PciDevice, MANIFEST_VERSION};
-use snapshot::store::http::Attempt;
 use snapshot::store::{check_name, FetchError, HttpStore};
 use snapshot::{Digest, DiskSource, CHUNK_SIZE};
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -30,64 +29,9 @@ const BATCH: usize = 8;
 /// A compressed chunk on its way to the appliance.
 type Item = (Digest, Vec<u8>);
 
-/// The appliance's upload API.
-struct Api {
-    http: HttpStore,
-    /// Token, CA and timeouts: every request of the capture, the store probe too, uses them.
-    opts: snapshot::store::http::Options,
-}
-
-impl Api {
-    fn url(&self, path: &str) -> String {
-        format!("{}/api/v1/{path}", self.http.base())
-    }
-
-    /// Send `body` with `method` to `path`, retried on faults; returns the status and body.
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        ctype: &str,
-        body: &[u8],
-    ) -> Result<(u16, Vec<u8>), FetchError> {
-        let url = self.url(path);
-        self.http
-            .with_retry(&format!("{method} {url}"), |agent, token| {
-                let mut req = agent.request(method, &url).set("Content-Type", ctype);
-                if let Some(t) = token {
-                    req = req.set("Authorization", &format!("Bearer {t}"));
-                }
-                let resp = if body.is_empty() && method == "DELETE" {
-                    req.call()
-                } else {
-                    req.send_bytes(body)
-                }
-                .map_err(Attempt::from)?;
-                let status = resp.status();
-                let mut out = Vec::new();
-                resp.into_reader().take(16 << 20).read_to_end(&mut out)?;
-                Ok((status, out))
-            })
-    }
-
-    fn json<T: for<'de> Deserialize<'de>>(
-        &self,
-        method: &str,
-        path: &str,
-        v: &impl Serialize,
-    ) -> Result<T> {
-        let body = serde_json::to_vec(v).expect("serialises");
-        let (_, out) = self
-            .call(method, path, "application/json", &body)
-            .map_err(|e| anyhow!("{e}"))?;
-        serde_json::from_slice(&out)
-            .with_context(|| format!("{method} {}: unexpected answer", self.url(path)))
-    }
-}
-
 /// Chunks go through a bounded queue to the uploader threads.
 struct UploadSink<'a> {
-    api: &'a Api,
+    api: &'a ApplianceClient,
     upload: String,
     tx: Mutex<Option<crossbeam_channel::Sender<Item>>>,
     /// Chunks already handled in this capture (any disk), with their blob size.
@@ -198,10 +142,10 @@ pub fn run(a: &CaptureArgs) -> Result<()> {
             .trim_end_matches("/store")
             .to_string();
     let opts = a.net.http_options();
-    let api = Api {
-        http: HttpStore::new(&base, opts.clone())?,
-        opts,
-    };
+    let store_url = format!("{base}/store");
+    let api = ApplianceClient::beside(&store_url, opts.clone())?;
+    // Where a commit whose answer was lost is looked for, with the same token and CA.
+    let store = HttpStore::new(&store_url, opts)?;
     let mut sources = Vec::new();
     let safety = crate::target::Safety::scan()?;
     let mut in_use = Vec::new();
@@ -242,7 +186,7 @@ pub fn run(a: &CaptureArgs) -> Result<()> {
         present_chunks: AtomicU64::new(0),
         missing_requests: AtomicU64::new(0),
     };
-    let result = capture(a, &api, &sink, rx, &sources, &opened.snapshot);
+    let result = capture(a, &api, &store, &sink, rx, &sources, &opened.snapshot);
     let (manifest, disks) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -296,7 +240,8 @@ pub fn run(a: &CaptureArgs) -> Result<()> {
 
 fn capture(
     a: &CaptureArgs,
-    api: &Api,
+    api: &ApplianceClient,
+    store: &HttpStore,
     sink: &UploadSink,
     rx: crossbeam_channel::Receiver<Item>,
     sources: &[DiskSource],
@@ -380,11 +325,11 @@ fn capture(
         chunk_size: CHUNK_SIZE,
         disks,
     };
-    commit(api, &sink.upload, &manifest)?;
+    commit(api, store, &sink.upload, &manifest)?;
     Ok((manifest, reports))
 }
 
-fn commit(api: &Api, upload: &str, m: &Manifest) -> Result<()> {
+fn commit(api: &ApplianceClient, store: &HttpStore, upload: &str, m: &Manifest) -> Result<()> {
     match api.call(
         "POST",
         &format!("uploads/{upload}/commit"),
@@ -395,17 +340,9 @@ fn commit(api: &Api, upload: &str, m: &Manifest) -> Result<()> {
         // A commit whose answer was lost and retried finds the session gone: the snapshot is
         // there if the first attempt committed it.
         Err(FetchError::NotFound(_)) => {
-            let path = format!(
-                "{}/store/hosts/{}/snapshots/{}/manifest.json",
-                api.http.base(),
-                m.host,
-                m.snapshot
-            );
-            let store = HttpStore::new(&format!("{}/store", api.http.base()), api.opts.clone())?;
-            let probe = snapshot::store::Store::get(
-                &store,
-                &format!("hosts/{}/snapshots/{}/manifest.json", m.host, m.snapshot),
-            );
+            let rel = format!("hosts/{}/snapshots/{}/manifest.json", m.host, m.snapshot);
+            let path = store.url(&rel);
+            let probe = snapshot::store::Store::get(store, &rel);
             match probe {
                 Ok(_) => Ok(()),
                 Err(FetchError::NotFound(_)) => {

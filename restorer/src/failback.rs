@@ -28,10 +28,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use snapshot::api;
+use snapshot::client::{api_beside, ApplianceClient};
 use snapshot::ptable::PartitionTable;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
-use snapshot::store::http::{Attempt, HttpStore};
+use snapshot::store::http::HttpStore;
 use snapshot::store::{check_name, fetch_chunk, FetchError, Store};
 use snapshot::threads::par_each;
 use snapshot::{ChunkIndex, Digest, ReadAt, Slot};
@@ -107,10 +108,10 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
     snapshot::store::open(&a.from, &opts)?; // checks store.json, names a wrong URL early
     let api_base = match &a.api {
         Some(u) => u.trim_end_matches('/').to_string(),
-        None => api_from_store(&a.from)?,
+        None => api_beside(&a.from).context("--from: give the API base with --api")?,
     };
     // Making a round can take minutes (the final one stops the VM first): a long request timeout.
-    let api = HttpStore::new(
+    let api = ApplianceClient::new(
         &api_base,
         snapshot::store::http::Options {
             timeout: opts.timeout.max(a.stop_timeout + Duration::from_secs(1800)),
@@ -354,50 +355,38 @@ fn relocate_gpt(disk: &Disk, t: &Target, vm_size: u64) -> Result<Option<String>>
     )))
 }
 
-/// `http://HOST:PORT/store` -> `http://HOST:PORT/api/v1`.
-fn api_from_store(from: &str) -> Result<String> {
-    let base = from.trim_end_matches('/');
-    match base.strip_suffix("/store") {
-        Some(root) => Ok(format!("{root}/api/v1")),
-        None => bail!("--from {from} does not end in /store: give the API base with --api"),
-    }
-}
-
 /// Ask the appliance for a round (the final one: cutover) and return its number.
-fn request_round(api: &HttpStore, vm: &str, cutover: bool, stop_timeout: Duration) -> Result<u32> {
-    let url = api.url(&format!("failover/{vm}/rounds"));
+fn request_round(
+    api: &ApplianceClient,
+    vm: &str,
+    cutover: bool,
+    stop_timeout: Duration,
+) -> Result<u32> {
+    let path = format!("failover/{vm}/rounds");
+    let url = api.url(&path);
     let ask = |is_final: bool, timeout_seconds: Option<u64>| {
-        serde_json::to_string(&api::RoundAsk {
+        let body = serde_json::to_vec(&api::RoundAsk {
             is_final,
             timeout_seconds,
         })
-        .unwrap_or_default()
-    };
-    // Whole seconds on the wire: a part of a second still gives the VM that second.
-    let body = ask(cutover, Some(stop_timeout.as_secs_f64().ceil() as u64));
-    let post = |cutover_body: &str| {
-        api.with_retry(&url, |agent, token| {
-            let mut req = agent.post(&url).set("Content-Type", "application/json");
-            if let Some(t) = token {
-                req = req.set("Authorization", &format!("Bearer {t}"));
-            }
-            let resp = req.send_string(cutover_body).map_err(Attempt::from)?;
-            Ok(resp.into_string()?)
+        .map_err(|e| FetchError::Other(e.into()))?;
+        let (_, out) = api.call("POST", &path, "application/json", &body)?;
+        serde_json::from_slice::<api::RoundMade>(&out).map_err(|e| {
+            FetchError::Other(anyhow!("{url}: malformed answer (no round number): {e}"))
         })
     };
-    let text = match post(&body) {
-        Ok(t) => t,
+    // Whole seconds on the wire: a part of a second still gives the VM that second.
+    let made = match ask(cutover, Some(stop_timeout.as_secs_f64().ceil() as u64)) {
+        Ok(m) => m,
         // The VM is failed back already (a failback run again after cutover): its final round.
         Err(FetchError::Other(e)) if !cutover && format!("{e:#}").contains("HTTP 409") => {
-            post(&ask(true, None)).map_err(|e| anyhow!("{e:#}"))?
+            ask(true, None).map_err(|e| anyhow!("{e:#}"))?
         }
         Err(FetchError::NotFound(_)) => bail!(
             "{url}: not found: no failover VM named {vm} on this appliance (or no failover API)"
         ),
         Err(FetchError::Other(e)) => return Err(e.context("asking the appliance for a round")),
     };
-    let made: api::RoundMade = serde_json::from_str(&text)
-        .with_context(|| format!("{url}: malformed answer (no round number)"))?;
     Ok(made.round)
 }
 
@@ -684,18 +673,4 @@ fn verify(
         total += slots.len() as u64;
     }
     Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn api_base_from_store_url() {
-        assert_eq!(
-            api_from_store("http://10.0.0.1:8080/store/").unwrap(),
-            "http://10.0.0.1:8080/api/v1"
-        );
-        assert!(api_from_store("http://h/other").is_err());
-    }
 }

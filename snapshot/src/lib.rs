@@ -28,6 +28,7 @@
 pub mod api;
 pub mod browse;
 pub mod chunker;
+pub mod client;
 pub mod extents;
 pub mod format;
 pub mod fs;

@@ -2,19 +2,22 @@
 //! state and its last output line, at start, every heartbeat and at the end. Best effort: an
 //! appliance that does not answer never stops the job, and one warning says so.
 
+use snapshot::client::ApplianceClient;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// An agent that trusts the image's appliance CA, if it has one (as the job does).
-fn agent(timeout: Duration) -> Option<ureq::Agent> {
+/// A client of the API beside `store_url` that trusts the image's appliance CA, if it has one
+/// (as the job does), and tries each request once within `timeout`.
+fn client(store_url: &str, token: Option<&str>, timeout: Duration) -> Option<ApplianceClient> {
     let ca = std::path::Path::new(super::job::CA);
     let opts = snapshot::store::http::Options {
         ca: ca.exists().then(|| ca.to_path_buf()),
+        token: token.map(str::to_string),
         timeout,
-        ..Default::default()
+        retry_for: Duration::ZERO,
     };
-    match snapshot::store::http::agent(&opts) {
-        Ok(a) => Some(a),
+    match ApplianceClient::beside(store_url, opts) {
+        Ok(c) => Some(c),
         Err(e) => {
             crate::say!("restorer: no progress reports: {e:#}");
             None
@@ -23,9 +26,8 @@ fn agent(timeout: Duration) -> Option<ureq::Agent> {
 }
 
 pub struct Reporter {
-    url: String,
-    token: Option<String>,
-    agent: ureq::Agent,
+    path: String,
+    client: ApplianceClient,
     started: Instant,
     warned: AtomicBool,
 }
@@ -38,11 +40,11 @@ impl Reporter {
         host: Option<&str>,
         token: Option<&str>,
     ) -> Option<Reporter> {
-        let base = store_url?.trim_end_matches('/').strip_suffix("/store")?;
+        let store_url = store_url?;
+        store_url.trim_end_matches('/').strip_suffix("/store")?;
         Some(Reporter {
-            url: format!("{base}/api/v1/progress/{}", host?),
-            token: token.map(str::to_string),
-            agent: agent(Duration::from_secs(5))?,
+            path: format!("progress/{}", host?),
+            client: client(store_url, token, Duration::from_secs(5))?,
             started: Instant::now(),
             warned: AtomicBool::new(false),
         })
@@ -51,13 +53,9 @@ impl Reporter {
     /// The host a failover VM was started from (`GET /api/v1/failover/<vm>`), so that a failback
     /// reports under the same host as a restore; `None` when the appliance does not say.
     pub fn vm_host(store_url: &str, vm: &str, token: Option<&str>) -> Option<String> {
-        let base = store_url.trim_end_matches('/').strip_suffix("/store")?;
-        let mut req = agent(Duration::from_secs(10))?.get(&format!("{base}/api/v1/failover/{vm}"));
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let text = req.call().ok()?.into_string().ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        store_url.trim_end_matches('/').strip_suffix("/store")?;
+        let c = client(store_url, token, Duration::from_secs(10))?;
+        let v: serde_json::Value = c.get(&format!("failover/{vm}")).ok()?;
         v.get("host")?.as_str().map(str::to_string)
     }
 
@@ -67,18 +65,14 @@ impl Reporter {
             "message": message,
             "seconds": self.started.elapsed().as_secs(),
         });
-        let mut req = self
-            .agent
-            .post(&self.url)
-            .set("Content-Type", "application/json");
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        if let Err(e) = req.send_string(&body.to_string()) {
+        if let Err(e) = self
+            .client
+            .json::<serde_json::Value>("POST", &self.path, &body)
+        {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 crate::say!(
-                    "restorer: progress reports to {} fail ({e}); the job goes on",
-                    self.url
+                    "restorer: progress reports to {} fail ({e:#}); the job goes on",
+                    self.client.url(&self.path)
                 );
             }
         }
