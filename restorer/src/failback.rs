@@ -26,14 +26,13 @@ use crate::slots::{read_back, read_back_each, read_slot, slot_buf};
 use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 use snapshot::api;
 use snapshot::client::{api_beside, ApplianceClient};
 use snapshot::ptable::PartitionTable;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::HttpStore;
-use snapshot::store::{check_name, fetch_chunk, FetchError, Store};
+use snapshot::store::{check_name, fetch_chunk, read_index, read_signed, FetchError, Store};
 use snapshot::threads::par_each;
 use snapshot::{ChunkIndex, Digest, ReadAt, Slot};
 use std::collections::{BTreeSet, HashMap};
@@ -390,24 +389,14 @@ fn request_round(
     Ok(made.round)
 }
 
-fn get(store: &dyn Store, path: &str) -> Result<Vec<u8>> {
-    store.get(path).map_err(|e| match e {
-        FetchError::NotFound(p) => anyhow!("{p}: missing"),
-        FetchError::Other(e) => e,
-    })
-}
-
 /// Read round `n`: signature (with a key), version, names, then every index against its hash.
 fn read_round(store: &dyn Store, vm: &str, n: u32, key: Option<&PublicKey>) -> Result<Round> {
     let dir = snapshot::round::round_dir(vm, n);
     let origin = format!("{}/{dir}/round.json", store.location());
-    let bytes = get(store, &format!("{dir}/round.json"))?;
+    let bytes = read_signed(store, &dir, "round.json", "round.sig", key, || {
+        anyhow!("{origin}: missing")
+    })?;
     let mut meta = bytes.len() as u64;
-    if let Some(key) = key {
-        let sig = get(store, &format!("{dir}/round.sig"))?;
-        meta += sig.len() as u64;
-        key.verify(&bytes, &sig, &origin)?;
-    }
     let file = RoundFile::parse(&bytes, &origin)?;
     if file.vm != vm || file.round != n {
         bail!(
@@ -418,25 +407,9 @@ fn read_round(store: &dyn Store, vm: &str, n: u32, key: Option<&PublicKey>) -> R
     }
     let mut indexes = Vec::new();
     for d in &file.disks {
-        let path = format!("{dir}/disk{}.idx", d.number);
-        let b = get(store, &path)?;
-        meta += b.len() as u64;
-        let actual = hex::encode(Sha256::digest(&b));
-        if actual != d.index_sha256 {
-            bail!(
-                "{}/{path}: index hashes to {actual}, round.json says {} (corrupt or tampered)",
-                store.location(),
-                d.index_sha256
-            );
-        }
-        let idx = ChunkIndex::parse(&b, &path)?;
-        if idx.disk_size != d.size {
-            bail!(
-                "{path}: index covers {} bytes, round.json says {}",
-                idx.disk_size,
-                d.size
-            );
-        }
+        let name = format!("disk{}.idx", d.number);
+        let (idx, len) = read_index(store, &dir, &name, d.size, &d.index_sha256, "round.json")?;
+        meta += len;
         indexes.push(idx);
     }
     Ok(Round {

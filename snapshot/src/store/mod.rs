@@ -166,38 +166,14 @@ pub fn open_snapshot(
     };
     let mut indexes = Vec::new();
     for disk in &manifest.disks {
-        let name = disk.index_name();
-        let origin = format!("{}/{dir}/{name}", store.location());
-        if disk.size > crate::format::index::MAX_DISK_SIZE {
-            bail!(
-                "{origin}: disk {} of {} bytes is larger than this build supports ({} bytes)",
-                disk.number,
-                disk.size,
-                crate::format::index::MAX_DISK_SIZE
-            );
-        }
-        let len = crate::format::index::file_len(disk.size);
-        let bytes = store
-            .get_max(&format!("{dir}/{name}"), len)
-            .map_err(|e| match e {
-                FetchError::NotFound(_) => anyhow::anyhow!("{origin}: index missing"),
-                FetchError::Other(e) => e,
-            })?;
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if actual != disk.index_sha256 {
-            bail!(
-                "{origin}: index hashes to {actual}, the manifest says {} (corrupt or tampered)",
-                disk.index_sha256
-            );
-        }
-        let idx = ChunkIndex::parse(&bytes, &origin)?;
-        if idx.disk_size != disk.size {
-            bail!(
-                "{origin}: index covers {} bytes, the manifest says {}",
-                idx.disk_size,
-                disk.size
-            );
-        }
+        let (idx, _) = read_index(
+            store,
+            &dir,
+            &disk.index_name(),
+            disk.size,
+            &disk.index_sha256,
+            "the manifest",
+        )?;
         indexes.push(idx);
     }
     Ok(Snapshot {
@@ -263,6 +239,73 @@ fn check_latest(
     })
 }
 
+/// Read the signed document `dir/name` (a manifest, a round), its signature `dir/sig` checked
+/// when `key` is given; `missing` is the error for an absent document. The one trust-chain read:
+/// snapshots and failback rounds both start here.
+pub fn read_signed(
+    store: &dyn Store,
+    dir: &str,
+    name: &str,
+    sig: &str,
+    key: Option<&PublicKey>,
+    missing: impl FnOnce() -> anyhow::Error,
+) -> Result<Vec<u8>> {
+    let origin = format!("{}/{dir}/{name}", store.location());
+    let bytes = store.get(&format!("{dir}/{name}")).map_err(|e| match e {
+        FetchError::NotFound(_) => missing(),
+        FetchError::Other(e) => e,
+    })?;
+    if let Some(key) = key {
+        let signature = store.get(&format!("{dir}/{sig}")).map_err(|e| match e {
+            FetchError::NotFound(_) => {
+                anyhow::anyhow!("{origin}: no signature ({sig} missing)")
+            }
+            FetchError::Other(e) => e,
+        })?;
+        key.verify(&bytes, &signature, &origin)?;
+    }
+    Ok(bytes)
+}
+
+/// Read the index `dir/name` of a disk of `size` bytes (never more than such an index holds) and
+/// check it against the SHA-256 and the size that `doc`, the signed document naming it, records.
+/// Returns the index and its length in bytes.
+pub fn read_index(
+    store: &dyn Store,
+    dir: &str,
+    name: &str,
+    size: u64,
+    sha256: &str,
+    doc: &str,
+) -> Result<(ChunkIndex, u64)> {
+    let origin = format!("{}/{dir}/{name}", store.location());
+    if size > crate::format::index::MAX_DISK_SIZE {
+        bail!(
+            "{origin}: a disk of {size} bytes is larger than this build supports ({} bytes)",
+            crate::format::index::MAX_DISK_SIZE
+        );
+    }
+    let len = crate::format::index::file_len(size);
+    let bytes = store
+        .get_max(&format!("{dir}/{name}"), len)
+        .map_err(|e| match e {
+            FetchError::NotFound(_) => anyhow::anyhow!("{origin}: index missing"),
+            FetchError::Other(e) => e,
+        })?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != sha256 {
+        bail!("{origin}: index hashes to {actual}, {doc} says {sha256} (corrupt or tampered)");
+    }
+    let idx = ChunkIndex::parse(&bytes, &origin)?;
+    if idx.disk_size != size {
+        bail!(
+            "{origin}: index covers {} bytes, {doc} says {size}",
+            idx.disk_size
+        );
+    }
+    Ok((idx, bytes.len() as u64))
+}
+
 /// Read the manifest of `host`/`id`, its signature checked when `key` is given.
 fn read_manifest(
     store: &dyn Store,
@@ -272,26 +315,12 @@ fn read_manifest(
 ) -> Result<Manifest> {
     let dir = format!("hosts/{host}/snapshots/{id}");
     let origin = format!("{}/{dir}/manifest.json", store.location());
-    let bytes = store
-        .get(&format!("{dir}/manifest.json"))
-        .map_err(|e| match e {
-            FetchError::NotFound(_) => anyhow::anyhow!(
-                "snapshot {id} of host {host:?} not found in {}",
-                store.location()
-            ),
-            FetchError::Other(e) => e,
-        })?;
-    if let Some(key) = key {
-        let sig = store
-            .get(&format!("{dir}/manifest.sig"))
-            .map_err(|e| match e {
-                FetchError::NotFound(_) => {
-                    anyhow::anyhow!("{origin}: no signature (manifest.sig missing)")
-                }
-                FetchError::Other(e) => e,
-            })?;
-        key.verify(&bytes, &sig, &origin)?;
-    }
+    let bytes = read_signed(store, &dir, "manifest.json", "manifest.sig", key, || {
+        anyhow::anyhow!(
+            "snapshot {id} of host {host:?} not found in {}",
+            store.location()
+        )
+    })?;
     let manifest = Manifest::parse(&bytes, &origin)?;
     if manifest.host != host || manifest.snapshot != id {
         bail!(
