@@ -252,9 +252,11 @@ fn copy(path: &str, src: &Path) -> Entry {
     }
 }
 
-/// The kernel command line of the sample servers.
+/// The kernel command line of the sample servers. `no_timer_check`: under TCG on a starved host
+/// (several VMs and builds on 2 cores) the kernel's IO-APIC timer check can fail and panic
+/// ("IO-APIC + timer doesn't work!"), seen once in a failover VM; the check proves nothing here.
 pub fn sample_cmdline() -> String {
-    format!("root=UUID={ROOT_UUID} console=tty0 console=ttyS0,115200n8")
+    format!("root=UUID={ROOT_UUID} console=tty0 console=ttyS0,115200n8 no_timer_check")
 }
 
 /// The sample servers' ext4 root (160 MiB at `start`): hostname, fstab, kernel and initramfs,
