@@ -40,8 +40,9 @@ fn err(status: u16, msg: impl AsRef<str>) -> Response {
 }
 
 fn ok_json<T: serde::Serialize + ?Sized>(status: u16, v: &T) -> Answer {
+    let v = serde_json::to_value(v).unwrap_or_default();
     Ok(Response::new(status)
-        .bytes("application/json", json_bytes(v))
+        .bytes("application/json", json_bytes(&v))
         .header("Cache-Control", "no-store"))
 }
 
@@ -576,6 +577,7 @@ fn commit(app: &App, req: &mut Request, who: &Who, u: &str) -> Answer {
             missing: Some(absent),
             missing_count: Some(absent_count),
         };
+        let body = serde_json::to_value(&body).unwrap_or_default();
         return Err(Response::new(409).bytes("application/json", json_bytes(&body)));
     }
     app.store
