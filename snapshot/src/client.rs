@@ -73,20 +73,20 @@ impl ApplianceClient {
         v: &impl Serialize,
     ) -> Result<T> {
         let body = serde_json::to_vec(v).context("encoding the request")?;
-        let (_, out) = self
-            .call(method, path, "application/json", &body)
-            .map_err(|e| anyhow!("{e}"))?;
-        serde_json::from_slice(&out)
-            .with_context(|| format!("{method} {}: unexpected answer", self.url(path)))
+        self.answer(method, path, &body)
     }
 
     /// `GET` `path` and read the answer as `T`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.answer("GET", path, &[])
+    }
+
+    fn answer<T: DeserializeOwned>(&self, method: &str, path: &str, body: &[u8]) -> Result<T> {
         let (_, out) = self
-            .call("GET", path, "application/json", &[])
+            .call(method, path, "application/json", body)
             .map_err(|e| anyhow!("{e}"))?;
         serde_json::from_slice(&out)
-            .with_context(|| format!("GET {}: unexpected answer", self.url(path)))
+            .with_context(|| format!("{method} {}: unexpected answer", self.url(path)))
     }
 }
 

@@ -2,13 +2,15 @@
 //! state and its last output line, at start, every heartbeat and at the end. Best effort: an
 //! appliance that does not answer never stops the job, and one warning says so.
 
-use snapshot::client::ApplianceClient;
+use snapshot::client::{api_beside, ApplianceClient};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// A client of the API beside `store_url` that trusts the image's appliance CA, if it has one
-/// (as the job does), and tries each request once within `timeout`.
+/// (as the job does), and tries each request once within `timeout`. `None`, silently, for a store
+/// that is not behind `appliance serve` (no `/store` suffix).
 fn client(store_url: &str, token: Option<&str>, timeout: Duration) -> Option<ApplianceClient> {
+    let api = api_beside(store_url).ok()?;
     let ca = std::path::Path::new(super::job::CA);
     let opts = snapshot::store::http::Options {
         ca: ca.exists().then(|| ca.to_path_buf()),
@@ -16,7 +18,7 @@ fn client(store_url: &str, token: Option<&str>, timeout: Duration) -> Option<App
         timeout,
         retry_for: Duration::ZERO,
     };
-    match ApplianceClient::beside(store_url, opts) {
+    match ApplianceClient::new(&api, opts) {
         Ok(c) => Some(c),
         Err(e) => {
             crate::say!("restorer: no progress reports: {e:#}");
@@ -40,11 +42,9 @@ impl Reporter {
         host: Option<&str>,
         token: Option<&str>,
     ) -> Option<Reporter> {
-        let store_url = store_url?;
-        store_url.trim_end_matches('/').strip_suffix("/store")?;
         Some(Reporter {
             path: format!("progress/{}", host?),
-            client: client(store_url, token, Duration::from_secs(5))?,
+            client: client(store_url?, token, Duration::from_secs(5))?,
             started: Instant::now(),
             warned: AtomicBool::new(false),
         })
@@ -53,7 +53,6 @@ impl Reporter {
     /// The host a failover VM was started from (`GET /api/v1/failover/<vm>`), so that a failback
     /// reports under the same host as a restore; `None` when the appliance does not say.
     pub fn vm_host(store_url: &str, vm: &str, token: Option<&str>) -> Option<String> {
-        store_url.trim_end_matches('/').strip_suffix("/store")?;
         let c = client(store_url, token, Duration::from_secs(10))?;
         let v: serde_json::Value = c.get(&format!("failover/{vm}")).ok()?;
         v.get("host")?.as_str().map(str::to_string)
