@@ -203,6 +203,15 @@ impl Disk {
         Ok(&buf[o..o + len as usize])
     }
 
+    /// Whether `buf` can be written at `off` as it is: always when buffered; for direct I/O when
+    /// `buf` starts at a [`MEM_ALIGN`] address and `off` and its length are multiples of `align`.
+    pub fn takes(&self, buf: &[u8], off: u64) -> bool {
+        !self.direct
+            || ((buf.as_ptr() as usize).is_multiple_of(MEM_ALIGN)
+                && off.is_multiple_of(self.align)
+                && (buf.len() as u64).is_multiple_of(self.align))
+    }
+
     /// Write `buf` at `off`. For direct I/O, `buf` must come from an [`AlignedBuf`] and `off` and
     /// the length must be multiples of `align` (callers widen with [`Disk::widen`]).
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {

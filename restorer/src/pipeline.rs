@@ -19,7 +19,7 @@ use crate::plan::DiskPlan;
 use crate::slots::read_back_each;
 use anyhow::{anyhow, Context, Result};
 use indicatif::ProgressBar;
-use snapshot::store::{fetch_chunk, Store};
+use snapshot::store::{fetch_chunk_into, Store};
 use snapshot::threads::par_each;
 use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
 use std::collections::{HashMap, HashSet};
@@ -61,6 +61,16 @@ impl Job {
             Job::ZeroRun(f, _) | Job::ZeroMasked(f) => *f,
         }
     }
+}
+
+/// A worker's buffers, reused from chunk to chunk: the blob as received, the verified chunk
+/// (aligned, so it goes to an O_DIRECT target as it is), and the aligned copy of a slot that must
+/// be masked or widened.
+#[derive(Default)]
+struct Scratch {
+    blob: Vec<u8>,
+    chunk: Option<AlignedBuf>,
+    slot: Option<AlignedBuf>,
 }
 
 /// Writes one planned disk.
@@ -247,7 +257,7 @@ impl<'a> DiskWriter<'a> {
             threads,
             "worker",
             jobs.len(),
-            || None,
+            Scratch::default,
             |scratch, k| self.run_job(store, &jobs[k], scratch, pb),
         )
     }
@@ -256,12 +266,15 @@ impl<'a> DiskWriter<'a> {
         &self,
         store: &dyn Store,
         job: &Job,
-        scratch: &mut Option<AlignedBuf>,
+        scratch: &mut Scratch,
         pb: &ProgressBar,
     ) -> Result<()> {
         match job {
             Job::Fetch(d, slots) => {
-                let data = self.fetch(store, d, slots[0])?;
+                let Scratch { blob, chunk, slot } = scratch;
+                let chunk = chunk.get_or_insert_with(|| AlignedBuf::new(CHUNK_SIZE as usize));
+                let n = self.fetch(store, d, slots[0], blob, chunk)?;
+                let data = &chunk[..n];
                 for (n, &i) in slots.iter().enumerate() {
                     let len = self.index.span(i).1;
                     if data.len() as u64 != len {
@@ -271,7 +284,7 @@ impl<'a> DiskWriter<'a> {
                             data.len()
                         ));
                     }
-                    self.write_slot(i, Some(&data), scratch)?;
+                    self.write_slot(i, Some(data), slot)?;
                     if n > 0 {
                         bump(&self.counters.deduped_bytes, len);
                     }
@@ -280,7 +293,7 @@ impl<'a> DiskWriter<'a> {
                 Ok(())
             }
             Job::ZeroMasked(i) => {
-                self.write_slot(*i, None, scratch)?;
+                self.write_slot(*i, None, &mut scratch.slot)?;
                 let len = self.index.span(*i).1;
                 bump(&self.counters.zero_bytes, len);
                 pb.inc(len);
@@ -302,8 +315,16 @@ impl<'a> DiskWriter<'a> {
         }
     }
 
-    /// Fetch a chunk and verify it; errors name the disk, the chunk, the slot and the URL.
-    fn fetch(&self, store: &dyn Store, d: &Digest, slot: usize) -> Result<Vec<u8>> {
+    /// Fetch a chunk into `chunk` and verify it; errors name the disk, the chunk, the slot and
+    /// the URL. Returns the chunk's length.
+    fn fetch(
+        &self,
+        store: &dyn Store,
+        d: &Digest,
+        slot: usize,
+        blob: &mut Vec<u8>,
+        chunk: &mut [u8],
+    ) -> Result<usize> {
         let path = d.chunk_path();
         let ctx = || {
             format!(
@@ -313,10 +334,11 @@ impl<'a> DiskWriter<'a> {
                 store.location()
             )
         };
-        let (data, blob_len) = fetch_chunk(store, d).map_err(|e| e.context(ctx()))?;
+        let (n, blob_len) =
+            fetch_chunk_into(store, d, blob, chunk).map_err(|e| e.context(ctx()))?;
         bump(&self.counters.fetched_bytes, blob_len);
         bump(&self.counters.fetched_chunks, 1);
-        Ok(data)
+        Ok(n)
     }
 
     /// Write slot `i` (`data`, or zeros for `None`) through the mask.
@@ -335,7 +357,8 @@ impl<'a> DiskWriter<'a> {
         let data = data.map(|d| &d[..len as usize]);
         let (ws, wl) = self.disk.widen(off, len);
         let touches_mask = self.masked.within(ws, ws + wl).next().is_some();
-        if let (Some(data), false, false) = (data, touches_mask, self.disk.direct) {
+        let straight = data.filter(|d| !touches_mask && self.disk.takes(d, off));
+        if let Some(data) = straight {
             self.disk.write_at(data, off)?;
         } else {
             let buf = scratch.get_or_insert_with(|| AlignedBuf::new(CHUNK_SIZE as usize + 4096));

@@ -47,7 +47,7 @@ pub mod view;
 pub mod volume;
 
 pub use extents::Extents;
-pub use format::blob::{decode_chunk, encode_chunk};
+pub use format::blob::{decode_chunk, decode_chunk_into, encode_chunk};
 pub use format::index::{ChunkIndex, Slot};
 pub use format::{Digest, CHUNK_SIZE};
 pub use manifest::Manifest;

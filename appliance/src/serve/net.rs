@@ -25,9 +25,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::fs::File;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read, Seek};
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context as TaskCx, Poll};
@@ -518,8 +517,16 @@ impl Kind {
                     };
                     let (at, n) = (*offset, (*left).min(FILE_PIECE));
                     *pending = Some(tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; n as usize];
-                        f.read_exact_at(&mut buf, at)?;
+                        // Read into spare capacity: no zeroing of the piece before the read.
+                        let mut buf = Vec::with_capacity(n as usize);
+                        (&f).seek(io::SeekFrom::Start(at))?;
+                        (&f).take(n).read_to_end(&mut buf)?;
+                        if (buf.len() as u64) < n {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the file shrank while it was being sent",
+                            ));
+                        }
                         Ok((f, Bytes::from(buf)))
                     }));
                 }

@@ -101,32 +101,58 @@ pub fn check_header(start: &[u8], total: u64, d: &Digest) -> Result<usize, Chunk
 /// Decode a blob without checking its digest: for callers that compare the bytes with the ones
 /// they hold (ingest), which is as strong and cheaper than hashing again.
 pub fn decode_unverified(blob: &[u8], expected: &Digest) -> Result<Vec<u8>, ChunkError> {
-    let e = *expected;
-    let len = check_header(blob, blob.len() as u64, expected)?;
-    let payload = &blob[HEADER_LEN..];
-    let data = match blob[10] {
-        ENC_RAW => payload.to_vec(),
-        _ => zstd::bulk::decompress(payload, len)
-            .map_err(|err| ChunkError::Decompress(e, err.to_string()))?,
-    };
-    if data.len() != len {
-        return Err(ChunkError::Length(e, data.len(), len));
-    }
+    let mut data = vec![0u8; check_header(blob, blob.len() as u64, expected)?];
+    decode_into(blob, expected, &mut data)?;
     Ok(data)
 }
 
 /// Decode a blob and check that it hashes to `expected`: no unverified byte leaves this function.
 pub fn decode_chunk(blob: &[u8], expected: &Digest) -> Result<Vec<u8>, ChunkError> {
-    let e = *expected;
-    let data = decode_unverified(blob, expected)?;
-    let actual = Digest::of(&data);
-    if actual != e {
+    let mut data = vec![0u8; check_header(blob, blob.len() as u64, expected)?];
+    decode_chunk_into(blob, expected, &mut data)?;
+    Ok(data)
+}
+
+/// [`decode_chunk`] into the caller's buffer (the restorer decodes straight into the aligned
+/// buffer it writes from: no copy and no allocation per chunk); returns the chunk's length.
+/// `out` must hold the chunk (a [`crate::CHUNK_SIZE`] buffer holds any).
+pub fn decode_chunk_into(
+    blob: &[u8],
+    expected: &Digest,
+    out: &mut [u8],
+) -> Result<usize, ChunkError> {
+    let len = decode_into(blob, expected, out)?;
+    let actual = Digest::of(&out[..len]);
+    if actual != *expected {
         return Err(ChunkError::Digest {
-            expected: e,
+            expected: *expected,
             actual,
         });
     }
-    Ok(data)
+    Ok(len)
+}
+
+/// The payload of a blob decoded into `out[..len]`, unverified; returns `len`.
+fn decode_into(blob: &[u8], expected: &Digest, out: &mut [u8]) -> Result<usize, ChunkError> {
+    let e = *expected;
+    let len = check_header(blob, blob.len() as u64, expected)?;
+    if out.len() < len {
+        return Err(ChunkError::Length(e, len, out.len()));
+    }
+    let payload = &blob[HEADER_LEN..];
+    let out = &mut out[..len];
+    let n = match blob[10] {
+        ENC_RAW => {
+            out.copy_from_slice(payload);
+            len
+        }
+        _ => zstd::bulk::decompress_to_buffer(payload, out)
+            .map_err(|err| ChunkError::Decompress(e, err.to_string()))?,
+    };
+    if n != len {
+        return Err(ChunkError::Length(e, n, len));
+    }
+    Ok(len)
 }
 
 #[cfg(test)]
@@ -145,6 +171,27 @@ mod tests {
         }
         assert!(encode_chunk(&text, 3).len() < text.len() / 10);
         assert_eq!(encode_chunk(&random, 3).len(), random.len() + HEADER_LEN);
+    }
+
+    #[test]
+    fn decodes_into_a_buffer_that_holds_it_and_refuses_a_short_one() {
+        let data = b"into the caller's buffer ".repeat(300);
+        let d = Digest::of(&data);
+        for blob in [encode_chunk(&data, 3), {
+            let mut raw = encode_chunk(&data, 3)[..HEADER_LEN].to_vec();
+            raw[10] = ENC_RAW;
+            raw.extend_from_slice(&data);
+            raw
+        }] {
+            let mut out = vec![0xaau8; data.len() + 100];
+            assert_eq!(decode_chunk_into(&blob, &d, &mut out).unwrap(), data.len());
+            assert_eq!(&out[..data.len()], &data[..]);
+            let mut short = vec![0u8; data.len() - 1];
+            assert!(matches!(
+                decode_chunk_into(&blob, &d, &mut short),
+                Err(ChunkError::Length(..))
+            ));
+        }
     }
 
     #[test]

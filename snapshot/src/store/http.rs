@@ -200,9 +200,15 @@ fn describe(e: &Attempt) -> String {
 }
 
 impl Store for HttpStore {
-    fn get_max(&self, path: &str, max: u64) -> std::result::Result<Vec<u8>, FetchError> {
+    fn read_into(
+        &self,
+        path: &str,
+        max: u64,
+        body: &mut Vec<u8>,
+    ) -> std::result::Result<(), FetchError> {
         let url = self.url(path);
         self.with_retry(&url, |agent, token| {
+            body.clear();
             let mut req = agent.get(&url);
             if let Some(t) = token {
                 req = req.set("Authorization", &format!("Bearer {t}"));
@@ -221,18 +227,17 @@ impl Store for HttpStore {
             }
             // Sized from Content-Length (bounded by `max`): a 32 MiB index is read into one
             // allocation, not grown by doubling.
-            let mut body = Vec::with_capacity(declared.unwrap_or(0).min(max) as usize);
+            body.reserve(declared.unwrap_or(0).min(max) as usize);
             resp.into_reader()
                 .take(max.saturating_add(1))
-                .read_to_end(&mut body)?;
+                .read_to_end(body)?;
             if body.len() as u64 > max {
                 return Err(too_large(format!("at least {}", body.len())));
             }
-            Ok(body)
-        })
-        .inspect(|b| {
-            self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
-        })
+            Ok(())
+        })?;
+        self.fetched.fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn location(&self) -> String {

@@ -441,7 +441,7 @@ impl LocalStore {
 }
 
 impl Store for LocalStore {
-    fn get_max(&self, path: &str, max: u64) -> Result<Vec<u8>, FetchError> {
+    fn read_into(&self, path: &str, max: u64, buf: &mut Vec<u8>) -> Result<(), FetchError> {
         let public = !path
             .split('/')
             .any(|c| c.is_empty() || c == "." || c == "..")
@@ -451,8 +451,8 @@ impl Store for LocalStore {
             return Err(FetchError::NotFound(path.to_string()));
         }
         let p = self.root.join(path);
-        match read_max(&p, max) {
-            Ok(b) => Ok(b),
+        match read_max(&p, max, buf) {
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(FetchError::NotFound(p.display().to_string()))
             }
@@ -505,8 +505,9 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Read a whole file, refusing one larger than `max` bytes (as an `InvalidData` error).
-fn read_max(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+fn read_max(path: &Path, max: u64, v: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::Read;
+    v.clear();
     let f = File::open(path)?;
     let len = f.metadata()?.len();
     if len > max {
@@ -515,15 +516,15 @@ fn read_max(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
             format!("{len} bytes, more than the {max} a file of this kind may hold"),
         ));
     }
-    let mut v = Vec::with_capacity(len as usize);
-    f.take(max.saturating_add(1)).read_to_end(&mut v)?;
+    v.reserve(len as usize);
+    f.take(max.saturating_add(1)).read_to_end(v)?;
     if v.len() as u64 > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("grew past the {max} bytes a file of this kind may hold"),
         ));
     }
-    Ok(v)
+    Ok(())
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {

@@ -26,8 +26,16 @@ pub enum FetchError {
 
 /// Read access to a store's files by relative path (`hosts/web1/latest`, `chunks/ab12/...`).
 pub trait Store: Send + Sync {
+    /// The file at `path` into `buf` (emptied first; its allocation is reused, so a restore
+    /// does not map and fault in a fresh buffer per chunk), refused (never cut short) when it is
+    /// larger than `max` bytes.
+    fn read_into(&self, path: &str, max: u64, buf: &mut Vec<u8>) -> Result<(), FetchError>;
     /// The file at `path`, refused (never cut short) when it is larger than `max` bytes.
-    fn get_max(&self, path: &str, max: u64) -> Result<Vec<u8>, FetchError>;
+    fn get_max(&self, path: &str, max: u64) -> Result<Vec<u8>, FetchError> {
+        let mut buf = Vec::new();
+        self.read_into(path, max, &mut buf)?;
+        Ok(buf)
+    }
     /// The file at `path`, at most as large as a file of its kind may be ([`max_len`]).
     fn get(&self, path: &str) -> Result<Vec<u8>, FetchError> {
         self.get_max(path, max_len(path))
@@ -335,14 +343,38 @@ fn read_manifest(
 /// Fetch a chunk and return its verified bytes and the size of its blob (the bytes that crossed
 /// the network). The one chunk fetch: restore, failback, verify and the readers use it.
 pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<(Vec<u8>, u64)> {
+    let mut buf = Vec::new();
+    let blob = get_chunk(store, digest, &mut buf)?;
+    Ok((crate::decode_chunk(blob, digest)?, blob.len() as u64))
+}
+
+/// [`fetch_chunk`] into the caller's buffers: the blob into `blob`, the verified chunk into
+/// `out` (which must hold [`crate::CHUNK_SIZE`] bytes). Returns the chunk's and the blob's
+/// lengths.
+pub fn fetch_chunk_into(
+    store: &dyn Store,
+    digest: &Digest,
+    blob: &mut Vec<u8>,
+    out: &mut [u8],
+) -> Result<(usize, u64)> {
+    let blob = get_chunk(store, digest, blob)?;
+    Ok((
+        crate::decode_chunk_into(blob, digest, out)?,
+        blob.len() as u64,
+    ))
+}
+
+fn get_chunk<'b>(store: &dyn Store, digest: &Digest, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
     let path = digest.chunk_path();
-    let blob = store.get(&path).map_err(|e| match e {
-        FetchError::NotFound(_) => {
-            anyhow::anyhow!("chunk {digest} missing from {}", store.location())
-        }
-        FetchError::Other(e) => e,
-    })?;
-    Ok((crate::decode_chunk(&blob, digest)?, blob.len() as u64))
+    store
+        .read_into(&path, max_len(&path), buf)
+        .map_err(|e| match e {
+            FetchError::NotFound(_) => {
+                anyhow::anyhow!("chunk {digest} missing from {}", store.location())
+            }
+            FetchError::Other(e) => e,
+        })?;
+    Ok(buf)
 }
 
 /// Words a snapshot may not be named: readers give them a meaning (`--snapshot latest`).
