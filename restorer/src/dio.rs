@@ -186,6 +186,19 @@ impl Disk {
         self.io.file()
     }
 
+    /// Whether `[off, off + len)` is a hole of a file: it reads back as zeros, and nothing there
+    /// needs reading to know it. Block devices and other media have no holes.
+    pub fn is_hole(&self, off: u64, len: u64) -> bool {
+        let Some(f) = self.file() else {
+            return false;
+        };
+        match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(off)) {
+            Ok(next) => next >= off + len,
+            // No data from `off` to the end of the file.
+            Err(e) => e == rustix::io::Errno::NXIO,
+        }
+    }
+
     /// `[off, off + len)` widened to the I/O granularity and clipped to the disk.
     pub fn widen(&self, off: u64, len: u64) -> (u64, u64) {
         let a = self.align;
@@ -277,6 +290,21 @@ mod tests {
             assert_eq!(b.len(), n);
             assert!(b.iter().all(|&x| x == 0));
         }
+    }
+
+    #[test]
+    fn holes_are_found_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.img");
+        let f = File::create(&p).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 8 << 20).unwrap();
+        drop(f);
+        let d = Disk::open(&p, false, 512, 16 << 20).unwrap();
+        assert!(d.is_hole(0, 8 << 20));
+        assert!(!d.is_hole(0, (8 << 20) + 1));
+        assert!(!d.is_hole(8 << 20, 4096));
+        assert!(d.is_hole(12 << 20, 4 << 20));
     }
 
     #[test]

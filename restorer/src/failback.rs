@@ -21,10 +21,12 @@
 
 use crate::cli::FailbackArgs;
 use crate::dio::{AlignedBuf, Disk};
+use crate::pipeline::{DiskWriter, Layout, Scratch};
 use crate::report;
 use crate::slots::{read_back, read_back_each, read_slot, slot_buf};
 use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use snapshot::api;
 use snapshot::client::{api_beside, ApplianceClient};
@@ -32,11 +34,10 @@ use snapshot::ptable::PartitionTable;
 use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::HttpStore;
-use snapshot::store::{check_name, fetch_chunk, read_index, read_signed, FetchError, Store};
-use snapshot::threads::par_each;
+use snapshot::store::{check_name, read_index, read_signed, FetchError, Store};
 use snapshot::{ChunkIndex, Digest, ReadAt, Slot};
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -482,8 +483,10 @@ fn apply(
         let idx = &round.indexes[k];
         let slots = round_slots(idx, prev.map(|p| &p[k]));
         considered += slots.len() as u64;
-        let what = format!("disk {} ({})", round.file.disks[k].number, disk.name);
-        let wrote = apply_disk(store, disk, idx, &slots, prev.is_none(), threads, &c)
+        let number = round.file.disks[k].number;
+        let what = format!("disk {number} ({})", disk.name);
+        let w = DiskWriter::new(Layout::plain(number), idx, disk);
+        let wrote = apply_disk(store, &w, &slots, prev.is_none(), threads, &c)
             .with_context(|| format!("round {}, {what}", round.file.round))?;
         written.push(wrote);
     }
@@ -503,124 +506,86 @@ fn apply(
     Ok((stats, written))
 }
 
-/// Write `data` (or zeros) as slot `i`; through an aligned copy for O_DIRECT.
-fn write_slot(
-    disk: &Disk,
-    idx: &ChunkIndex,
-    i: usize,
-    data: Option<&[u8]>,
-    scratch: &mut AlignedBuf,
-) -> Result<()> {
-    let (off, len) = idx.span(i);
-    let (ws, wl) = disk.widen(off, len);
-    match data {
-        Some(d) if !disk.direct => disk.write_at(d, off),
-        _ => {
-            let b = &mut scratch[..wl as usize];
-            let o = (off - ws) as usize;
-            if ws != off || wl != len {
-                // A partial last sector: keep the bytes around the slot.
-                disk.read_at(b, ws)?;
-            }
-            match data {
-                Some(d) => b[o..o + len as usize].copy_from_slice(d),
-                None => b[o..o + len as usize].fill(0),
-            }
-            disk.write_at(b, ws)
-        }
-    }
-}
-
-/// The slots of one disk: in a comparison, each thread hashes a slot on the target and, when it
-/// differs, fetches and writes it at once while the other threads go on reading, so hashing and
-/// fetching overlap; otherwise every slot is written. Identical chunks are fetched once (later
-/// slots copy from the first slot written). Slot 0 (the partition table) is written last.
+/// The slots of one disk, written by a [`DiskWriter`] with a plain layout (slot 0, the partition
+/// table, last). In a comparison each thread hashes a slot on the target and, when it differs,
+/// fetches and writes it at once while the other threads go on reading, so hashing and fetching
+/// overlap; a chunk already written to another slot in this round is copied from there instead of
+/// fetched again. Otherwise the writer's data phase writes every slot.
 fn apply_disk(
     store: &dyn Store,
-    disk: &Disk,
-    idx: &ChunkIndex,
+    w: &DiskWriter,
     slots: &[usize],
     compare: bool,
     threads: usize,
     c: &Counters,
 ) -> Result<Vec<usize>> {
-    // Digest -> a slot already holding it on the target (copied from instead of fetched).
-    let written: Mutex<HashMap<Digest, usize>> = Mutex::new(HashMap::new());
-    let deferred: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    let wrote: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    let work = |i: usize, (scratch, copy): &mut (AlignedBuf, AlignedBuf)| -> Result<()> {
-        let len = idx.span(i).1;
-        match idx.slot(i) {
-            Slot::Unused => return Ok(()),
-            Slot::Zeros => write_slot(disk, idx, i, None, scratch)?,
-            Slot::Data(d) => {
-                let have = written.lock().expect("lock").get(&d).copied();
-                let local = match have {
-                    Some(j) => {
-                        let b = read_slot(disk, idx, j, copy)?;
-                        (Digest::of(b) == d).then(|| b.to_vec())
-                    }
-                    None => None,
-                };
-                let data = match local {
-                    Some(b) => b,
-                    None => {
-                        let (data, blob_len) = fetch_chunk(store, &d).with_context(|| {
-                            format!("chunk {d} (slot {i}) from {}", store.location())
-                        })?;
-                        c.fetched_bytes.fetch_add(blob_len, Ordering::Relaxed);
-                        c.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                        data
-                    }
-                };
-                if data.len() as u64 != len {
-                    bail!("chunk {d} is {} bytes, slot {i} holds {len}", data.len());
+    const PARTLY: &str = "the target is partly updated: run failback again to finish it";
+    let (disk, idx) = (w.disk, w.index);
+    let pb = ProgressBar::hidden();
+    let wrote = if compare {
+        // Digest -> a slot already holding it on the target.
+        let first: Mutex<HashMap<Digest, usize>> = Mutex::new(HashMap::new());
+        let wrote: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        let slot0 = AtomicBool::new(false);
+        let put = |i: usize, (scratch, copy): &mut (Scratch, AlignedBuf)| -> Result<()> {
+            let digest = match idx.slot(i) {
+                Slot::Data(d) => Some(d),
+                _ => None,
+            };
+            let have = digest.and_then(|d| first.lock().expect("lock").get(&d).copied());
+            let local = match (have, digest) {
+                (Some(j), Some(d)) => {
+                    Some(read_slot(disk, idx, j, copy)?).filter(|b| Digest::of(b) == d)
                 }
-                write_slot(disk, idx, i, Some(&data), scratch)?;
-                written.lock().expect("lock").entry(d).or_insert(i);
+                _ => None,
+            };
+            match local {
+                Some(b) => w.put_bytes(i, b, scratch)?,
+                None => w.put(store, i, scratch, &pb)?,
             }
-        }
-        c.written_slots.fetch_add(1, Ordering::Relaxed);
-        c.written_bytes.fetch_add(len, Ordering::Relaxed);
-        wrote.lock().expect("lock").push(i);
-        Ok(())
-    };
-    // Slot 0 waits until everything else is on the disk.
-    let step = |i: usize, b: &mut (AlignedBuf, AlignedBuf)| match i {
-        0 => {
-            deferred.lock().expect("lock").push(0);
+            if let Some(d) = digest {
+                first.lock().expect("lock").entry(d).or_insert(i);
+            }
+            wrote.lock().expect("lock").push(i);
             Ok(())
-        }
-        _ => work(i, b),
-    };
-    let bufs = || (slot_buf(), slot_buf());
-    let r = if compare {
+        };
+        let bufs = || (Scratch::default(), slot_buf());
         // At least four threads, so that one thread's read overlaps another's hashing.
         read_back_each(disk, idx, slots, threads.max(4), bufs, |b, i, same| {
             c.hashed_slots.fetch_add(1, Ordering::Relaxed);
             c.hashed_bytes.fetch_add(idx.span(i).1, Ordering::Relaxed);
-            if same {
-                Ok(())
-            } else {
-                step(i, b)
+            match (same, i) {
+                (true, _) => Ok(()),
+                (false, 0) => {
+                    slot0.store(true, Ordering::Relaxed);
+                    Ok(())
+                }
+                (false, _) => put(i, b),
             }
         })
-    } else {
-        par_each(threads, "worker", slots.len(), bufs, |b, k| {
-            step(slots[k], b)
-        })
-    };
-    r.context("the target is partly updated: run failback again to finish it")?;
-    disk.sync()?;
-    let deferred = deferred.into_inner().expect("lock");
-    if !deferred.is_empty() {
-        let mut b = bufs();
-        for i in deferred {
-            work(i, &mut b)?;
+        .context(PARTLY)?;
+        if slot0.into_inner() {
+            disk.sync().context(PARTLY)?;
+            put(0, &mut bufs()).context(PARTLY)?;
         }
-        disk.sync()?;
-    }
-    Ok(wrote.into_inner().expect("lock"))
+        wrote.into_inner().expect("lock")
+    } else {
+        let todo: HashSet<usize> = slots.iter().copied().collect();
+        let skip: HashSet<usize> = (0..idx.len()).filter(|i| !todo.contains(i)).collect();
+        w.write_data(store, &skip, threads, &pb).context(PARTLY)?;
+        slots.to_vec()
+    };
+    disk.sync()?;
+    c.written_slots
+        .fetch_add(wrote.len() as u64, Ordering::Relaxed);
+    let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    c.written_bytes
+        .fetch_add(get(&w.counters.written_bytes), Ordering::Relaxed);
+    c.fetched_bytes
+        .fetch_add(get(&w.counters.fetched_bytes), Ordering::Relaxed);
+    c.fetched_chunks
+        .fetch_add(get(&w.counters.fetched_chunks), Ordering::Relaxed);
+    Ok(wrote)
 }
 
 /// Read back `slots` of every disk and compare them with `indexes`. Returns the slots checked.

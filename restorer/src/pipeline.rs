@@ -67,19 +67,75 @@ impl Job {
 /// (aligned, so it goes to an O_DIRECT target as it is), and the aligned copy of a slot that must
 /// be masked or widened.
 #[derive(Default)]
-struct Scratch {
+pub struct Scratch {
     blob: Vec<u8>,
     chunk: Option<AlignedBuf>,
     slot: Option<AlignedBuf>,
 }
 
-/// Writes one planned disk.
+/// What the writer takes from a plan: the bytes the data phase must not take from the chunks, the
+/// marker, and the order of the slots. [`Layout::plain`] is a disk written as the index says,
+/// which is what failback writes.
+#[derive(Clone, Default)]
+pub struct Layout {
+    /// The disk's number in the snapshot, for messages.
+    pub disk: u32,
+    /// The target's table: held back (zeros and the marker) in the data phase, written last.
+    pub held: Extents,
+    /// Where the source kept its table: zeros in the data.
+    pub source_table: Extents,
+    /// Slots from here on are not written (the partitions there are rebuilt).
+    pub keep_end: Option<u64>,
+    /// The in-progress marker and where it goes (inside `held`).
+    pub marker: Option<(u64, [u8; marker::LEN])>,
+    /// Slot 0 is written after every other slot, after a flush: a target updated in place (a
+    /// failback round) keeps its old table until the rest of the round is on it.
+    pub slot0_last: bool,
+}
+
+impl Layout {
+    /// Every slot as the index says, slot 0 last.
+    pub fn plain(disk: u32) -> Layout {
+        Layout {
+            disk,
+            slot0_last: true,
+            ..Layout::default()
+        }
+    }
+
+    /// Byte ranges whose content the data phase does not take from the chunks.
+    fn masked(&self) -> Extents {
+        let mut m = self.held.clone();
+        for &(s, e) in self.source_table.ranges() {
+            m.add(s, e);
+        }
+        if let Some(k) = self.keep_end {
+            m.add(k, u64::MAX);
+        }
+        m
+    }
+}
+
+impl DiskPlan {
+    /// The writer's view of this plan, with `m` as the in-progress marker.
+    pub fn layout(&self, m: &Marker) -> Layout {
+        Layout {
+            disk: self.disk,
+            held: self.held.clone(),
+            source_table: self.source_table.clone(),
+            keep_end: self.keep_end,
+            marker: self.marker_at.map(|at| (at, m.to_bytes())),
+            slot0_last: false,
+        }
+    }
+}
+
+/// Writes one disk.
 pub struct DiskWriter<'a> {
-    pub plan: &'a DiskPlan,
+    pub layout: Layout,
     pub index: &'a ChunkIndex,
-    pub disk: Disk,
+    pub disk: &'a Disk,
     masked: Extents,
-    marker: Option<(u64, [u8; marker::LEN])>,
     /// Data bytes of the held-back ranges, saved in the data phase, written with the table.
     stash: Mutex<Vec<(u64, Vec<u8>)>>,
     pub counters: Counters,
@@ -87,18 +143,12 @@ pub struct DiskWriter<'a> {
 }
 
 impl<'a> DiskWriter<'a> {
-    pub fn new(
-        plan: &'a DiskPlan,
-        index: &'a ChunkIndex,
-        disk: Disk,
-        m: &Marker,
-    ) -> DiskWriter<'a> {
+    pub fn new(layout: Layout, index: &'a ChunkIndex, disk: &'a Disk) -> DiskWriter<'a> {
         DiskWriter {
-            plan,
+            masked: layout.masked(),
+            layout,
             index,
             disk,
-            masked: plan.masked(),
-            marker: plan.marker_at.map(|at| (at, m.to_bytes())),
             stash: Mutex::new(Vec::new()),
             counters: Counters::default(),
             zeros: AlignedBuf::new(1 << 20),
@@ -106,12 +156,12 @@ impl<'a> DiskWriter<'a> {
     }
 
     fn what(&self) -> String {
-        format!("disk {} ({})", self.plan.disk, self.disk.name)
+        format!("disk {} ({})", self.layout.disk, self.disk.name)
     }
 
     /// The marker on the target, if a restore left one.
     pub fn read_marker(&self) -> Result<Option<Marker>> {
-        let Some((at, _)) = self.marker else {
+        let Some((at, _)) = self.layout.marker else {
             return Ok(None);
         };
         let (s, l) = self.disk.widen(at, marker::LEN as u64);
@@ -125,10 +175,10 @@ impl<'a> DiskWriter<'a> {
     /// zeros everywhere in the held ranges, the marker where it goes.
     fn overlay_held(&self, buf: &mut [u8], off: u64) {
         let end = off + buf.len() as u64;
-        for (s, e) in self.plan.held.within(off, end) {
+        for (s, e) in self.layout.held.within(off, end) {
             buf[(s - off) as usize..(e - off) as usize].fill(0);
         }
-        if let Some((at, m)) = &self.marker {
+        if let Some((at, m)) = &self.layout.marker {
             let (ms, me) = (*at, at + m.len() as u64);
             let (s, e) = (ms.max(off), me.min(end));
             if s < e {
@@ -140,7 +190,7 @@ impl<'a> DiskWriter<'a> {
 
     /// Step 1 (and the wipe on failure): the held ranges become zeros plus the marker.
     pub fn wipe_table(&self) -> Result<()> {
-        for &(s, e) in self.plan.held.ranges() {
+        for &(s, e) in self.layout.held.ranges() {
             let (ws, wl) = self.disk.widen(s, e - s);
             let mut buf = AlignedBuf::new(wl as usize);
             self.disk.read_at(&mut buf, ws)?;
@@ -169,7 +219,7 @@ impl<'a> DiskWriter<'a> {
         let ok = Mutex::new(HashSet::new());
         let c = &self.counters;
         read_back_each(
-            &self.disk,
+            self.disk,
             self.index,
             &todo,
             threads.clamp(1, 4),
@@ -201,7 +251,7 @@ impl<'a> DiskWriter<'a> {
         };
         let per_run = (ZERO_RUN / CHUNK_SIZE) as usize;
         let beyond = |i: usize| {
-            self.plan
+            self.layout
                 .keep_end
                 .is_some_and(|k| self.index.span(i).0 >= k)
         };
@@ -244,7 +294,8 @@ impl<'a> DiskWriter<'a> {
         jobs
     }
 
-    /// Step 3: fetch, verify and write every slot not in `skip`.
+    /// Step 3: fetch, verify and write every slot not in `skip` (slot 0 last when the layout
+    /// says so).
     pub fn write_data(
         &self,
         store: &dyn Store,
@@ -252,14 +303,49 @@ impl<'a> DiskWriter<'a> {
         threads: usize,
         pb: &ProgressBar,
     ) -> Result<()> {
-        let jobs = self.jobs(skip);
+        let last = self.layout.slot0_last && !skip.contains(&0);
+        let jobs = if last {
+            let mut skip = skip.clone();
+            skip.insert(0);
+            self.jobs(&skip)
+        } else {
+            self.jobs(skip)
+        };
         par_each(
             threads,
             "worker",
             jobs.len(),
             Scratch::default,
             |scratch, k| self.run_job(store, &jobs[k], scratch, pb),
-        )
+        )?;
+        if last {
+            self.disk.sync()?;
+            self.put(store, 0, &mut Scratch::default(), pb)?;
+        }
+        Ok(())
+    }
+
+    /// Make slot `i` hold what the index says (its chunk fetched, or zeros): for plans that
+    /// decide slot by slot (failback's comparison).
+    pub fn put(
+        &self,
+        store: &dyn Store,
+        i: usize,
+        scratch: &mut Scratch,
+        pb: &ProgressBar,
+    ) -> Result<()> {
+        let job = match self.index.slot(i) {
+            Slot::Data(d) => Job::Fetch(d, vec![i]),
+            Slot::Zeros => Job::ZeroMasked(i),
+            Slot::Unused => return Ok(()),
+        };
+        self.run_job(store, &job, scratch, pb)
+    }
+
+    /// Write `data` (the slot's bytes, already verified) as slot `i`, through the mask: a chunk
+    /// copied from another slot of the target instead of fetched again.
+    pub fn put_bytes(&self, i: usize, data: &[u8], scratch: &mut Scratch) -> Result<()> {
+        self.write_slot(i, Some(data), &mut scratch.slot)
     }
 
     fn run_job(
@@ -350,7 +436,7 @@ impl<'a> DiskWriter<'a> {
     ) -> Result<()> {
         let (off, len) = self.index.span(i);
         // A slot reaching into partitions that are rebuilt stops where they start.
-        let len = match self.plan.keep_end {
+        let len = match self.layout.keep_end {
             Some(k) if off + len > k => k.saturating_sub(off),
             _ => len,
         };
@@ -374,11 +460,11 @@ impl<'a> DiskWriter<'a> {
             }
             if touches_mask {
                 // Where the source kept its table: zeros (the target's table lives in `held`).
-                for (s, e) in self.plan.source_table.within(ws, ws + wl) {
+                for (s, e) in self.layout.source_table.within(ws, ws + wl) {
                     b[(s - ws) as usize..(e - ws) as usize].fill(0);
                 }
                 let mut stash = Vec::new();
-                for (s, e) in self.plan.held.within(off, off + len) {
+                for (s, e) in self.layout.held.within(off, off + len) {
                     stash.push((s, b[(s - ws) as usize..(e - ws) as usize].to_vec()));
                 }
                 if !stash.is_empty() {
@@ -398,8 +484,8 @@ impl<'a> DiskWriter<'a> {
     pub fn write_table(&self, patches: &[(u64, Vec<u8>)]) -> Result<()> {
         self.disk.sync()?;
         let stash = self.stash.lock().expect("lock");
-        let mut ranges: Vec<(u64, u64)> = self.plan.held.ranges().to_vec();
-        if let Some((at, _)) = self.marker {
+        let mut ranges: Vec<(u64, u64)> = self.layout.held.ranges().to_vec();
+        if let Some((at, _)) = self.layout.marker {
             ranges.sort_by_key(|&(s, e)| (s <= at && at < e, s));
         }
         let mut covered = Extents::new();
@@ -408,7 +494,7 @@ impl<'a> DiskWriter<'a> {
             let mut buf = AlignedBuf::new(wl as usize);
             self.disk.read_at(&mut buf, ws)?;
             let end = ws + wl;
-            for (s2, e2) in self.plan.held.within(ws, end) {
+            for (s2, e2) in self.layout.held.within(ws, end) {
                 buf[(s2 - ws) as usize..(e2 - ws) as usize].fill(0);
             }
             for (at, bytes) in stash.iter().chain(patches.iter()) {
@@ -539,7 +625,8 @@ mod tests {
         let index = &src.snapshot.indexes[0];
         let m = Marker::new("t", "s1", 0);
         let open = || Disk::open(&path, false, 512, disk.len() as u64).unwrap();
-        let w = DiskWriter::new(d, index, open(), &m);
+        let first = open();
+        let w = DiskWriter::new(d.layout(&m), index, &first);
         assert_eq!(
             w.read_marker().unwrap(),
             None,
@@ -571,7 +658,8 @@ mod tests {
         assert_eq!(w.read_marker().unwrap(), None);
 
         // A rerun over a wiped (marked) disk finds every slot but the held-back one correct.
-        let w = DiskWriter::new(d, index, open(), &m);
+        let again = open();
+        let w = DiskWriter::new(d.layout(&m), index, &again);
         w.wipe_table().unwrap();
         let wanted: Vec<usize> = (0..index.len()).filter(|&i| i != 3).collect();
         let ok = w.check_existing(&wanted, 2, &pb).unwrap();
@@ -581,6 +669,53 @@ mod tests {
         assert_eq!(w.counters.fetched_chunks.load(Ordering::Relaxed), 1);
         let back = std::fs::read(&path).unwrap();
         assert_eq!(&back[..3 * C], &disk[..3 * C]);
+        assert_eq!(&back[4 * C..], &disk[4 * C..]);
+    }
+
+    /// The plain layout (failback's): every slot as the index says, slot 0 after all the others.
+    /// A write error at slot 0 finds every other slot written; a clean run writes the disk.
+    #[test]
+    fn plain_layout_writes_slot_zero_last() {
+        use crate::faulty::{Fault, Faulty};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = snapshot(dir.path());
+        let src = source(dir.path());
+        let index = &src.snapshot.indexes[0];
+        let path = dir.path().join("target.img");
+        std::fs::write(&path, vec![0xeeu8; disk.len()]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let faulty = std::sync::Arc::new(Faulty::new(file, Fault::WriteAt(100)));
+        let medium = Disk::on(Box::new(faulty.clone()), disk.len() as u64, "target.img");
+        let w = DiskWriter::new(Layout::plain(0), index, &medium);
+        let pb = ProgressBar::hidden();
+        let e = w
+            .write_data(src.store.as_ref(), &HashSet::new(), 2, &pb)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("at offset 0"), "{e:#}");
+        let back = std::fs::read(&path).unwrap();
+        assert!(
+            back[..C].iter().all(|&b| b == 0xee),
+            "slot 0 not yet written"
+        );
+        assert_eq!(
+            &back[C..3 * C],
+            &disk[C..3 * C],
+            "slots 1 and 2 written first"
+        );
+        assert_eq!(&back[4 * C..], &disk[4 * C..]);
+        let w = DiskWriter::new(Layout::plain(0), index, &medium);
+        w.write_data(src.store.as_ref(), &HashSet::new(), 2, &pb)
+            .unwrap();
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(&back[..3 * C], &disk[..3 * C]);
+        assert!(
+            back[3 * C..4 * C].iter().all(|&b| b == 0xee),
+            "unused slot untouched"
+        );
         assert_eq!(&back[4 * C..], &disk[4 * C..]);
     }
 
@@ -614,7 +749,7 @@ mod tests {
                 .unwrap();
             let faulty = std::sync::Arc::new(Faulty::new(file, fault));
             let medium = Disk::on(Box::new(faulty.clone()), disk.len() as u64, "target.img");
-            let w = DiskWriter::new(d, index, medium, &m);
+            let w = DiskWriter::new(d.layout(&m), index, &medium);
             let pb = ProgressBar::hidden();
             let restore = || -> Result<()> {
                 w.wipe_table()?;

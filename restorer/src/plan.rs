@@ -192,20 +192,6 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
-impl DiskPlan {
-    /// Byte ranges whose content the data phase does not take from the chunks.
-    pub fn masked(&self) -> Extents {
-        let mut m = self.held.clone();
-        for &(s, e) in self.source_table.ranges() {
-            m.add(s, e);
-        }
-        if let Some(k) = self.keep_end {
-            m.add(k, self.source_size.max(k));
-        }
-        m
-    }
-}
-
 fn table_name(t: &PartitionTable) -> &'static str {
     match t {
         PartitionTable::None => "none",

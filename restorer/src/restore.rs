@@ -54,19 +54,29 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    let mut writers = Vec::new();
+    let mut disks = Vec::new();
     let mut patches = Vec::new();
-    for (d, index) in plan.disks.iter().zip(&src.snapshot.indexes) {
+    for d in &plan.disks {
         let t = &d.target;
-        let disk = Disk::open(&t.path, t.kind == Kind::Block, d.target_sector, t.size)
-            .with_context(|| format!("disk {}", d.disk))?;
+        disks.push(
+            Disk::open(&t.path, t.kind == Kind::Block, d.target_sector, t.size)
+                .with_context(|| format!("disk {}", d.disk))?,
+        );
         patches.push(
             table::to_disk(&d.new_table, t.size, d.target_sector)
                 .with_context(|| format!("disk {}: writing the partition table", d.disk))?,
         );
-        let m = Marker::new(&plan.host, &plan.snapshot, d.disk);
-        writers.push(DiskWriter::new(d, index, disk, &m));
     }
+    let writers: Vec<DiskWriter> = plan
+        .disks
+        .iter()
+        .zip(&src.snapshot.indexes)
+        .zip(&disks)
+        .map(|((d, index), disk)| {
+            let m = Marker::new(&plan.host, &plan.snapshot, d.disk);
+            DiskWriter::new(d.layout(&m), index, disk)
+        })
+        .collect();
     let mut started_disks = 0;
     let result = execute(
         a,
@@ -82,6 +92,7 @@ pub fn run(a: &RestoreArgs) -> Result<()> {
             // The targets are held exclusively while open: released, their partitions can be
             // mounted for the adaptation.
             drop(writers);
+            drop(disks);
             let secs = started.elapsed().as_secs_f64();
             if !a.json {
                 for s in &summaries {
@@ -181,8 +192,7 @@ fn execute(
     let mut summaries: Vec<DiskSummary> = Vec::new();
     let mut resume = Vec::new();
     // 1. Every target loses its table and gets the marker before any data is written.
-    for w in writers {
-        let d = w.plan;
+    for (w, d) in writers.iter().zip(&plan.disks) {
         let mine = Marker::new(&plan.host, &plan.snapshot, d.disk);
         let found = w
             .read_marker()
@@ -205,8 +215,7 @@ fn execute(
             .with_context(|| format!("disk {}: wiping the partition table", d.disk))?;
     }
     // 2. Data, disk by disk.
-    for (w, &resume) in writers.iter().zip(&resume) {
-        let d = w.plan;
+    for ((w, &resume), d) in writers.iter().zip(&resume).zip(&plan.disks) {
         let t0 = Instant::now();
         let total = d.data_bytes + d.zero_bytes;
         let pb = report::progress(total, &format!("disk {}", d.disk), a.json);
@@ -228,7 +237,7 @@ fn execute(
         let mut lines = Vec::new();
         for r in rebuilt.iter().filter(|r| r.disk == d.disk) {
             let n = r
-                .write(&w.disk)
+                .write(w.disk)
                 .with_context(|| format!("disk {}: writing {}", d.disk, r.line))?;
             w.counters.written_bytes.fetch_add(n, Ordering::Relaxed);
             lines.push(format!(
@@ -258,8 +267,7 @@ fn execute(
         });
     }
     // 3. Filesystems grow into their bigger partitions (data durable, table not yet written).
-    for (w, s) in writers.iter().zip(&mut summaries) {
-        let d = w.plan;
+    for (s, d) in summaries.iter_mut().zip(&plan.disks) {
         for r in &d.resize {
             let t0 = Instant::now();
             match resize::grow(&d.target.path, d.target_sector, r) {
@@ -277,8 +285,12 @@ fn execute(
         }
     }
     // 4. Tables last, then the kernel re-reads them.
-    for ((w, p), s) in writers.iter().zip(patches).zip(&mut summaries) {
-        let d = w.plan;
+    for (((w, p), s), d) in writers
+        .iter()
+        .zip(patches)
+        .zip(&mut summaries)
+        .zip(&plan.disks)
+    {
         w.write_table(p)
             .with_context(|| format!("disk {}: writing the partition table", d.disk))?;
         s.written_bytes = w.counters.written_bytes.load(Ordering::Relaxed);
@@ -298,8 +310,7 @@ fn execute(
     // 5. A UEFI boot entry for the restored system, when asked.
     if a.efi_boot_entry {
         let label = format!("{} (restored)", plan.host);
-        for (w, s) in writers.iter().zip(&mut summaries) {
-            let d = w.plan;
+        for (s, d) in summaries.iter_mut().zip(&plan.disks) {
             let Some(esp) = bootentry::esp_of(&d.new_table, d.target_sector) else {
                 continue;
             };

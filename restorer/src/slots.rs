@@ -5,7 +5,7 @@
 use crate::dio::{AlignedBuf, Disk};
 use anyhow::Result;
 use snapshot::threads::par_each;
-use snapshot::{ChunkIndex, CHUNK_SIZE};
+use snapshot::{ChunkIndex, Slot, CHUNK_SIZE};
 use std::sync::Mutex;
 
 /// A buffer for one slot read through O_DIRECT (a chunk plus the widening on both sides).
@@ -26,7 +26,8 @@ pub fn read_slot<'b>(
 
 /// Read `slots` of `disk` on up to `threads` threads and hash each against `index`; then
 /// `then(state, slot, same)` runs on the same thread (a differing slot can be fetched and
-/// written while other threads go on reading). `init` makes each thread's state.
+/// written while other threads go on reading). `init` makes each thread's state. A slot that is
+/// a hole of a target file is not read: it holds zeros.
 pub fn read_back_each<S>(
     disk: &Disk,
     index: &ChunkIndex,
@@ -42,7 +43,13 @@ pub fn read_back_each<S>(
         || (slot_buf(), init()),
         |(buf, state), k| {
             let i = slots[k];
-            let same = index.holds(i, read_slot(disk, index, i, buf)?);
+            let (off, len) = index.span(i);
+            let same = if disk.is_hole(off, len) {
+                // An index records every all-zero slot as zeros, never as data.
+                !matches!(index.slot(i), Slot::Data(_))
+            } else {
+                index.holds(i, read_slot(disk, index, i, buf)?)
+            };
             then(state, i, same)
         },
     )
