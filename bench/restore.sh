@@ -17,7 +17,7 @@ scripts/setup
 cargo build --release -q -p appliance -p restorer -p bmr-tests
 work=${BENCH_DIR:-target/bench}
 mkdir -p "$work"
-img="$work/mixed-${size}g.img"
+img="$work/mixed-${size}g-${used}.img"
 [ -f "$img" ] || target/release/fixture build big_mixed "$img" --size "${size}G" --used "$used"
 bytes=$(stat -c %s "$img")
 

@@ -6,8 +6,8 @@
 //! chunk index per disk). The first round compares the target with the index: each thread
 //! hashes a slot of the target and fetches it at once when it differs, while the others go on
 //! reading ([`crate::slots`]), so hashing and fetching overlap and a drifted (or blank) target
-//! ends exact. Later rounds apply
-//! only the slots whose digest changed since the round applied before. When a round fetched less
+//! ends exact. Later rounds apply only the slots whose digest changed since the round applied
+//! before. When a round fetched less
 //! than `--threshold` (or after `--max-rounds`), the final round is requested: the appliance
 //! stops the VM and publishes its last state; it is applied, read back and verified. The cutover
 //! window is measured from the final request to that verification.
@@ -15,9 +15,9 @@
 //! Resuming: network faults are retried by the HTTP store (`--retry-for`); a failback started
 //! again simply begins with a full comparison, which fetches only what is still missing.
 //!
-//! The slot writes here are plain positional writes (O_DIRECT on block devices, through
-//! [`crate::dio`]); the restore pipeline's `DiskWriter` is built around a restore plan (held-back
-//! partition table, resume marker) that an exact copy of a running VM's disk does not have.
+//! The slots are written by the restore's [`DiskWriter`] with [`Layout::plain`]: an exact copy
+//! of the VM's disk has no held-back table or resume marker, and its slot 0 (the partition table)
+//! goes after every other slot of a round.
 
 use crate::cli::FailbackArgs;
 use crate::dio::{AlignedBuf, Disk};

@@ -12,6 +12,9 @@
 //!    table patched over it) are written, the sector holding the marker last; fsync again.
 //!
 //! A crash at any step leaves a disk without a valid table; a rerun finds the marker and resumes.
+//!
+//! The writer takes a [`Layout`] (masks, marker, slot order) rather than the whole plan, so
+//! failback writes through it too ([`Layout::plain`]).
 
 use crate::dio::{AlignedBuf, Disk};
 use crate::marker::{self, Marker};
