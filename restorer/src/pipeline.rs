@@ -28,6 +28,7 @@ use snapshot::{ChunkIndex, Digest, Extents, Slot, CHUNK_SIZE};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 /// Zero slots are merged into runs of at most this many bytes per job.
 const ZERO_RUN: u64 = 256 << 20;
@@ -42,6 +43,28 @@ pub struct Counters {
     pub hashed_bytes: AtomicU64,
     pub verified_bytes: AtomicU64,
     pub verified_slots: AtomicU64,
+    /// Busy time of the workers, summed, in nanoseconds: waiting for blobs, decoding and
+    /// verifying them, writing (and zeroing) the target.
+    pub fetch_ns: AtomicU64,
+    pub verify_ns: AtomicU64,
+    pub write_ns: AtomicU64,
+}
+
+impl Counters {
+    /// The workers' busy time, summed over `workers` threads.
+    pub fn busy(&self, workers: usize) -> crate::report::Busy {
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
+        crate::report::Busy {
+            workers,
+            fetch_seconds: s(&self.fetch_ns),
+            verify_seconds: s(&self.verify_ns),
+            write_seconds: s(&self.write_ns),
+        }
+    }
+}
+
+fn bump_since(c: &AtomicU64, t: Instant) {
+    bump(c, t.elapsed().as_nanos() as u64);
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -393,9 +416,11 @@ impl<'a> DiskWriter<'a> {
                 let (last_off, last_len) = self.index.span(first + count - 1);
                 let len = last_off + last_len - off;
                 let (ws, wl) = self.disk.widen(off, len);
+                let t = Instant::now();
                 self.disk
                     .zero(ws, wl, &self.zeros)
                     .with_context(|| format!("{}: zeroing slots {first}..", self.what()))?;
+                bump_since(&self.counters.write_ns, t);
                 bump(&self.counters.zero_bytes, len);
                 bump(&self.counters.written_bytes, len);
                 pb.inc(len);
@@ -423,11 +448,14 @@ impl<'a> DiskWriter<'a> {
                 store.location()
             )
         };
-        let (n, blob_len) =
-            fetch_chunk_into(store, d, blob, chunk).map_err(|e| e.context(ctx()))?;
-        bump(&self.counters.fetched_bytes, blob_len);
-        bump(&self.counters.fetched_chunks, 1);
-        Ok(n)
+        let t = Instant::now();
+        let f = fetch_chunk_into(store, d, blob, chunk).map_err(|e| e.context(ctx()))?;
+        let c = &self.counters;
+        bump(&c.fetch_ns, f.waited.as_nanos() as u64);
+        bump(&c.verify_ns, (t.elapsed() - f.waited).as_nanos() as u64);
+        bump(&c.fetched_bytes, f.blob_len);
+        bump(&c.fetched_chunks, 1);
+        Ok(f.len)
     }
 
     /// Write slot `i` (`data`, or zeros for `None`) through the mask.
@@ -447,6 +475,7 @@ impl<'a> DiskWriter<'a> {
         let (ws, wl) = self.disk.widen(off, len);
         let touches_mask = self.masked.within(ws, ws + wl).next().is_some();
         let straight = data.filter(|d| !touches_mask && self.disk.takes(d, off));
+        let t = Instant::now();
         if let Some(data) = straight {
             self.disk.write_at(data, off)?;
         } else {
@@ -477,6 +506,7 @@ impl<'a> DiskWriter<'a> {
             }
             self.disk.write_at(b, ws)?;
         }
+        bump_since(&self.counters.write_ns, t);
         bump(&self.counters.written_bytes, len);
         Ok(())
     }

@@ -87,12 +87,26 @@ pub struct DiskSummary {
     /// Bytes read back from the target to check them (resume).
     pub hashed_bytes: u64,
     pub seconds: f64,
+    /// Where the data phase's time went.
+    pub busy: Busy,
     /// Filesystems grown or recreated after the data was written.
     pub resized: Vec<String>,
     /// The UEFI boot entry written for it (`--efi-boot-entry`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_entry: Option<String>,
     pub warnings: Vec<String>,
+}
+
+/// The data phase's workers: their busy time summed over all of them (so up to `workers` times
+/// the wall time), per stage. A stage near `workers` x wall is the bottleneck (`fetch`: the
+/// network or the store; `verify`: the CPU, zstd and SHA-256; `write`: the target); all of them
+/// low means the workers waited on each other.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Busy {
+    pub workers: usize,
+    pub fetch_seconds: f64,
+    pub verify_seconds: f64,
+    pub write_seconds: f64,
 }
 
 impl DiskSummary {
@@ -111,6 +125,13 @@ impl DiskSummary {
             bytes(self.skipped_bytes),
             bytes(self.deduped_bytes),
         );
+        let b = &self.busy;
+        if b.workers > 0 {
+            println!(
+                "  {} workers busy: fetching {:.1}s, decoding and verifying {:.1}s, writing {:.1}s",
+                b.workers, b.fetch_seconds, b.verify_seconds, b.write_seconds
+            );
+        }
         if self.hashed_bytes > 0 {
             println!(
                 "  resumed: read back {}, {} already correct ({} slots), not fetched again",

@@ -261,6 +261,7 @@ fn execute(
             verified_in_place_slots: get(&c.verified_slots),
             hashed_bytes: get(&c.hashed_bytes),
             seconds: t0.elapsed().as_secs_f64(),
+            busy: c.busy(threads),
             resized: lines,
             boot_entry: None,
             warnings: Vec::new(),

@@ -348,20 +348,30 @@ pub fn fetch_chunk(store: &dyn Store, digest: &Digest) -> Result<(Vec<u8>, u64)>
     Ok((crate::decode_chunk(blob, digest)?, blob.len() as u64))
 }
 
+/// A chunk fetched by [`fetch_chunk_into`]: its length, its blob's, and the time spent waiting
+/// for the blob (the rest of the call decoded and verified it).
+pub struct Fetched {
+    pub len: usize,
+    pub blob_len: u64,
+    pub waited: std::time::Duration,
+}
+
 /// [`fetch_chunk`] into the caller's buffers: the blob into `blob`, the verified chunk into
-/// `out` (which must hold [`crate::CHUNK_SIZE`] bytes). Returns the chunk's and the blob's
-/// lengths.
+/// `out` (which must hold [`crate::CHUNK_SIZE`] bytes).
 pub fn fetch_chunk_into(
     store: &dyn Store,
     digest: &Digest,
     blob: &mut Vec<u8>,
     out: &mut [u8],
-) -> Result<(usize, u64)> {
+) -> Result<Fetched> {
+    let started = std::time::Instant::now();
     let blob = get_chunk(store, digest, blob)?;
-    Ok((
-        crate::decode_chunk_into(blob, digest, out)?,
-        blob.len() as u64,
-    ))
+    let waited = started.elapsed();
+    Ok(Fetched {
+        len: crate::decode_chunk_into(blob, digest, out)?,
+        blob_len: blob.len() as u64,
+        waited,
+    })
 }
 
 fn get_chunk<'b>(store: &dyn Store, digest: &Digest, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
