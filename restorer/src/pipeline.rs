@@ -452,7 +452,10 @@ impl<'a> DiskWriter<'a> {
         let f = fetch_chunk_into(store, d, blob, chunk).map_err(|e| e.context(ctx()))?;
         let c = &self.counters;
         bump(&c.fetch_ns, f.waited.as_nanos() as u64);
-        bump(&c.verify_ns, (t.elapsed() - f.waited).as_nanos() as u64);
+        bump(
+            &c.verify_ns,
+            t.elapsed().saturating_sub(f.waited).as_nanos() as u64,
+        );
         bump(&c.fetched_bytes, f.blob_len);
         bump(&c.fetched_chunks, 1);
         Ok(f.len)
