@@ -7,10 +7,10 @@
 //! hashes a slot of the target and fetches it at once when it differs, while the others go on
 //! reading ([`crate::slots`]), so hashing and fetching overlap and a drifted (or blank) target
 //! ends exact. Later rounds apply only the slots whose digest changed since the round applied
-//! before. When a round fetched less
-//! than `--threshold` (or after `--max-rounds`), the final round is requested: the appliance
-//! stops the VM and publishes its last state; it is applied, read back and verified. The cutover
-//! window is measured from the final request to that verification.
+//! before. When a round fetched less than `--threshold` (or after `--max-rounds`), the final
+//! round is requested: the appliance stops the VM and publishes its last state; it is applied,
+//! read back and verified. The cutover window is measured from the final request to that
+//! verification.
 //!
 //! Resuming: network faults are retried by the HTTP store (`--retry-for`); a failback started
 //! again simply begins with a full comparison, which fetches only what is still missing.
