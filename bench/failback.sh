@@ -121,8 +121,7 @@ def scatter(qmp, size, pct, pattern):
     print(n)
 
 def gate(port, upstream, qmp, off, length, pattern, record):
-    """A pass-through of the restorer's API requests (`restorer failback --api`; GETs as they
-    are). The first
+    """A pass-through of the restorer's API requests (`restorer failback --api`). The first
     non-final round request goes to the appliance; once the appliance answered (the round is
     frozen and published) and before the restorer sees the answer, the delta is written into the
     VM. The final round, asked after that, therefore carries exactly the delta."""
@@ -153,18 +152,6 @@ def gate(port, upstream, qmp, off, length, pattern, record):
             state["answers"].append(json.loads(answer))
             with open(record, "w") as f:
                 json.dump(state, f)
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-        def do_GET(self):
-            try:
-                with urllib.request.urlopen(upstream + self.path.removeprefix("/api/v1"),
-                                            timeout=60) as r:
-                    code, answer = r.status, r.read()
-            except urllib.error.HTTPError as e:
-                code, answer = e.code, e.read()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
@@ -292,9 +279,10 @@ for x in r["rounds"]:
           f"{a['changed_slots']} changed slots, {a['changed_stored_bytes']} stored bytes, "
           f"{a['seconds']:.2f}s)")
 x = r["rounds"][0]
-print(f"   round {x['round']}: {x['seconds']:.2f}s in all, hashing {x['bytes_hashed']} bytes ({used} of "
-      f"them data: {used / x['seconds'] / 1e6:.0f} MB/s over the whole round) beside the appliance's "
-      f"{ap[x['round']]['seconds']:.2f}s freeze, then {x['bytes_fetched']} bytes fetched and written")
+local = x["seconds"] - ap[x["round"]]["seconds"]
+print(f"   round {x['round']} without the appliance's part: {local:.2f}s to hash {x['bytes_hashed']} bytes "
+      f"({used} of them data: {used / local / 1e6:.0f} MB/s) while {x['bytes_fetched']} bytes were "
+      f"fetched and written")
 EOF
     done
     if [ "$link" = loopback ]; then

@@ -3,16 +3,14 @@
 //!
 //! Each round is asked of the appliance (`POST /api/v1/failover/<vm>/rounds`) and read like a
 //! snapshot from the store (`failover/<vm>/rounds/<n>/`: `round.json`, its signature, one full
-//! chunk index per disk). While the appliance freezes round 1, the target is compared with the
-//! newest state already published (the last round, else the snapshot the VM was started from,
-//! `GET /api/v1/failover/<vm>`): each data and zero slot is hashed on the target
-//! ([`crate::slots`]). Round 1 then writes the slots it changed since that base and those the
-//! comparison found differing, so a drifted (or blank) target ends exact. Later rounds apply only
-//! the slots whose digest changed since the round applied before. When a round fetched less than
-//! `--threshold` (or after `--max-rounds`), the final round is requested: the appliance stops the
-//! VM and publishes its last state; meanwhile what the earlier rounds wrote is read back
-//! (`--verify`). The final delta is applied, read back and verified. The cutover window is
-//! measured from the final request to that verification.
+//! chunk index per disk). The first round compares the target with the index: each thread
+//! hashes a slot of the target and fetches it at once when it differs, while the others go on
+//! reading ([`crate::slots`]), so hashing and fetching overlap and a drifted (or blank) target
+//! ends exact. Later rounds apply only the slots whose digest changed since the round applied
+//! before. When a round fetched less than `--threshold` (or after `--max-rounds`), the final
+//! round is requested: the appliance stops the VM and publishes its last state; it is applied,
+//! read back and verified. The cutover window is measured from the final request to that
+//! verification.
 //!
 //! Resuming: network faults are retried by the HTTP store (`--retry-for`); a failback started
 //! again simply begins with a full comparison, which fetches only what is still missing.
@@ -23,9 +21,9 @@
 
 use crate::cli::FailbackArgs;
 use crate::dio::{AlignedBuf, Disk};
-use crate::pipeline::{DiskWriter, Layout};
+use crate::pipeline::{DiskWriter, Layout, Scratch};
 use crate::report;
-use crate::slots::read_back;
+use crate::slots::{read_back, read_back_each, read_slot, slot_buf};
 use crate::target::{Kind, Safety, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::ProgressBar;
@@ -37,9 +35,10 @@ use snapshot::round::Round as RoundFile;
 use snapshot::sign::PublicKey;
 use snapshot::store::http::HttpStore;
 use snapshot::store::{check_name, read_index, read_signed, FetchError, Store};
-use snapshot::{ChunkIndex, ReadAt, Slot};
-use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use snapshot::{ChunkIndex, Digest, ReadAt, Slot};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A round read and checked along the trust chain.
@@ -133,74 +132,44 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
     crate::target::check_distinct(&targets)?;
     let threads = a.jobs as usize;
 
-    // The newest state the appliance published (a round, else the snapshot the VM started from):
-    // the target is compared with it while the appliance freezes round 1.
-    let origin: api::VmOrigin = vm_origin(&api, &a.vm)?;
-    let base = match origin.rounds.last() {
-        Some(r) => read_round(&store, &a.vm, r.round, key.as_ref())?.indexes,
-        None => {
-            snapshot::store::open_snapshot(
-                &store,
-                &origin.host,
-                Some(&origin.snapshot),
-                key.as_ref(),
-            )
-            .with_context(|| format!("the snapshot VM {} was started from", a.vm))?
-            .indexes
-        }
-    };
-    let disks = open_targets(&targets, &a.vm, &base)?;
-    if !a.json {
-        println!(
-            "failback of VM {} ({}/{}) onto {}",
-            a.vm,
-            origin.host,
-            origin.snapshot,
-            a.target.join(", ")
-        );
-    }
+    let mut disks: Vec<Disk> = Vec::new();
     let mut applied: Option<Vec<ChunkIndex>> = None;
     let mut rounds: Vec<RoundStats> = Vec::new();
     let mut want_final = false;
     // Per disk, the slots written by the rounds before the final one.
-    let mut written: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); disks.len()];
-    // Per disk, slots read back and found right while the VM was being stopped (against the
-    // round applied before the final one).
-    let mut pre_verified: Vec<Vec<usize>> = vec![Vec::new(); disks.len()];
+    let mut written: Vec<BTreeSet<usize>> = Vec::new();
+    // Per disk, slots of `written` read back and found right while the VM was being stopped
+    // (against the round applied before the final one).
+    let mut pre_verified: Vec<Vec<usize>> = Vec::new();
     let (window, last) = loop {
         let asked = Instant::now();
         let ask = || {
             let n = request_round(&api, &a.vm, want_final, a.stop_timeout)?;
             read_round(&store, &a.vm, n, key.as_ref())
         };
-        let (round, compared) = match &applied {
-            // Round 1: the target compared with the base while the appliance freezes the VM.
-            None => {
-                let (round, cmp) = while_asking(ask, |_| compare(&disks, &base, threads))?;
-                (round, Some(cmp))
-            }
-            // The cutover: while the VM is being stopped, what the rounds wrote is read back.
+        let round = match &applied {
+            // The cutover: while the appliance stops the VM, what the rounds wrote is read back.
             Some(prev) if want_final => {
-                let list = pre_verify_list(&a.verify, prev, &written);
                 let (round, ok) =
-                    while_asking(ask, |answered| pre_verify(&disks, prev, &list, answered))?;
+                    while_asking(ask, |answered| pre_verify(&disks, prev, &written, answered))?;
                 pre_verified = ok;
-                (round, None)
+                round
             }
-            Some(_) => (ask()?, None),
+            _ => ask()?,
         };
-        check_round(&round, &base)?;
-        let prev = applied.as_deref().unwrap_or(&base);
-        let stale = compared
-            .as_ref()
-            .map(|c| c.differ.as_slice())
-            .unwrap_or(&[]);
-        let (mut st, wrote) = apply(&store, &disks, &round, prev, stale, threads)?;
-        if let Some(c) = &compared {
-            st.slots_considered = c.slots;
-            st.slots_hashed = c.slots;
-            st.bytes_hashed = c.bytes;
+        if disks.is_empty() {
+            disks = open_targets(&targets, &round)?;
+            if !a.json {
+                println!(
+                    "failback of VM {} ({}/{}) onto {}",
+                    a.vm,
+                    round.file.host,
+                    round.file.snapshot,
+                    a.target.join(", ")
+                );
+            }
         }
+        let (mut st, wrote) = apply(&store, &disks, &round, applied.as_deref(), threads)?;
         st.bytes_fetched += round.meta_bytes;
         st.seconds = asked.elapsed().as_secs_f64();
         if !a.json {
@@ -209,7 +178,7 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
                 st.round,
                 if st.is_final { " (final)" } else { "" },
                 st.slots_considered,
-                if compared.is_some() {
+                if applied.is_none() {
                     "compared"
                 } else {
                     "changed"
@@ -223,11 +192,14 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
         let is_final = round.file.is_final;
         rounds.push(st);
         if is_final {
-            // The final delta read back and checked: the end of the cutover window. The slots
-            // it did not write were proven before (compared, or written and checked earlier).
-            verify(&disks, &round.indexes, &wrote, threads)?;
+            // The final delta read back and checked: the end of the cutover window.
+            let delta: Vec<Vec<usize>> = (0..disks.len())
+                .map(|k| round_slots(&round.indexes[k], applied.as_deref().map(|p| &p[k])))
+                .collect();
+            verify(&disks, &round.indexes, &delta, threads)?;
             break (asked.elapsed().as_secs_f64(), round);
         }
+        written.resize_with(disks.len(), BTreeSet::new);
         for (w, s) in written.iter_mut().zip(wrote) {
             w.extend(s);
         }
@@ -260,9 +232,12 @@ pub fn run(a: &FailbackArgs) -> Result<()> {
     // Found right during the VM's stop and not changed by the final round: proven already.
     let mut while_stopping = 0;
     if let Some(prev) = &applied {
-        for (k, c) in check.iter_mut().enumerate() {
-            let (fin, p) = (&last.indexes[k], &prev[k]);
-            let done: HashSet<usize> = pre_verified[k]
+        for ((c, ok), (fin, p)) in check
+            .iter_mut()
+            .zip(&pre_verified)
+            .zip(last.indexes.iter().zip(prev))
+        {
+            let done: HashSet<usize> = ok
                 .iter()
                 .copied()
                 .filter(|&i| fin.digest(i) == p.digest(i))
@@ -482,20 +457,6 @@ fn read_round(store: &dyn Store, vm: &str, n: u32, key: Option<&PublicKey>) -> R
     })
 }
 
-/// What the VM was started from and the rounds published so far.
-fn vm_origin(api: &ApplianceClient, vm: &str) -> Result<api::VmOrigin> {
-    let path = format!("failover/{vm}");
-    match api.call("GET", &path, "application/json", &[]) {
-        Ok((_, body)) => serde_json::from_slice(&body)
-            .map_err(|e| anyhow!("{}: malformed VM status: {e}", api.url(&path))),
-        Err(FetchError::NotFound(_)) => bail!(
-            "{}: not found: no failover VM named {vm} on this appliance (or no failover API)",
-            api.url(&path)
-        ),
-        Err(FetchError::Other(e)) => Err(e.context("reading the VM's status")),
-    }
-}
-
 /// Run `work` while `ask` waits on the appliance (a round being frozen, the VM being stopped).
 /// `work` gets `answered()`, true once `ask` has returned, to end early what can wait. The
 /// error of `ask` comes first, then that of `work`.
@@ -516,62 +477,20 @@ fn while_asking<R: Send, T>(
     })
 }
 
-/// Round 1's comparison: the slots of each target that differ from `base`.
-struct Compared {
-    differ: Vec<Vec<usize>>,
-    slots: u64,
-    bytes: u64,
-}
-
-/// Read every data and zero slot of each target (a hole of a target file is judged without a
-/// read) and hash it against `base`, on at least four threads so that one thread's read overlaps
-/// another's hashing.
-fn compare(disks: &[Disk], base: &[ChunkIndex], threads: usize) -> Result<Compared> {
-    let mut c = Compared {
-        differ: Vec::new(),
-        slots: 0,
-        bytes: 0,
-    };
-    for (disk, idx) in disks.iter().zip(base) {
-        let slots = round_slots(idx, None);
-        c.slots += slots.len() as u64;
-        c.bytes += slots.iter().map(|&i| idx.span(i).1).sum::<u64>();
-        let (_, differ) = read_back(disk, idx, &slots, threads.max(4))
-            .with_context(|| format!("comparing {} with the VM's disk", disk.name))?;
-        c.differ.push(differ);
-    }
-    Ok(c)
-}
-
-/// The slots `--verify` reads back after cutover, as far as the rounds so far know them: checked
-/// against the last round applied while the VM is being stopped.
-fn pre_verify_list(
-    mode: &str,
-    prev: &[ChunkIndex],
-    written: &[BTreeSet<usize>],
-) -> Vec<Vec<usize>> {
-    match mode {
-        "full" => prev.iter().map(|i| round_slots(i, None)).collect(),
-        "written" => written
-            .iter()
-            .map(|w| w.iter().copied().collect())
-            .collect(),
-        _ => vec![Vec::new(); prev.len()],
-    }
-}
-
-/// Read `list` back against `prev` in batches until the final round is `answered()` (it is not
-/// delayed by more than one batch). Returns the slots found right; one that is not is an error.
+/// Read the slots the rounds wrote (`written`) back against `prev`, the round applied last, in
+/// batches until the final round is `answered()`, which is so not delayed by more than one
+/// batch. Returns the slots found right; one that is not is an error.
 fn pre_verify(
     disks: &[Disk],
     prev: &[ChunkIndex],
-    list: &[Vec<usize>],
+    written: &[BTreeSet<usize>],
     answered: &dyn Fn() -> bool,
 ) -> Result<Vec<Vec<usize>>> {
     const BATCH: usize = 8;
     let mut ok = vec![Vec::new(); disks.len()];
     for (k, (disk, idx)) in disks.iter().zip(prev).enumerate() {
-        for batch in list[k].chunks(BATCH) {
+        let list: Vec<usize> = written.get(k).into_iter().flatten().copied().collect();
+        for batch in list.chunks(BATCH) {
             if answered() {
                 return Ok(ok);
             }
@@ -591,42 +510,25 @@ fn pre_verify(
     Ok(ok)
 }
 
-/// A round must describe the disks the comparison was made with.
-fn check_round(round: &Round, base: &[ChunkIndex]) -> Result<()> {
-    let same = round.indexes.len() == base.len()
-        && round
-            .indexes
-            .iter()
-            .zip(base)
-            .all(|(r, b)| r.disk_size == b.disk_size && r.chunk_size == b.chunk_size);
-    if !same {
+fn open_targets(targets: &[Target], round: &Round) -> Result<Vec<Disk>> {
+    if targets.len() != round.file.disks.len() {
         bail!(
-            "round {} of VM {}: its disks are not those of the snapshot it was started from",
-            round.file.round,
-            round.file.vm
-        );
-    }
-    Ok(())
-}
-
-fn open_targets(targets: &[Target], vm: &str, base: &[ChunkIndex]) -> Result<Vec<Disk>> {
-    if targets.len() != base.len() {
-        bail!(
-            "VM {vm} has {} disks; --target names {}",
-            base.len(),
+            "VM {} has {} disks; --target names {}",
+            round.file.vm,
+            round.file.disks.len(),
             targets.len()
         );
     }
     targets
         .iter()
-        .zip(base)
-        .enumerate()
-        .map(|(k, (t, idx))| {
-            if t.size < idx.disk_size {
+        .zip(&round.file.disks)
+        .map(|(t, d)| {
+            if t.size < d.size {
                 bail!(
-                    "target {} is too small for disk {k}: {} bytes needed, it has {}",
+                    "target {} is too small for disk {}: {} bytes needed, it has {}",
                     t.path.display(),
-                    idx.disk_size,
+                    d.number,
+                    d.size,
                     t.size
                 );
             }
@@ -636,7 +538,18 @@ fn open_targets(targets: &[Target], vm: &str, base: &[ChunkIndex]) -> Result<Vec
         .collect()
 }
 
-/// The data and zero slots of `idx`, or those whose digest differs from `prev`.
+#[derive(Default)]
+struct Counters {
+    hashed_slots: AtomicU64,
+    hashed_bytes: AtomicU64,
+    written_slots: AtomicU64,
+    written_bytes: AtomicU64,
+    fetched_bytes: AtomicU64,
+    fetched_chunks: AtomicU64,
+}
+
+/// The slots of `idx` a round considers: every data and zero slot (`prev` = None), or those whose
+/// digest differs from `prev`.
 fn round_slots(idx: &ChunkIndex, prev: Option<&ChunkIndex>) -> Vec<usize> {
     idx.slots()
         .filter(|&(i, s)| s != Slot::Unused && prev.is_none_or(|p| p.digest(i) != idx.digest(i)))
@@ -644,50 +557,125 @@ fn round_slots(idx: &ChunkIndex, prev: Option<&ChunkIndex>) -> Vec<usize> {
         .collect()
 }
 
-/// Apply one round to every disk: the slots whose digest differs from `prev` (the round applied
-/// before, or the base round 1 was compared with) and the `stale` ones (found differing by that
-/// comparison). Returns, per disk, the slots written.
+/// Apply one round to every disk: compare everything (`prev` = None) or only the slots whose
+/// digest differs from `prev`. Also returns, per disk, the slots written.
 fn apply(
     store: &dyn Store,
     disks: &[Disk],
     round: &Round,
-    prev: &[ChunkIndex],
-    stale: &[Vec<usize>],
+    prev: Option<&[ChunkIndex]>,
     threads: usize,
 ) -> Result<(RoundStats, Vec<Vec<usize>>)> {
-    const PARTLY: &str = "the target is partly updated: run failback again to finish it";
-    let mut st = RoundStats {
-        round: round.file.round,
-        is_final: round.file.is_final,
-        appliance_changed_slots: round.file.disks.iter().map(|d| d.changed_slots).sum(),
-        ..RoundStats::default()
-    };
+    let c = Counters::default();
+    let mut considered = 0;
     let mut written = Vec::new();
     for (k, disk) in disks.iter().enumerate() {
         let idx = &round.indexes[k];
-        let changed = round_slots(idx, Some(&prev[k]));
-        st.slots_considered += changed.len() as u64;
-        let mut todo: BTreeSet<usize> = changed.into_iter().collect();
-        let extra = stale.get(k).into_iter().flatten().copied();
-        todo.extend(extra.filter(|&i| idx.slot(i) != Slot::Unused));
+        let slots = round_slots(idx, prev.map(|p| &p[k]));
+        considered += slots.len() as u64;
         let number = round.file.disks[k].number;
-        // Slot 0, the partition table, goes last (after a sync of the rest).
+        let what = format!("disk {number} ({})", disk.name);
         let w = DiskWriter::new(Layout::plain(number), idx, disk);
-        let skip: HashSet<usize> = (0..idx.len()).filter(|i| !todo.contains(i)).collect();
-        w.write_data(store, &skip, threads, &ProgressBar::hidden())
-            .and_then(|()| disk.sync())
-            .context(PARTLY)
-            .with_context(|| {
-                format!("round {}, disk {number} ({})", round.file.round, disk.name)
-            })?;
-        let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
-        st.slots_written += todo.len() as u64;
-        st.bytes_written += get(&w.counters.written_bytes);
-        st.bytes_fetched += get(&w.counters.fetched_bytes);
-        st.chunks_fetched += get(&w.counters.fetched_chunks);
-        written.push(todo.into_iter().collect());
+        let wrote = apply_disk(store, &w, &slots, prev.is_none(), threads, &c)
+            .with_context(|| format!("round {}, {what}", round.file.round))?;
+        written.push(wrote);
     }
-    Ok((st, written))
+    let stats = RoundStats {
+        round: round.file.round,
+        is_final: round.file.is_final,
+        slots_considered: considered,
+        slots_hashed: c.hashed_slots.into_inner(),
+        bytes_hashed: c.hashed_bytes.into_inner(),
+        slots_written: c.written_slots.into_inner(),
+        bytes_written: c.written_bytes.into_inner(),
+        bytes_fetched: c.fetched_bytes.into_inner(),
+        chunks_fetched: c.fetched_chunks.into_inner(),
+        appliance_changed_slots: round.file.disks.iter().map(|d| d.changed_slots).sum(),
+        seconds: 0.0,
+    };
+    Ok((stats, written))
+}
+
+/// The slots of one disk, written by a [`DiskWriter`] with a plain layout (slot 0, the partition
+/// table, last). In a comparison each thread hashes a slot on the target and, when it differs,
+/// fetches and writes it at once while the other threads go on reading, so hashing and fetching
+/// overlap; a chunk already written to another slot in this round is copied from there instead of
+/// fetched again. Otherwise the writer's data phase writes every slot.
+fn apply_disk(
+    store: &dyn Store,
+    w: &DiskWriter,
+    slots: &[usize],
+    compare: bool,
+    threads: usize,
+    c: &Counters,
+) -> Result<Vec<usize>> {
+    const PARTLY: &str = "the target is partly updated: run failback again to finish it";
+    let (disk, idx) = (w.disk, w.index);
+    let pb = ProgressBar::hidden();
+    let wrote = if compare {
+        // Digest -> a slot already holding it on the target.
+        let first: Mutex<HashMap<Digest, usize>> = Mutex::new(HashMap::new());
+        let wrote: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        let slot0 = AtomicBool::new(false);
+        let put = |i: usize, (scratch, copy): &mut (Scratch, AlignedBuf)| -> Result<()> {
+            let digest = match idx.slot(i) {
+                Slot::Data(d) => Some(d),
+                _ => None,
+            };
+            let have = digest.and_then(|d| first.lock().expect("lock").get(&d).copied());
+            let local = match (have, digest) {
+                (Some(j), Some(d)) => {
+                    Some(read_slot(disk, idx, j, copy)?).filter(|b| Digest::of(b) == d)
+                }
+                _ => None,
+            };
+            match local {
+                Some(b) => w.put_bytes(i, b, scratch)?,
+                None => w.put(store, i, scratch, &pb)?,
+            }
+            if let Some(d) = digest {
+                first.lock().expect("lock").entry(d).or_insert(i);
+            }
+            wrote.lock().expect("lock").push(i);
+            Ok(())
+        };
+        let bufs = || (Scratch::default(), slot_buf());
+        // At least four threads, so that one thread's read overlaps another's hashing.
+        read_back_each(disk, idx, slots, threads.max(4), bufs, |b, i, same| {
+            c.hashed_slots.fetch_add(1, Ordering::Relaxed);
+            c.hashed_bytes.fetch_add(idx.span(i).1, Ordering::Relaxed);
+            match (same, i) {
+                (true, _) => Ok(()),
+                (false, 0) => {
+                    slot0.store(true, Ordering::Relaxed);
+                    Ok(())
+                }
+                (false, _) => put(i, b),
+            }
+        })
+        .context(PARTLY)?;
+        if slot0.into_inner() {
+            disk.sync().context(PARTLY)?;
+            put(0, &mut bufs()).context(PARTLY)?;
+        }
+        wrote.into_inner().expect("lock")
+    } else {
+        let todo: HashSet<usize> = slots.iter().copied().collect();
+        let skip: HashSet<usize> = (0..idx.len()).filter(|i| !todo.contains(i)).collect();
+        w.write_data(store, &skip, threads, &pb).context(PARTLY)?;
+        slots.to_vec()
+    };
+    disk.sync()?;
+    c.written_slots
+        .fetch_add(wrote.len() as u64, Ordering::Relaxed);
+    let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    c.written_bytes
+        .fetch_add(get(&w.counters.written_bytes), Ordering::Relaxed);
+    c.fetched_bytes
+        .fetch_add(get(&w.counters.fetched_bytes), Ordering::Relaxed);
+    c.fetched_chunks
+        .fetch_add(get(&w.counters.fetched_chunks), Ordering::Relaxed);
+    Ok(wrote)
 }
 
 /// Read back `slots` of every disk and compare them with `indexes`. Returns the slots checked.
@@ -771,13 +759,25 @@ mod tests {
         let slot = snapshot::CHUNK_SIZE as usize;
         let slots: Vec<Vec<u8>> = (0..20u8).map(|k| vec![k + 1; slot]).collect();
         let (_d, disk, idx) = disk_with(&slots);
-        let all: Vec<usize> = (0..20).collect();
+        let all: BTreeSet<usize> = (0..20).collect();
         let disks = [disk];
         // Not answered: every slot read back and found right.
-        let ok = pre_verify(&disks, &[idx.clone()], &[all.clone()], &|| false).unwrap();
-        assert_eq!(ok[0], all);
+        let ok = pre_verify(
+            &disks,
+            std::slice::from_ref(&idx),
+            std::slice::from_ref(&all),
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(ok[0], all.iter().copied().collect::<Vec<_>>());
         // Answered at once: nothing more is read.
-        let ok = pre_verify(&disks, &[idx.clone()], &[all.clone()], &|| true).unwrap();
+        let ok = pre_verify(
+            &disks,
+            std::slice::from_ref(&idx),
+            std::slice::from_ref(&all),
+            &|| true,
+        )
+        .unwrap();
         assert!(ok[0].is_empty());
         // A slot someone else changed is an error naming its offset.
         let mut other = idx.clone();

@@ -351,8 +351,9 @@ impl<'a> DiskWriter<'a> {
         Ok(())
     }
 
-    /// Make slot `i` hold what the index says (its chunk fetched, or zeros).
-    fn put(
+    /// Make slot `i` hold what the index says (its chunk fetched, or zeros): for plans that
+    /// decide slot by slot (failback's comparison).
+    pub fn put(
         &self,
         store: &dyn Store,
         i: usize,
@@ -365,6 +366,12 @@ impl<'a> DiskWriter<'a> {
             Slot::Unused => return Ok(()),
         };
         self.run_job(store, &job, scratch, pb)
+    }
+
+    /// Write `data` (the slot's bytes, already verified) as slot `i`, through the mask: a chunk
+    /// copied from another slot of the target instead of fetched again.
+    pub fn put_bytes(&self, i: usize, data: &[u8], scratch: &mut Scratch) -> Result<()> {
+        self.write_slot(i, Some(data), &mut scratch.slot)
     }
 
     fn run_job(
