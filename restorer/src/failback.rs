@@ -8,8 +8,8 @@
 //! reading ([`crate::slots`]), so hashing and fetching overlap and a drifted (or blank) target
 //! ends exact. Later rounds apply only the slots whose digest changed since the round applied
 //! before. When a round fetched less than `--threshold` (or after `--max-rounds`), the final
-//! round is requested: the appliance stops the VM and publishes its last state; it is applied,
-//! read back and verified. The cutover window is measured from the final request to that
+//! round is requested: the appliance stops the VM and publishes its last state, while the slots
+//! the rounds wrote are read back ([`while_asking`]); it is applied, read back and verified. The cutover window is measured from the final request to that
 //! verification.
 //!
 //! Resuming: network faults are retried by the HTTP store (`--retry-for`); a failback started
@@ -477,7 +477,7 @@ fn while_asking<R: Send, T>(
     })
 }
 
-/// Read the slots the rounds wrote (`written`) back against `prev`, the round applied last, in
+/// [`verify`] the slots the rounds wrote (`written`) against `prev`, the round applied last, in
 /// batches until the final round is `answered()`, which is so not delayed by more than one
 /// batch. Returns the slots found right; one that is not is an error.
 fn pre_verify(
@@ -494,16 +494,8 @@ fn pre_verify(
             if answered() {
                 return Ok(ok);
             }
-            let (_, bad) = read_back(disk, idx, batch, 4)
-                .with_context(|| format!("verifying {}", disk.name))?;
-            if let Some(&i) = bad.first() {
-                bail!(
-                    "verifying {}: the slot at offset {} differs from what this failback wrote: \
-                     something else wrote to the target; run failback again",
-                    disk.name,
-                    idx.span(i).0
-                );
-            }
+            let (d, i) = (std::slice::from_ref(disk), std::slice::from_ref(idx));
+            verify(d, i, &[batch.to_vec()], 4)?;
             ok[k].extend_from_slice(batch);
         }
     }
@@ -691,7 +683,7 @@ fn verify(
             .with_context(|| format!("verifying {}", disk.name))?;
         if !bad.is_empty() {
             bail!(
-                "verifying {}: {} slots differ from the final round (first at offset {}): \
+                "verifying {}: {} slots differ from what this failback wrote (first at offset {}): \
                  something else wrote to the target; run failback again",
                 disk.name,
                 bad.len(),
@@ -761,24 +753,12 @@ mod tests {
         let (_d, disk, idx) = disk_with(&slots);
         let all: BTreeSet<usize> = (0..20).collect();
         let disks = [disk];
+        let (one, two) = (std::slice::from_ref(&idx), std::slice::from_ref(&all));
+        let run = |answered: bool| pre_verify(&disks, one, two, &move || answered).unwrap();
         // Not answered: every slot read back and found right.
-        let ok = pre_verify(
-            &disks,
-            std::slice::from_ref(&idx),
-            std::slice::from_ref(&all),
-            &|| false,
-        )
-        .unwrap();
-        assert_eq!(ok[0], all.iter().copied().collect::<Vec<_>>());
+        assert_eq!(run(false)[0], all.iter().copied().collect::<Vec<_>>());
         // Answered at once: nothing more is read.
-        let ok = pre_verify(
-            &disks,
-            std::slice::from_ref(&idx),
-            std::slice::from_ref(&all),
-            &|| true,
-        )
-        .unwrap();
-        assert!(ok[0].is_empty());
+        assert!(run(true)[0].is_empty());
         // A slot someone else changed is an error naming its offset.
         let mut other = idx.clone();
         other.set(13, Slot::Data(snapshot::Digest::of(b"not this")));
