@@ -6,9 +6,9 @@
 # Part A: a SIZE_GIB GiB disk (USED_PCT % random data in 64 MiB runs, the rest zeros) runs as a
 #   failover VM; CHANGE_PCT % of the disk is rewritten inside it (1 MiB writes at random places);
 #   then the "repaired server" (a file holding the original snapshot) is brought up to date three
-#   ways, side by side: `restorer failback` (rounds + cutover), `restorer restore` of the VM's final
-#   disk onto a blank file (a full restore), `casync extract --seed` (the server's original disk
-#   as seed). Wall time, bytes the tools report, bytes counted on the link. On loopback also the
+#   ways, side by side: `restorer failback` (rounds + cutover), the VM's stop then `restorer
+#   restore` of its final disk onto a blank file (a full restore), `casync extract --seed` (the
+#   server's original disk as seed). Wall time, bytes the tools report, bytes counted on the link. On loopback also the
 #   local hashing rate of a first round (a failback run again onto the exact target: a pure
 #   comparison) against `dd` of the used data, HASH_REPEAT times alternately. The page cache is
 #   dropped before each command.
@@ -250,7 +250,7 @@ part_a() {
   casync make --store="$W/casync/store.castr" "$W/casync/final.caibx" "$W/final.raw" >/dev/null
   rm -f "$W/final.raw"
 
-  local link w0 t0 t full ca verify
+  local link w0 t0 t full stopt ca verify
   local -A fb
   for link in "${links[@]}"; do
     serve "$link"
@@ -312,13 +312,20 @@ print(f"hash-only failback (exact target): wall {sys.argv[3]}s, round {x['second
 EOF
       done
     fi
-    # full restore of the VM's final disk onto a blank file
+    # Failing back by a full restore instead: the VM is stopped first (until it is, its writes go
+    # on, and a disk restored from before them would lose them), with the same --stop-timeout the
+    # failbacks had, then its final disk is restored onto a blank file. That disk was ingested
+    # beforehand, untimed: the full restore is not charged the freeze each failback pays.
+    vm_up fb-a
+    t0=$(now)
+    "$A" failover stop --store "$S" --name fb-a --timeout "$STOP_TIMEOUT" >/dev/null
+    stopt=$(secs "$t0")
     rm -f "$W/blank.raw"; truncate -s "$size" "$W/blank.raw"
     cold; w0=$(wire); t0=$(now)
     "$R" restore --from "$URL" --host final --target "$W/blank.raw" --pubkey "$S/pubkey" --json \
         >"$W/full-$link.json"
     full=$(secs "$t0"); w=$(( $(wire) - w0 ))
-    log "full restore: wall ${full}s, fetched $(jq1 "$W/full-$link.json" 'sum(x["fetched_bytes"] for x in d["disks"])') bytes, link counter $w bytes"
+    log "full restore: wall ${full}s, fetched $(jq1 "$W/full-$link.json" 'sum(x["fetched_bytes"] for x in d["disks"])') bytes, link counter $w bytes; the VM's stop before it: ${stopt}s"
     rm -f "$W/blank.raw"
     # casync extract with the server's original disk as seed
     cp --sparse=always "$BASE" "$W/seed.raw"; rm -f "$W/casync-out.raw"
@@ -329,6 +336,7 @@ EOF
     log "casync extract --seed: wall ${ca}s, link counter $w bytes"
     rm -f "$W/casync-out.raw" "$W/seed.raw"
     log "failback / full restore time: $(python3 -c "print(f'{${fb[written]} / $full:.3f} (--verify written, the default), {${fb[full]} / $full:.3f} (full), {${fb[delta]} / $full:.3f} (delta)')")"
+    log "failback / (VM stop + full restore) time: $(python3 -c "s = $stopt + $full; print(f'{${fb[written]} / s:.3f} (--verify written, the default), {${fb[full]} / s:.3f} (full), {${fb[delta]} / s:.3f} (delta)')")"
     stop_servers
   done
   "$A" failover delete --force --store "$S" --name fb-a >/dev/null

@@ -13,6 +13,7 @@ use bmr_tests::prng::Prng;
 use bmr_tests::util::{free_port, Background, Workspace};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -312,6 +313,11 @@ fn drifted_target_ends_exact_over_several_rounds() {
     // Round 1 compared every slot: all 16 had drifted or changed.
     assert_eq!(rounds[0]["slots_hashed"], 16);
     assert!(v["cutover_window_seconds"].as_f64().unwrap() > 0.0);
+    // Inside the window, what the final round wrote was read back.
+    assert_eq!(
+        rounds[3]["slots_read_back"], rounds[3]["slots_written"],
+        "{v}"
+    );
     // --verify written (the default): every slot was written (all had drifted); those the final
     // round did not change again are read back after cutover, the others inside the window.
     assert_eq!(
@@ -357,6 +363,29 @@ fn blank_target_gets_a_full_restore() {
         (27 * MIB..=33 * MIB).contains(&fetched),
         "fetched {fetched}"
     );
+    assert_same(&target, &fx.vm_disk());
+
+    // Run again on the failed-back VM after one block of the target was damaged: the final round
+    // alone compares every slot, rewrites the damaged one and reads back only that one (the
+    // comparison read the others).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    f.write_all_at(&random(9, 4096), 5 * MIB + 4096).unwrap();
+    drop(f);
+    let (out, v) = run(fx.failback(&target, &[]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 1, "{v}");
+    assert_eq!(rounds[0]["final"], true, "{v}");
+    assert_eq!(rounds[0]["slots_hashed"], 12, "{v}");
+    assert_eq!(rounds[0]["slots_written"], 1, "{v}");
+    assert_eq!(rounds[0]["slots_read_back"], 1, "{v}");
     assert_same(&target, &fx.vm_disk());
 }
 
