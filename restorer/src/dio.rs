@@ -18,6 +18,8 @@ const FILE_ALIGN: u64 = 4096;
 
 /// A zeroed byte buffer whose start is aligned to [`MEM_ALIGN`], built from a plain `Vec` (no
 /// unsafe): the slice starts at the first aligned address inside a slightly larger allocation.
+/// A buffer of a huge page or more (a chunk's) starts on a huge page and is backed by huge
+/// pages where the kernel has them ([`snapshot::sys::advise_huge_pages`]).
 pub struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
@@ -26,8 +28,18 @@ pub struct AlignedBuf {
 
 impl AlignedBuf {
     pub fn new(len: usize) -> AlignedBuf {
-        let raw = vec![0u8; len + MEM_ALIGN];
-        let start = raw.as_ptr().align_offset(MEM_ALIGN);
+        use snapshot::sys::{advise_huge_pages, HUGE_PAGE};
+        let align = if len >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            MEM_ALIGN
+        };
+        // Zeroed by the allocator (fresh pages): the advice comes before they are touched.
+        let mut raw = vec![0u8; len + align];
+        let start = raw.as_ptr().align_offset(align);
+        if align == HUGE_PAGE {
+            advise_huge_pages(&mut raw[start..start + len]);
+        }
         AlignedBuf { raw, start, len }
     }
 
@@ -290,6 +302,9 @@ mod tests {
             assert_eq!(b.len(), n);
             assert!(b.iter().all(|&x| x == 0));
         }
+        // A chunk buffer starts on a huge page, so that the kernel can back it with huge pages.
+        let b = AlignedBuf::new(4 << 20);
+        assert_eq!(b.as_ptr() as usize % snapshot::sys::HUGE_PAGE, 0);
     }
 
     #[test]

@@ -98,6 +98,34 @@ pub fn check_header(start: &[u8], total: u64, d: &Digest) -> Result<usize, Chunk
     }
 }
 
+/// Whether a blob starting with `head` (its header) stores its payload raw: the payload is then
+/// the chunk itself, and a reader may receive it straight into the buffer it writes from.
+pub fn is_raw(head: &[u8]) -> bool {
+    head.len() >= HEADER_LEN && head[10] == ENC_RAW
+}
+
+/// [`decode_chunk_into`] of a raw blob whose header is `head`, whose whole length is `total` and
+/// whose payload was received straight into `out`: the header checked, the chunk hashed.
+pub fn check_raw_into(
+    head: &[u8],
+    total: u64,
+    out: &[u8],
+    expected: &Digest,
+) -> Result<usize, ChunkError> {
+    let len = check_header(head, total, expected)?;
+    if !is_raw(head) || out.len() < len {
+        return Err(ChunkError::Length(*expected, len, out.len()));
+    }
+    let actual = Digest::of(&out[..len]);
+    if actual != *expected {
+        return Err(ChunkError::Digest {
+            expected: *expected,
+            actual,
+        });
+    }
+    Ok(len)
+}
+
 /// Decode a blob without checking its digest: for callers that compare the bytes with the ones
 /// they hold (ingest), which is as strong and cheaper than hashing again.
 pub fn decode_unverified(blob: &[u8], expected: &Digest) -> Result<Vec<u8>, ChunkError> {

@@ -200,15 +200,14 @@ fn describe(e: &Attempt) -> String {
 }
 
 impl Store for HttpStore {
-    fn read_into(
+    fn read_with(
         &self,
         path: &str,
         max: u64,
-        body: &mut Vec<u8>,
+        sink: &mut super::Sink<'_>,
     ) -> std::result::Result<(), FetchError> {
         let url = self.url(path);
-        self.with_retry(&url, |agent, token| {
-            body.clear();
+        let n = self.with_retry(&url, |agent, token| {
             let mut req = agent.get(&url);
             if let Some(t) = token {
                 req = req.set("Authorization", &format!("Bearer {t}"));
@@ -225,18 +224,16 @@ impl Store for HttpStore {
             if let Some(n) = declared.filter(|n| *n > max) {
                 return Err(too_large(n.to_string()));
             }
-            // Sized from Content-Length (bounded by `max`): a 32 MiB index is read into one
+            // The hint, from Content-Length (bounded by `max`): a 32 MiB index is read into one
             // allocation, not grown by doubling.
-            body.reserve(declared.unwrap_or(0).min(max) as usize);
-            resp.into_reader()
-                .take(max.saturating_add(1))
-                .read_to_end(body)?;
-            if body.len() as u64 > max {
-                return Err(too_large(format!("at least {}", body.len())));
+            let mut body = resp.into_reader().take(max.saturating_add(1));
+            let n = sink(&mut body, declared.unwrap_or(0).min(max))?;
+            if n > max {
+                return Err(too_large(format!("at least {n}")));
             }
-            Ok(())
+            Ok(n)
         })?;
-        self.fetched.fetch_add(body.len() as u64, Ordering::Relaxed);
+        self.fetched.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 

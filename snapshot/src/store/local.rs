@@ -441,7 +441,12 @@ impl LocalStore {
 }
 
 impl Store for LocalStore {
-    fn read_into(&self, path: &str, max: u64, buf: &mut Vec<u8>) -> Result<(), FetchError> {
+    fn read_with(
+        &self,
+        path: &str,
+        max: u64,
+        sink: &mut super::Sink<'_>,
+    ) -> Result<(), FetchError> {
         let public = !path
             .split('/')
             .any(|c| c.is_empty() || c == "." || c == "..")
@@ -451,7 +456,7 @@ impl Store for LocalStore {
             return Err(FetchError::NotFound(path.to_string()));
         }
         let p = self.root.join(path);
-        match read_max(&p, max, buf) {
+        match read_max(&p, max, sink) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(FetchError::NotFound(p.display().to_string()))
@@ -505,9 +510,8 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Read a whole file, refusing one larger than `max` bytes (as an `InvalidData` error).
-fn read_max(path: &Path, max: u64, v: &mut Vec<u8>) -> std::io::Result<()> {
+fn read_max(path: &Path, max: u64, sink: &mut super::Sink<'_>) -> std::io::Result<()> {
     use std::io::Read;
-    v.clear();
     let f = File::open(path)?;
     let len = f.metadata()?.len();
     if len > max {
@@ -516,9 +520,8 @@ fn read_max(path: &Path, max: u64, v: &mut Vec<u8>) -> std::io::Result<()> {
             format!("{len} bytes, more than the {max} a file of this kind may hold"),
         ));
     }
-    v.reserve(len as usize);
-    f.take(max.saturating_add(1)).read_to_end(v)?;
-    if v.len() as u64 > max {
+    let n = sink(&mut f.take(max.saturating_add(1)), len)?;
+    if n > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("grew past the {max} bytes a file of this kind may hold"),

@@ -11,9 +11,13 @@ use crate::manifest::Manifest;
 use crate::sign::PublicKey;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest as _, Sha256};
+use std::io::Read;
 
 pub use http::HttpStore;
 pub use local::LocalStore;
+
+/// What [`Store::read_with`] hands a file to: its bytes as a reader, and a size hint.
+pub type Sink<'a> = dyn FnMut(&mut dyn Read, u64) -> std::io::Result<u64> + 'a;
 
 /// Why a fetch failed. `NotFound` is an answer (the file is not there); `Other` is a fault.
 #[derive(Debug, thiserror::Error)]
@@ -26,10 +30,21 @@ pub enum FetchError {
 
 /// Read access to a store's files by relative path (`hosts/web1/latest`, `chunks/ab12/...`).
 pub trait Store: Send + Sync {
-    /// The file at `path` into `buf` (emptied first; its allocation is reused, so a restore
-    /// does not map and fault in a fresh buffer per chunk), refused (never cut short) when it is
-    /// larger than `max` bytes.
-    fn read_into(&self, path: &str, max: u64, buf: &mut Vec<u8>) -> Result<(), FetchError>;
+    /// The file at `path` streamed to `sink`, which reads it to its end and returns how many
+    /// bytes it read; it is given a size hint (the declared length, at most `max`, or 0). The
+    /// file is refused (never cut short) when it is larger than `max` bytes: the sink sees at
+    /// most `max + 1`. A transfer that fails midway may be made again: `sink` is then called
+    /// again, from the start of the file.
+    fn read_with(&self, path: &str, max: u64, sink: &mut Sink<'_>) -> Result<(), FetchError>;
+    /// The file at `path` into `buf` (emptied first; its allocation is reused), refused (never
+    /// cut short) when it is larger than `max` bytes.
+    fn read_into(&self, path: &str, max: u64, buf: &mut Vec<u8>) -> Result<(), FetchError> {
+        self.read_with(path, max, &mut |r, hint| {
+            buf.clear();
+            buf.reserve(hint as usize);
+            r.read_to_end(buf).map(|n| n as u64)
+        })
+    }
     /// The file at `path`, refused (never cut short) when it is larger than `max` bytes.
     fn get_max(&self, path: &str, max: u64) -> Result<Vec<u8>, FetchError> {
         let mut buf = Vec::new();
@@ -356,34 +371,82 @@ pub struct Fetched {
     pub waited: std::time::Duration,
 }
 
-/// [`fetch_chunk`] into the caller's buffers: the blob into `blob`, the verified chunk into
-/// `out` (which must hold [`crate::CHUNK_SIZE`] bytes).
+/// [`fetch_chunk`] into the caller's buffers: the verified chunk into `out` (which must hold
+/// [`crate::CHUNK_SIZE`] bytes), with `blob` as scratch. The blob is read as it arrives: its
+/// header first, then a raw payload straight into `out` (no copy) or a zstd payload into `blob`
+/// (kept at its full size, so it is not zeroed again for every chunk) to be decoded into `out`.
 pub fn fetch_chunk_into(
     store: &dyn Store,
     digest: &Digest,
     blob: &mut Vec<u8>,
     out: &mut [u8],
 ) -> Result<Fetched> {
+    use crate::format::blob::{is_raw, HEADER_LEN, MAX_BLOB_LEN};
     let started = std::time::Instant::now();
-    let blob = get_chunk(store, digest, blob)?;
+    let path = digest.chunk_path();
+    if blob.len() <= MAX_BLOB_LEN as usize {
+        // Once per buffer: room for the largest blob and one byte more (to see a longer one),
+        // on huge pages where the kernel has them.
+        *blob = vec![0; MAX_BLOB_LEN as usize + 1 + crate::sys::HUGE_PAGE];
+        crate::sys::advise_huge_pages(blob);
+    }
+    let mut raw = false;
+    let mut total = 0u64;
+    store
+        .read_with(&path, max_len(&path), &mut |r, _| {
+            let head = read_full(r, &mut blob[..HEADER_LEN])?;
+            raw = head == HEADER_LEN && is_raw(&blob[..HEADER_LEN]);
+            let payload = if raw {
+                // Whatever a raw payload holds beyond `out` is counted (and refused below).
+                read_full(r, out)? + read_full(r, &mut blob[HEADER_LEN..])?
+            } else {
+                read_full(r, &mut blob[HEADER_LEN..])?
+            };
+            total = (head + payload) as u64;
+            Ok(total)
+        })
+        .map_err(|e| chunk_fetch_error(store, digest, e))?;
     let waited = started.elapsed();
+    let len = if raw {
+        crate::format::blob::check_raw_into(&blob[..HEADER_LEN], total, out, digest)?
+    } else {
+        crate::decode_chunk_into(&blob[..total as usize], digest, out)?
+    };
     Ok(Fetched {
-        len: crate::decode_chunk_into(blob, digest, out)?,
-        blob_len: blob.len() as u64,
+        len,
+        blob_len: total,
         waited,
     })
+}
+
+/// Read into `buf` until it is full or the reader ends; returns the bytes read.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn chunk_fetch_error(store: &dyn Store, digest: &Digest, e: FetchError) -> anyhow::Error {
+    match e {
+        FetchError::NotFound(_) => {
+            anyhow::anyhow!("chunk {digest} missing from {}", store.location())
+        }
+        FetchError::Other(e) => e,
+    }
 }
 
 fn get_chunk<'b>(store: &dyn Store, digest: &Digest, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
     let path = digest.chunk_path();
     store
         .read_into(&path, max_len(&path), buf)
-        .map_err(|e| match e {
-            FetchError::NotFound(_) => {
-                anyhow::anyhow!("chunk {digest} missing from {}", store.location())
-            }
-            FetchError::Other(e) => e,
-        })?;
+        .map_err(|e| chunk_fetch_error(store, digest, e))?;
     Ok(buf)
 }
 
@@ -415,4 +478,103 @@ pub fn check_name(name: &str, what: &str) -> Result<()> {
         bail!("invalid {what} name {name:?} (letters, digits and -_. only)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::blob::HEADER_LEN;
+    use crate::CHUNK_SIZE;
+
+    /// A store whose chunk files are whatever the test writes, with one pair of worker buffers
+    /// reused across fetches, as the restorer reuses them.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: LocalStore,
+        blob: Vec<u8>,
+        out: Vec<u8>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = LocalStore::init(dir.path()).unwrap();
+            Fixture {
+                _dir: dir,
+                store,
+                blob: Vec::new(),
+                out: vec![0; CHUNK_SIZE as usize],
+            }
+        }
+
+        fn put(&self, d: &Digest, blob: &[u8]) {
+            let f = self.store.chunk_file(d);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, blob).unwrap();
+        }
+
+        fn fetch(&mut self, d: &Digest) -> Result<Vec<u8>> {
+            let f = fetch_chunk_into(&self.store, d, &mut self.blob, &mut self.out)?;
+            assert_eq!(
+                f.blob_len,
+                std::fs::metadata(self.store.chunk_file(d))?.len()
+            );
+            Ok(self.out[..f.len].to_vec())
+        }
+    }
+
+    fn random(len: usize, seed: u8) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_u32 ^ seed as u32;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_and_zstd_chunks_arrive_whole_through_reused_buffers() {
+        let mut fx = Fixture::new();
+        let raw = random(CHUNK_SIZE as usize, 1);
+        let text = b"a line of text, and again ".repeat(5000);
+        let short_raw = random(10_000, 2);
+        for data in [&raw[..], &text[..], &short_raw[..], &text[..100]] {
+            let d = Digest::of(data);
+            let blob = crate::encode_chunk(data, 3);
+            fx.put(&d, &blob);
+            assert_eq!(fx.fetch(&d).unwrap(), data);
+        }
+        assert!(crate::format::blob::is_raw(&crate::encode_chunk(&raw, 3)));
+    }
+
+    #[test]
+    fn damaged_raw_blobs_are_refused_with_the_reason() {
+        let mut fx = Fixture::new();
+        let data = random(100_000, 3);
+        let d = Digest::of(&data);
+        let good = crate::encode_chunk(&data, 3);
+        let err = |fx: &mut Fixture, blob: &[u8]| {
+            fx.put(&d, blob);
+            format!("{:#}", fx.fetch(&d).unwrap_err())
+        };
+        let mut flipped = good.clone();
+        flipped[HEADER_LEN + 500] ^= 1;
+        assert!(err(&mut fx, &flipped).contains("corrupt"));
+        let cut = &good[..good.len() - 1];
+        assert!(err(&mut fx, cut).contains("differs from header"));
+        let mut long = good.clone();
+        long.extend_from_slice(&[0; 7]);
+        assert!(err(&mut fx, &long).contains("differs from header"));
+        assert!(err(&mut fx, &good[..10]).contains("truncated"));
+        // A raw payload longer than any chunk: counted beyond the chunk buffer, then refused.
+        let mut huge = good[..HEADER_LEN].to_vec();
+        huge.extend_from_slice(&random(CHUNK_SIZE as usize + 100, 4));
+        assert!(err(&mut fx, &huge).contains("differs from header"));
+        // And the buffers still serve a good chunk afterwards.
+        fx.put(&d, &good);
+        assert_eq!(fx.fetch(&d).unwrap(), data);
+    }
 }
