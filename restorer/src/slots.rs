@@ -4,7 +4,7 @@
 
 use crate::dio::{AlignedBuf, Disk};
 use anyhow::Result;
-use snapshot::threads::par_each;
+use snapshot::threads::{on_a_core, par_each};
 use snapshot::{ChunkIndex, Slot, CHUNK_SIZE};
 use std::sync::Mutex;
 
@@ -48,7 +48,8 @@ pub fn read_back_each<S>(
                 // An index records every all-zero slot as zeros, never as data.
                 !matches!(index.slot(i), Slot::Data(_))
             } else {
-                index.holds(i, read_slot(disk, index, i, buf)?)
+                let bytes = read_slot(disk, index, i, buf)?;
+                on_a_core(|| index.holds(i, bytes))
             };
             then(state, i, same)
         },

@@ -407,11 +407,13 @@ pub fn fetch_chunk_into(
         })
         .map_err(|e| chunk_fetch_error(store, digest, e))?;
     let waited = started.elapsed();
-    let len = if raw {
-        crate::format::blob::check_raw_into(&blob[..HEADER_LEN], total, out, digest)?
-    } else {
-        crate::decode_chunk_into(&blob[..total as usize], digest, out)?
-    };
+    let len = crate::threads::on_a_core(|| {
+        if raw {
+            crate::format::blob::check_raw_into(&blob[..HEADER_LEN], total, out, digest)
+        } else {
+            crate::decode_chunk_into(&blob[..total as usize], digest, out)
+        }
+    })?;
     Ok(Fetched {
         len,
         blob_len: total,
