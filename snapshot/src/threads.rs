@@ -221,7 +221,9 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "item 10 failed");
-        assert!(done.into_inner() < 1000, "the other threads went on");
+        // Without the stop the others would do all 99,999 (about 1.7 s); the margin allows for
+        // the failing thread being preempted on a loaded machine before it returns its error.
+        assert!(done.into_inner() < 10_000, "the other threads went on");
     }
 
     #[test]
