@@ -9,7 +9,8 @@
 //! ends exact. Later rounds apply only the slots whose digest changed since the round applied
 //! before. When a round fetched less than `--threshold` (or after `--max-rounds`), the final
 //! round is requested: the appliance stops the VM and publishes its last state, while the slots
-//! the rounds wrote are read back ([`while_asking`]); it is applied, read back and verified. The cutover window is measured from the final request to that
+//! the rounds wrote are read back ([`while_asking`]); it is applied, and what it wrote is read
+//! back and verified. The cutover window is measured from the final request to that
 //! verification.
 //!
 //! Resuming: network faults are retried by the HTTP store (`--retry-for`); a failback started

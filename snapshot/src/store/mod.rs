@@ -525,24 +525,18 @@ mod tests {
         }
     }
 
-    fn random(len: usize, seed: u8) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_u32 ^ seed as u32;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
+    fn random(len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        getrandom::getrandom(&mut v).unwrap();
+        v
     }
 
     #[test]
     fn raw_and_zstd_chunks_arrive_whole_through_reused_buffers() {
         let mut fx = Fixture::new();
-        let raw = random(CHUNK_SIZE as usize, 1);
+        let raw = random(CHUNK_SIZE as usize);
         let text = b"a line of text, and again ".repeat(5000);
-        let short_raw = random(10_000, 2);
+        let short_raw = random(10_000);
         for data in [&raw[..], &text[..], &short_raw[..], &text[..100]] {
             let d = Digest::of(data);
             let blob = crate::encode_chunk(data, 3);
@@ -555,7 +549,7 @@ mod tests {
     #[test]
     fn damaged_raw_blobs_are_refused_with_the_reason() {
         let mut fx = Fixture::new();
-        let data = random(100_000, 3);
+        let data = random(100_000);
         let d = Digest::of(&data);
         let good = crate::encode_chunk(&data, 3);
         let err = |fx: &mut Fixture, blob: &[u8]| {
@@ -573,7 +567,7 @@ mod tests {
         assert!(err(&mut fx, &good[..10]).contains("truncated"));
         // A raw payload longer than any chunk: counted beyond the chunk buffer, then refused.
         let mut huge = good[..HEADER_LEN].to_vec();
-        huge.extend_from_slice(&random(CHUNK_SIZE as usize + 100, 4));
+        huge.extend_from_slice(&random(CHUNK_SIZE as usize + 100));
         assert!(err(&mut fx, &huge).contains("differs from header"));
         // And the buffers still serve a good chunk afterwards.
         fx.put(&d, &good);
